@@ -1,0 +1,219 @@
+"""mmd_keras command line: flags and dispatch only (the math lives in the `mmd_keras` package).
+
+  python main.py --flagfile=configs/fashion_mnist.cfg                 # the offline quickstart
+  python main.py --flagfile=configs/fashion_mnist.cfg --mode=pretrain --init_checkpoint=
+  python main.py --flagfile=configs/cifar10.cfg --mode=finetune --init_checkpoint=<ckpt>
+"""
+
+import datetime
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TF loads: keep its C++ chatter out.
+
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+
+from mmd_keras import checkpoints
+from mmd_keras import data as data_lib
+from mmd_keras import ddim
+from mmd_keras import distribute
+from mmd_keras import grid
+from mmd_keras import pretrain
+from mmd_keras import sampling
+from mmd_keras import schedule as schedule_lib
+from mmd_keras import unet as unet_lib
+from mmd_keras.errors import UserError
+
+MODES = ("pretrain", "train_classifier", "finetune", "sample", "evaluate", "export", "quickstart")
+
+# Run
+flags.DEFINE_enum("mode", "quickstart", MODES, "What to run.")
+flags.DEFINE_string("workdir", "runs/default", "Run directory; each mode writes into a subfolder.")
+flags.DEFINE_integer("seed", 0, "Seed of every random draw (data order, noise, dropout).")
+flags.DEFINE_string(
+    "init_checkpoint", None,
+    "Weights a mode starts from: a .weights.h5 file, a checkpoint prefix or directory, or a "
+    "released DDPM checkpoint. Default: the workdir's latest pretrain checkpoint.")
+flags.DEFINE_bool("use_ema", True, "Take the EMA weights of --init_checkpoint when it has them.")
+
+# Data
+flags.DEFINE_string("dataset", "fashion_mnist",
+                    "fashion_mnist (offline) or tfds:<name> (cifar10, celeb_a, lsun/church_outdoor).")
+flags.DEFINE_string("data_dir", None, "Where the dataset files are (default: the dataset's own).")
+flags.DEFINE_integer("image_size", None, "Image side in pixels (default: the dataset's native).")
+flags.DEFINE_bool("random_flip", False, "Random horizontal flips of the real images.")
+flags.DEFINE_integer("batch_size", 64, "Global batch size (split across replicas).")
+
+# Diffusion
+flags.DEFINE_integer("num_timesteps", 1000, "T, the number of diffusion steps of the base model.")
+flags.DEFINE_float("beta_start", 1e-4, "β_0 of the linear schedule.")
+flags.DEFINE_float("beta_end", 0.02, "β_{T-1} of the linear schedule.")
+
+# UNet
+flags.DEFINE_integer("ch", 128, "Base channel count.")
+flags.DEFINE_list("ch_mult", ["1", "2", "2", "2"], "Channel multiplier per resolution.")
+flags.DEFINE_integer("num_res_blocks", 2, "Residual blocks per resolution.")
+flags.DEFINE_list("attn_resolutions", ["16"], "Resolutions with self-attention.")
+flags.DEFINE_float("dropout", 0.1, "Dropout rate in the residual blocks.")
+
+# Pretraining
+flags.DEFINE_integer("train_steps", 100_000, "Pretraining steps (total, resumes count).")
+flags.DEFINE_float("pretrain_learning_rate", 2e-4, "Adam learning rate of pretraining.")
+flags.DEFINE_float("pretrain_grad_clip", 1.0, "Global-norm gradient clip of pretraining.")
+flags.DEFINE_float("ema_decay", 0.9999, "EMA decay of the pretrained weights.")
+flags.DEFINE_integer("checkpoint_every", 1000, "Steps between checkpoints (and sample grids).")
+flags.DEFINE_integer("log_every", 100, "Steps between progress lines and TensorBoard scalars.")
+flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step.")
+
+# Sampling
+flags.DEFINE_integer("num_steps", 5, "K, the DDIM step budget.")
+flags.DEFINE_float("eta", 0.0, "DDIM η: 0 deterministic, 1 DDPM-like.")
+flags.DEFINE_enum("timesteps", "uniform", ["uniform", "quadratic"], "K-step timestep spacing.")
+flags.DEFINE_bool("clip_x0", False, "Clip the x0 prediction to [-1, 1] at every step.")
+flags.DEFINE_integer("num_images", 64, "Images to generate in --mode=sample.")
+flags.DEFINE_integer("sample_batch_size", 256, "Images per sampler call.")
+
+# Distribution
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"],
+                  "tf.distribute strategy (multi_worker reads TF_CONFIG).")
+flags.DEFINE_string("tpu", None, "TPU address for --strategy=tpu.")
+
+FLAGS = flags.FLAGS
+
+
+def _int_list(name):
+  try:
+    return tuple(int(v) for v in getattr(FLAGS, name))
+  except ValueError:
+    raise UserError(f"--{name} must be a comma-separated list of integers, "
+                    f"got {','.join(getattr(FLAGS, name))}") from None
+
+
+def _schedule():
+  return schedule_lib.NoiseSchedule.linear(num_timesteps=FLAGS.num_timesteps,
+                                           beta_start=FLAGS.beta_start, beta_end=FLAGS.beta_end)
+
+
+def _image_shape():
+  native_size, channels = data_lib.dataset_shape(FLAGS.dataset)
+  image_size = FLAGS.image_size or native_size
+  if image_size is None:
+    raise UserError(f"--image_size is needed for --dataset={FLAGS.dataset}")
+  return image_size, channels
+
+
+def _unet_factory():
+  image_size, channels = _image_shape()
+  kwargs = dict(image_size=image_size, channels=channels, ch=FLAGS.ch,
+                ch_mult=_int_list("ch_mult"), num_res_blocks=FLAGS.num_res_blocks,
+                attn_resolutions=_int_list("attn_resolutions"), dropout=FLAGS.dropout)
+  unet_lib.check_architecture(image_size=image_size, ch=FLAGS.ch, ch_mult=kwargs["ch_mult"])
+  return lambda: unet_lib.UNet(**kwargs)
+
+
+def _mode_dir(name):
+  path = os.path.join(FLAGS.workdir, name)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"--workdir={FLAGS.workdir} is not writable: {e.strerror}") from None
+  return path
+
+
+def _write_flags(run_dir):
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  path = os.path.join(run_dir, f"flags_{FLAGS.mode}_{stamp}.cfg")
+  with open(path, "w") as f:
+    f.write(FLAGS.flags_into_string())
+  return path
+
+
+def _init_checkpoint():
+  """--init_checkpoint, or the workdir's latest pretrain checkpoint."""
+  if FLAGS.init_checkpoint:
+    return FLAGS.init_checkpoint
+  found = checkpoints.latest(os.path.join(FLAGS.workdir, "pretrain"))
+  if not found:
+    raise UserError(f"--init_checkpoint is not set and {FLAGS.workdir}/pretrain holds no "
+                    f"checkpoint; pass --init_checkpoint=<.weights.h5 or checkpoint>")
+  return found
+
+
+def _restored_unet():
+  unet = _unet_factory()().build_for_inference()
+  source = checkpoints.restore_unet(unet, _init_checkpoint(), use_ema=FLAGS.use_ema)
+  logging.info("loaded %s (%s)", _init_checkpoint(), source)
+  return unet
+
+
+def _check_num_steps():
+  schedule_lib.timestep_subsequence(num_timesteps=FLAGS.num_timesteps, num_steps=FLAGS.num_steps,
+                                    kind=FLAGS.timesteps)
+
+
+def run_pretrain():
+  run_dir = _mode_dir("pretrain")
+  _write_flags(run_dir)
+  strategy = distribute.make_strategy(FLAGS.strategy, tpu=FLAGS.tpu)
+  distribute.check_global_batch(FLAGS.batch_size, strategy)
+  image_size, _ = _image_shape()
+  dataset = data_lib.make_dataset(dataset=FLAGS.dataset, split="train",
+                                  global_batch_size=FLAGS.batch_size, image_size=image_size,
+                                  data_dir=FLAGS.data_dir, random_flip=FLAGS.random_flip,
+                                  seed=FLAGS.seed)
+  pretrain.train(unet_factory=_unet_factory(), dataset=dataset, schedule=_schedule(),
+                 workdir=run_dir, train_steps=FLAGS.train_steps,
+                 learning_rate=FLAGS.pretrain_learning_rate, ema_decay=FLAGS.ema_decay,
+                 checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every,
+                 grad_clip=FLAGS.pretrain_grad_clip, seed=FLAGS.seed,
+                 sample_steps=min(100, FLAGS.num_timesteps), num_sample_images=64,
+                 strategy=strategy, init_checkpoint=FLAGS.init_checkpoint,
+                 jit_compile=FLAGS.jit_compile)
+
+
+def run_sample():
+  _check_num_steps()
+  if FLAGS.num_images < 1:
+    raise UserError(f"--num_images must be >= 1, got {FLAGS.num_images}")
+  run_dir = _mode_dir("sample")
+  _write_flags(run_dir)
+  unet = _restored_unet()
+  schedule = _schedule()
+  images = sampling.generate(unet, num_images=FLAGS.num_images, num_steps=FLAGS.num_steps,
+                             schedule=schedule, timestep_kind=FLAGS.timesteps, eta=FLAGS.eta,
+                             clip_x0=FLAGS.clip_x0, seed=FLAGS.seed,
+                             batch_size=FLAGS.sample_batch_size)
+  name = f"samples_k{FLAGS.num_steps}_eta{FLAGS.eta:g}_seed{FLAGS.seed}"
+  grid.write_png(os.path.join(run_dir, name + ".png"), images[:256],
+                 scale=max(1, 64 // images.shape[1]))
+  np.savez_compressed(os.path.join(run_dir, name + ".npz"),
+                      images=np.asarray(ddim.to_uint8(images)))
+  print(f"wrote {FLAGS.num_images} samples to {os.path.join(run_dir, name)}.png/.npz")
+
+
+def _not_yet(mode):
+  def run():
+    raise UserError(f"--mode={mode} is not available in this version")
+  return run
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}; every option is a --flag")
+  runners = dict(pretrain=run_pretrain, sample=run_sample)
+  runners.get(FLAGS.mode, _not_yet(FLAGS.mode))()
+
+
+def _run_main(argv):
+  try:
+    main(argv)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(_run_main)

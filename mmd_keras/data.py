@@ -1,0 +1,147 @@
+"""Datasets as tf.data pipelines of NHWC float32 images in [-1, 1].
+
+`fashion_mnist` reads the idx files of the Debian package `dataset-fashion-mnist` offline;
+`tfds:<name>` goes through tensorflow-datasets with the crops of the DDPM/DDIM papers.
+"""
+
+import gzip
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from mmd_keras.errors import UserError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
+# name -> (native image size, channels, centre-crop size or None for the largest square).
+TFDS_DATASETS = {
+    "cifar10": (32, 3, None),
+    "celeb_a": (64, 3, 140),
+    "lsun/church_outdoor": (256, 3, None),
+}
+
+
+class DataError(UserError):
+  """A dataset that cannot be read; the message names the flag or file."""
+
+
+def dataset_shape(dataset):
+  """(native image size, channels) of a `--dataset` value."""
+  if dataset == "fashion_mnist":
+    return 28, 1
+  if dataset.startswith("tfds:"):
+    name = dataset[len("tfds:"):]
+    if name in TFDS_DATASETS:
+      return TFDS_DATASETS[name][:2]
+    return None, 3
+  raise DataError(
+      f"--dataset must be 'fashion_mnist' or 'tfds:<name>' (e.g. tfds:cifar10, tfds:celeb_a, "
+      f"tfds:lsun/church_outdoor), got {dataset!r}")
+
+
+def _read_idx(path, expected_dims):
+  try:
+    with gzip.open(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:
+    raise DataError(f"cannot read Fashion-MNIST file {path}: {e}") from e
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != expected_dims:
+    raise DataError(f"{path} is not an idx file of uint8 with {expected_dims} dimensions")
+  dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(expected_dims)]
+  body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * expected_dims)
+  if body.size != int(np.prod(dims)):
+    raise DataError(f"{path} is truncated: header says {dims}, found {body.size} bytes of data")
+  return body.reshape(dims)
+
+
+def load_fashion_mnist(*, split="train", data_dir=None):
+  """(images uint8 [N, 28, 28, 1], labels int64 [N]) from the idx files."""
+  if split not in FASHION_MNIST_FILES:
+    raise DataError(f"Fashion-MNIST split must be one of {list(FASHION_MNIST_FILES)}, got {split!r}")
+  data_dir = data_dir or FASHION_MNIST_DIR
+  paths = [os.path.join(data_dir, name) for name in FASHION_MNIST_FILES[split]]
+  missing = [p for p in paths if not os.path.exists(p)]
+  if missing:
+    raise DataError(
+        f"Fashion-MNIST file {missing[0]} not found (--data_dir={data_dir}); install the data with "
+        f"'apt-get install -y dataset-fashion-mnist' or point --data_dir at a folder with "
+        f"{', '.join(FASHION_MNIST_FILES[split])}")
+  images = _read_idx(paths[0], 3)
+  labels = _read_idx(paths[1], 1).astype(np.int64)
+  if images.shape[0] != labels.shape[0]:
+    raise DataError(f"{paths[0]} has {images.shape[0]} images but {paths[1]} has "
+                    f"{labels.shape[0]} labels")
+  return images[..., None], labels
+
+
+def center_crop(image, size=None):
+  """Central size×size crop (the largest square when size is None)."""
+  shape = tf.shape(image)
+  height, width = shape[0], shape[1]
+  side = tf.minimum(height, width) if size is None else tf.minimum(
+      tf.minimum(height, width), size)
+  top = (height - side) // 2
+  left = (width - side) // 2
+  return image[top:top + side, left:left + side]
+
+
+def to_model_range(image, image_size):
+  """uint8 [H, W, C] -> float32 [image_size, image_size, C] in [-1, 1]."""
+  image = tf.cast(image, tf.float32)
+  if image.shape[0] != image_size or image.shape[1] != image_size:
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+  return tf.clip_by_value(image / 127.5 - 1.0, -1.0, 1.0)
+
+
+def _tfds_source(name, *, split, data_dir):
+  import tensorflow_datasets as tfds  # Only online users need it; keep the offline import light.
+  try:
+    ds = tfds.load(name, split=split, data_dir=data_dir, shuffle_files=True)
+  except Exception as e:  # TFDS raises many types (download, not-found, registry); name them all.
+    raise DataError(
+        f"--dataset=tfds:{name}: tensorflow-datasets could not load split {split!r} "
+        f"(--data_dir={data_dir}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    ) from e
+  crop = TFDS_DATASETS.get(name, (None, None, None))[2]
+  return ds.map(lambda ex: (center_crop(ex["image"], crop), ex.get("label", tf.constant(-1, tf.int64))),
+                num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def make_dataset(*, dataset, split="train", global_batch_size, image_size=None, data_dir=None,
+                 random_flip=False, shuffle=True, repeat=True, seed=0, with_labels=False,
+                 drop_remainder=True):
+  """Batches of images (and labels, if asked) in [-1, 1], batched by the *global* batch size.
+
+  Under a tf.distribute strategy, `strategy.experimental_distribute_dataset` splits each global
+  batch across replicas.
+  """
+  native_size, _ = dataset_shape(dataset)
+  image_size = image_size or native_size
+  if global_batch_size < 1:
+    raise DataError(f"--batch_size must be >= 1, got {global_batch_size}")
+  if dataset == "fashion_mnist":
+    images, labels = load_fashion_mnist(split=split, data_dir=data_dir)
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    size = images.shape[0]
+  else:
+    ds = _tfds_source(dataset[len("tfds:"):], split=split, data_dir=data_dir)
+    size = 50_000
+  if shuffle:
+    ds = ds.shuffle(min(size, 50_000), seed=seed, reshuffle_each_iteration=True)
+  if repeat:
+    ds = ds.repeat()
+
+  def preprocess(image, label):
+    image = to_model_range(image, image_size)
+    if random_flip:
+      image = tf.image.random_flip_left_right(image, seed=seed)
+    return (image, label) if with_labels else image
+
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(global_batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,173 @@
+"""Base DDPM training: ε-prediction MSE on uniformly drawn t, with an EMA of the weights.
+
+Randomness is stateless and keyed by (seed, step, replica): every replica draws its own t, ε and
+dropout masks, and a resumed run draws exactly what an uninterrupted one would.
+"""
+
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from mmd_keras import checkpoints
+from mmd_keras import ddim
+from mmd_keras import grid
+from mmd_keras import schedule as schedule_lib
+
+
+def step_seed(seed, step):
+  """[2] int32 seed for this step on this replica."""
+  replica = tf.distribute.get_replica_context()
+  replica_id = replica.replica_id_in_sync_group if replica is not None else 0
+  base = tf.random.experimental.stateless_fold_in(
+      tf.constant([seed, 0], tf.int32), tf.cast(step, tf.int32))
+  return tf.random.experimental.stateless_fold_in(base, tf.cast(replica_id, tf.int32))
+
+
+def make_ema(weights):
+  """EMA copies of `weights`: every replica computes the same value, the first one's is kept."""
+  return [keras.Variable(w, trainable=False, name=w.name + "_ema",
+                         aggregation="only_first_replica") for w in weights]
+
+
+def update_ema(ema, weights, decay):
+  """ema ← decay·ema + (1 − decay)·w."""
+  for e, w in zip(ema, weights):
+    e.assign(decay * e + (1.0 - decay) * w)
+
+
+class DDPMTrainer(keras.Model):
+  """Trains `unet` on L = E_{t, ε} ‖ε − ε_θ(sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε, t)‖²."""
+
+  def __init__(self, unet, *, schedule, ema_decay=0.9999, seed=0, **kwargs):
+    super().__init__(**kwargs)
+    self.unet = unet
+    self.alphas_cumprod = schedule.alphas_cumprod_tf()
+    self.num_timesteps = schedule.num_timesteps
+    self.ema_decay = ema_decay
+    self.seed = seed
+    self.ema = make_ema(unet.weights)
+    self.loss_tracker = keras.metrics.Mean(name="loss")
+
+  @property
+  def metrics(self):
+    return [self.loss_tracker]
+
+  def train_step(self, x0):
+    batch = tf.shape(x0)[0]
+    global_batch = tf.cast(batch * self.distribute_strategy.num_replicas_in_sync, tf.float32)
+    seeds = tf.random.experimental.stateless_split(
+        step_seed(self.seed, self.optimizer.iterations), 3)
+    t = tf.random.stateless_uniform([batch], seeds[0], 0, self.num_timesteps, dtype=tf.int32)
+    noise = tf.random.stateless_normal(tf.shape(x0), seeds[1])
+    x_t = schedule_lib.q_sample(x0, t, noise, alphas_cumprod=self.alphas_cumprod)
+    with tf.GradientTape() as tape:
+      eps = self.unet(x_t, t, training=True, dropout_seed=seeds[2])
+      per_example = tf.reduce_mean(tf.square(noise - eps), axis=[1, 2, 3])
+      # Summed over the replica, divided by the global batch: the all-reduce SUM of the
+      # optimizer makes this the global mean.
+      loss = tf.reduce_sum(per_example) / global_batch
+    grads = tape.gradient(loss, self.unet.trainable_weights)
+    self.optimizer.apply_gradients(zip(grads, self.unet.trainable_weights))
+    update_ema(self.ema, self.unet.weights, self.ema_decay)
+    self.loss_tracker.update_state(tf.reduce_mean(per_example))
+    return {"loss": self.loss_tracker.result()}
+
+  def ema_unet(self, like):
+    """`like` (a UNet of the same architecture) loaded with the EMA weights."""
+    for target, e in zip(like.weights, self.ema):
+      target.assign(e)
+    return like
+
+
+class CheckpointAndSample(keras.callbacks.Callback):
+  """Every `every` steps: save a checkpoint, write an EMA sample grid (PNG + TensorBoard)."""
+
+  def __init__(self, *, manager, trainer, sample_fn, workdir, every, log_every):
+    super().__init__()
+    self.manager = manager
+    self.trainer = trainer
+    self.sample_fn = sample_fn
+    self.workdir = workdir
+    self.every = every
+    self.log_every = log_every
+    self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    self.last_time = None
+    self.last_step = None
+
+  def on_train_batch_end(self, batch, logs=None):
+    step = int(self.trainer.optimizer.iterations.numpy())
+    if self.last_time is None:
+      self.last_time, self.last_step = time.time(), step
+    if step % self.log_every == 0:
+      now = time.time()
+      rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+      loss = float(logs["loss"]) if logs and "loss" in logs else float("nan")
+      logging.info("step %d  loss %.5f  %.2f steps/s", step, loss, rate)
+      with self.writer.as_default(step=step):
+        tf.summary.scalar("loss", loss)
+        tf.summary.scalar("steps_per_second", rate)
+      self.last_time, self.last_step = now, step
+    if step % self.every == 0:
+      self.save(step)
+
+  def save(self, step):
+    path = self.manager.save(checkpoint_number=step)
+    images = self.sample_fn()
+    png = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
+    canvas = grid.write_png(png, images, scale=2)
+    with self.writer.as_default(step=step):
+      tf.summary.image("ema_samples", canvas[None])
+    logging.info("step %d: checkpoint %s, samples %s", step, path, png)
+
+
+def train(*, unet_factory, dataset, schedule, workdir, train_steps, learning_rate, ema_decay,
+          checkpoint_every, log_every, grad_clip, seed, sample_steps, num_sample_images,
+          strategy, init_checkpoint=None, jit_compile=False):
+  """Trains (or resumes) a base DDPM in `workdir`; returns the trainer."""
+  with strategy.scope():
+    unet = unet_factory().build_for_inference()
+    trainer = DDPMTrainer(unet, schedule=schedule, ema_decay=ema_decay, seed=seed)
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate, global_clipnorm=grad_clip)
+    trainer.compile(optimizer=optimizer, jit_compile=jit_compile)
+    optimizer.build(unet.trainable_weights)
+  ckpt = checkpoints.training_checkpoint(unet=unet, ema=trainer.ema, optimizer=optimizer)
+  manager = tf.train.CheckpointManager(ckpt, os.path.join(workdir, "checkpoints"), max_to_keep=3)
+  if manager.latest_checkpoint:
+    ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    logging.info("resumed from %s at step %d", manager.latest_checkpoint,
+                 int(optimizer.iterations.numpy()))
+  elif init_checkpoint:
+    source = checkpoints.restore_unet(unet, init_checkpoint, use_ema=True)
+    for e, w in zip(trainer.ema, unet.weights):
+      e.assign(w)
+    logging.info("initialised from %s (%s weights)", init_checkpoint, source)
+  start = int(optimizer.iterations.numpy())
+  if start >= train_steps:
+    logging.info("already trained for %d >= --train_steps=%d steps", start, train_steps)
+    return trainer
+
+  sampler_unet = unet_factory().build_for_inference()
+  timesteps = schedule.timesteps(sample_steps)
+  noise = tf.random.stateless_normal(
+      [num_sample_images, unet.image_size, unet.image_size, unet.channels], seed=[seed, 1])
+  eps_fn = tf.function(lambda x, t: sampler_unet(x, t))
+
+  def sample_fn():
+    trainer.ema_unet(sampler_unet)
+    return ddim.sample(eps_fn, noise, timesteps=timesteps,
+                       alphas_cumprod=schedule.alphas_cumprod, clip_x0=True)
+
+  callback = CheckpointAndSample(manager=manager, trainer=trainer, sample_fn=sample_fn,
+                                 workdir=workdir, every=checkpoint_every, log_every=log_every)
+  steps_per_epoch = checkpoint_every
+  trainer.fit(dataset, epochs=int(np.ceil(train_steps / steps_per_epoch)),
+              initial_epoch=start // steps_per_epoch, steps_per_epoch=steps_per_epoch,
+              callbacks=[callback], verbose=0)
+  final = int(optimizer.iterations.numpy())
+  if final % checkpoint_every:
+    callback.save(final)
+  return trainer

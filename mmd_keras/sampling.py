@@ -1,0 +1,38 @@
+"""Drawing N images from a UNet with `ddim.sample`, batch by batch, with noise fixed by a seed.
+
+Batch i always starts from the same x_T = stateless_normal(fold_in(seed, i)), so two models (or two
+step budgets) compared on the same seed see exactly the same noise.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from mmd_keras import ddim
+
+
+def initial_noise(*, seed, batch_index, batch_size, image_shape):
+  """x_T of batch `batch_index`: [batch_size, *image_shape] ~ N(0, I)."""
+  batch_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, 2], tf.int32),
+                                                        batch_index)
+  return tf.random.stateless_normal([batch_size, *image_shape], seed=batch_seed)
+
+
+def generate(unet, *, num_images, num_steps, schedule, timestep_kind="uniform", eta=0.0,
+             clip_x0=False, seed=0, batch_size=256, progress=None):
+  """[num_images, H, W, C] float32 samples in [-1, 1] (NumPy), K = num_steps DDIM steps."""
+  eps_fn = tf.function(lambda x, t: unet(x, t), reduce_retracing=True)
+  timesteps = schedule.timesteps(num_steps, timestep_kind)
+  image_shape = (unet.image_size, unet.image_size, unet.channels)
+  outputs = []
+  for batch_index, start in enumerate(range(0, num_images, batch_size)):
+    count = min(batch_size, num_images - start)
+    noise = initial_noise(seed=seed, batch_index=batch_index, batch_size=batch_size,
+                          image_shape=image_shape)[:count]
+    step_seed = tf.constant([seed, 3 + batch_index], tf.int32)
+    images = ddim.sample(eps_fn, noise, timesteps=timesteps,
+                         alphas_cumprod=schedule.alphas_cumprod, eta=eta, clip_x0=clip_x0,
+                         seed=step_seed)
+    outputs.append(np.clip(images.numpy(), -1.0, 1.0))
+    if progress is not None:
+      progress(start + count, num_images)
+  return np.concatenate(outputs, axis=0)

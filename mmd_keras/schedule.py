@@ -1,0 +1,80 @@
+"""The DDPM noise schedule: β_t, ᾱ_t and the K-step DDIM timestep subsequence.
+
+Schedules are computed in float64 NumPy (closed forms are exact there) and cast to float32 only
+at the TF border, as the original DDPM code does.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from mmd_keras.errors import UserError
+
+TIMESTEP_KINDS = ("uniform", "quadratic")
+
+
+def linear_betas(*, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
+  """β_t linearly spaced from beta_start to beta_end, t = 0 … T−1 (Ho et al. 2020)."""
+  if num_timesteps < 1:
+    raise UserError(f"--num_timesteps must be >= 1, got {num_timesteps}")
+  if not 0.0 < beta_start <= beta_end < 1.0:
+    raise UserError(
+        f"--beta_start/--beta_end must satisfy 0 < start <= end < 1, got {beta_start}, {beta_end}")
+  return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+
+
+def timestep_subsequence(*, num_timesteps, num_steps, kind="uniform"):
+  """The K timesteps a K-step DDIM sampler visits, in increasing order.
+
+  uniform:   i · ⌊T/K⌋ for i = 0 … K−1                 (the official MMD-DDM code)
+  quadratic: ⌊(i · sqrt(0.8·T) / (K−1))²⌋ for i = 0 … K−1  (the DDIM paper, CIFAR-10)
+  """
+  if kind not in TIMESTEP_KINDS:
+    raise UserError(f"--timesteps must be one of {'|'.join(TIMESTEP_KINDS)}, got {kind!r}")
+  if not 1 <= num_steps <= num_timesteps:
+    raise UserError(
+        f"--num_steps (K) must be in [1, {num_timesteps}] (the number of diffusion timesteps T), "
+        f"got {num_steps}")
+  if kind == "uniform":
+    skip = num_timesteps // num_steps
+    seq = np.arange(0, num_timesteps, skip)[:num_steps]
+  else:
+    seq = (np.linspace(0, np.sqrt(num_timesteps * 0.8), num_steps) ** 2).astype(np.int64)
+    if len(np.unique(seq)) != num_steps:
+      raise UserError(
+          f"--timesteps=quadratic gives repeated timesteps for --num_steps={num_steps} with "
+          f"T={num_timesteps}; use --timesteps=uniform")
+  return seq.astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSchedule:
+  """β_t and ᾱ_t = Π_{s≤t} (1 − β_s) for t = 0 … T−1."""
+
+  betas: np.ndarray
+
+  @classmethod
+  def linear(cls, *, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
+    return cls(linear_betas(num_timesteps=num_timesteps, beta_start=beta_start,
+                            beta_end=beta_end))
+
+  @property
+  def num_timesteps(self):
+    return int(self.betas.shape[0])
+
+  @property
+  def alphas_cumprod(self):
+    return np.cumprod(1.0 - self.betas)
+
+  def alphas_cumprod_tf(self):
+    return tf.constant(self.alphas_cumprod, dtype=tf.float32)
+
+  def timesteps(self, num_steps, kind="uniform"):
+    return timestep_subsequence(num_timesteps=self.num_timesteps, num_steps=num_steps, kind=kind)
+
+
+def q_sample(x0, t, noise, *, alphas_cumprod):
+  """x_t ~ q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 − ᾱ_t) I), given the noise ε."""
+  a = tf.gather(alphas_cumprod, t)[:, None, None, None]
+  return tf.sqrt(a) * x0 + tf.sqrt(1.0 - a) * noise
