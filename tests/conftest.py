@@ -1,0 +1,34 @@
+"""Shared test setup: quiet TF, a tiny UNet factory, the repository root for CLI tests."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pathlib
+
+import numpy as np
+import pytest
+
+from mmd_keras import unet as unet_lib
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def tiny_unet(*, image_size=8, channels=1, dropout=0.0, attn_resolutions=()):
+  """A UNet small enough for unit tests: ch 32, two levels, one block each."""
+  return unet_lib.UNet(image_size=image_size, channels=channels, ch=32, ch_mult=(1, 2),
+                       num_res_blocks=1, attn_resolutions=attn_resolutions,
+                       dropout=dropout).build_for_inference()
+
+
+def randomize_weights(model, *, seed=0, scale=0.1):
+  """Overwrites every weight with N(0, scale²): zero-initialised output convs would hide bugs."""
+  rng = np.random.default_rng(seed)
+  for weight in model.weights:
+    weight.assign(rng.normal(0.0, scale, weight.shape).astype(np.float32))
+  return model
+
+
+@pytest.fixture
+def repo_root():
+  return REPO_ROOT

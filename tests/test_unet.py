@@ -1,0 +1,94 @@
+"""unet.py: the published parameter count, shapes, the timestep embedding, seeded dropout, bad shapes."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import randomize_weights, tiny_unet
+from mmd_keras import unet as unet_lib
+from mmd_keras.errors import UserError
+
+
+def test_cifar10_unet_has_the_published_parameter_count():
+  # Ho et al. (2020), CIFAR-10 model: 35.7 M parameters; the original TF code counts 35,746,307.
+  model = unet_lib.UNet(image_size=32, channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                        attn_resolutions=(16,), dropout=0.1).build_for_inference()
+  assert model.count_params() == 35_746_307
+
+
+def test_output_shape_equals_input_shape():
+  model = tiny_unet(image_size=16, channels=3, attn_resolutions=(8,))
+  x = tf.random.normal([3, 16, 16, 3])
+  out = model(x, tf.constant([0, 10, 999]))
+  assert out.shape == (3, 16, 16, 3)
+
+
+def test_original_variable_scopes():
+  names = {w.path for w in tiny_unet(attn_resolutions=(4,)).weights}
+  for expected in ("unet/temb/dense0/kernel", "unet/conv_in/kernel",
+                   "unet/down_0/block_0/conv1/kernel", "unet/down_0/downsample/conv/kernel",
+                   "unet/down_1/attn_0/q/kernel", "unet/mid/attn_1/proj_out/kernel",
+                   "unet/up_0/block_1/nin_shortcut/kernel", "unet/up_1/upsample/conv/kernel",
+                   "unet/norm_out/gamma", "unet/conv_out/bias"):
+    assert expected in names, expected
+
+
+@pytest.mark.parametrize("dim", [32, 33])
+def test_timestep_embedding_matches_numpy(dim):
+  t = np.array([0, 1, 17, 999])
+  half = dim // 2
+  freqs = np.exp(-math.log(10000.0) * np.arange(half) / (half - 1))
+  args = t[:, None] * freqs[None, :]
+  expected = np.concatenate([np.sin(args), np.cos(args)], axis=1)
+  if dim % 2:
+    expected = np.pad(expected, [(0, 0), (0, 1)])
+  got = unet_lib.timestep_embedding(tf.constant(t), dim).numpy()
+  assert got.shape == (4, dim)
+  np.testing.assert_allclose(got, expected, atol=2e-4)
+
+
+@pytest.fixture(scope="module")
+def dropout_unet():
+  # conv_out and conv2 start at zero; random weights make every dropout mask visible in the output.
+  return randomize_weights(tiny_unet(dropout=0.5), seed=1)
+
+
+def test_seeded_dropout_is_a_function_of_the_seed(dropout_unet):
+  x = tf.random.stateless_normal([2, 8, 8, 1], seed=[0, 0])
+  t = tf.constant([5, 500])
+
+  def run(seed):
+    return dropout_unet(x, t, training=True,
+                        dropout_seed=tf.constant(seed, tf.int32)).numpy()
+
+  np.testing.assert_array_equal(run([1, 2]), run([1, 2]))
+  assert np.abs(run([1, 2]) - run([1, 3])).max() > 1e-3
+
+
+def test_inference_ignores_dropout(dropout_unet):
+  x = tf.random.stateless_normal([2, 8, 8, 1], seed=[0, 1])
+  t = tf.constant([5, 500])
+  a = dropout_unet(x, t, training=False, dropout_seed=tf.constant([1, 2])).numpy()
+  b = dropout_unet(x, t, training=False, dropout_seed=tf.constant([7, 8])).numpy()
+  c = dropout_unet(x, t).numpy()
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(a, c)
+  trained = dropout_unet(x, t, training=True, dropout_seed=tf.constant([1, 2])).numpy()
+  assert np.abs(trained - a).max() > 1e-3
+
+
+def test_image_size_not_divisible_names_the_flag():
+  with pytest.raises(UserError, match="--image_size"):
+    unet_lib.UNet(image_size=30, channels=1, ch=32, ch_mult=(1, 2, 2))
+
+
+def test_channels_not_divisible_by_groups_names_the_flag():
+  with pytest.raises(UserError, match="--ch"):
+    unet_lib.UNet(image_size=32, channels=1, ch=48, ch_mult=(1, 2))
+
+
+def test_empty_ch_mult_names_the_flag():
+  with pytest.raises(UserError, match="--ch_mult"):
+    unet_lib.check_architecture(image_size=32, ch=32, ch_mult=())
