@@ -81,10 +81,11 @@ class StreamingStats:
 
   def _check_count(self, minimum):
     if self.count < minimum:
-      raise UserError(f"--num_eval_images: statistics need at least {minimum} samples, "
+      raise UserError(f"--num_eval_images: statistics need at least {minimum} sample(s), "
                       f"got {self.count}")
 
   def save(self, path):
+    self._check_count(1)
     # Through a file object so NumPy does not append ".npz" to temporary names.
     with open(path, "wb") as f:
       np.savez(f, count=self.count, shift=self._shift, sum=self._sum, outer=self._outer)
