@@ -91,8 +91,8 @@ def variable_mapping(unet):
   return mapping
 
 
-def _first(names):
-  shown = ", ".join(names[:_SHOWN])
+def _first(names, sep=", "):
+  shown = sep.join(names[:_SHOWN])
   return shown + (f", … ({len(names)} in all)" if len(names) > _SHOWN else "")
 
 
@@ -125,7 +125,7 @@ def restore(unet, prefix, *, use_ema=True):
            for name, weight in mapping.items()
            if tuple(shapes[name + suffix]) != tuple(weight.shape)]
   if wrong:
-    raise CheckpointError(f"{where}: {_first(wrong)}")
+    raise CheckpointError(f"{where}: {_first(wrong, sep='; ')}")
 
   values = {name: reader.get_tensor(name + suffix) for name in mapping}
   for name, weight in mapping.items():
