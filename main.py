@@ -17,9 +17,11 @@ from absl import flags
 from absl import logging
 
 from mmd_keras import checkpoints
+from mmd_keras import classifier as classifier_lib
 from mmd_keras import data as data_lib
 from mmd_keras import ddim
 from mmd_keras import distribute
+from mmd_keras import features as features_lib
 from mmd_keras import grid
 from mmd_keras import pretrain
 from mmd_keras import sampling
@@ -75,6 +77,19 @@ flags.DEFINE_enum("timesteps", "uniform", ["uniform", "quadratic"], "K-step time
 flags.DEFINE_bool("clip_x0", False, "Clip the x0 prediction to [-1, 1] at every step.")
 flags.DEFINE_integer("num_images", 64, "Images to generate in --mode=sample.")
 flags.DEFINE_integer("sample_batch_size", 256, "Images per sampler call.")
+
+# Features
+flags.DEFINE_enum("feature_net", "classifier", features_lib.FEATURE_NETS,
+                  "Frozen feature network φ (and the classifier --mode=train_classifier trains).")
+flags.DEFINE_string("inception_weights", None,
+                    "Local Keras InceptionV3 weights (.h5/.keras, e.g. "
+                    "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5) or a TF-GAN FID "
+                    "Inception SavedModel directory.")
+flags.DEFINE_integer("inception_resolution", 299, "Side images are resized to for Inception-V3.")
+flags.DEFINE_string("classifier_path", None,
+                    "Classifier weights (.weights.h5; default: "
+                    "pretrained/<dataset>/<feature_net>.weights.h5).")
+flags.DEFINE_integer("classifier_epochs", 5, "Epochs of --mode=train_classifier.")
 
 # Distribution
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"],
@@ -194,6 +209,22 @@ def run_sample():
   print(f"wrote {FLAGS.num_images} samples to {os.path.join(run_dir, name)}.png/.npz")
 
 
+def _classifier_path():
+  return FLAGS.classifier_path or features_lib.default_classifier_path(FLAGS.dataset,
+                                                                       FLAGS.feature_net)
+
+
+def run_train_classifier():
+  if FLAGS.feature_net not in classifier_lib.ARCHITECTURES:
+    raise UserError(f"--mode=train_classifier trains --feature_net="
+                    f"{' or '.join(classifier_lib.ARCHITECTURES)}, got {FLAGS.feature_net}")
+  image_size, _ = _image_shape()
+  classifier_lib.train_classifier(arch=FLAGS.feature_net, dataset=FLAGS.dataset,
+                                  data_dir=FLAGS.data_dir, image_size=image_size,
+                                  epochs=FLAGS.classifier_epochs, batch_size=FLAGS.batch_size,
+                                  seed=FLAGS.seed, out_path=_classifier_path())
+
+
 def _not_yet(mode):
   def run():
     raise UserError(f"--mode={mode} is not available in this version")
@@ -203,7 +234,7 @@ def _not_yet(mode):
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}; every option is a --flag")
-  runners = dict(pretrain=run_pretrain, sample=run_sample)
+  runners = dict(pretrain=run_pretrain, sample=run_sample, train_classifier=run_train_classifier)
   runners.get(FLAGS.mode, _not_yet(FLAGS.mode))()
 
 

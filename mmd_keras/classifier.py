@@ -1,0 +1,163 @@
+"""The project's own classifiers: two small CNNs trained on the dataset labels, whose penultimate
+layers are the offline feature spaces (`features.py`).
+
+`classifier` is the space MMD finetuning optimises; `classifier_heldout` is an independent second
+opinion for evaluation only: a different architecture (no BatchNorm, 5×5 first kernel, average
+pooling, GELU, another width and feature dimension) and a different seed, so a generator cannot have
+learned its particular blind spots.
+"""
+
+import json
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mmd_keras import data as data_lib
+from mmd_keras.errors import UserError
+
+ARCHITECTURES = ("classifier", "classifier_heldout")
+FEATURE_LAYER = "features"
+
+
+def _classifier(inputs):
+  """Conv-BN-ReLU ×3 with max pooling, then a 128-d dense feature layer."""
+  h = inputs
+  for i, width in enumerate((32, 64, 64)):
+    h = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{i}")(h)
+    h = keras.layers.BatchNormalization(name=f"bn{i}")(h)
+    h = keras.layers.ReLU(name=f"relu{i}")(h)
+    h = keras.layers.MaxPooling2D(2, padding="same", name=f"pool{i}")(h)
+  h = keras.layers.Flatten(name="flatten")(h)
+  h = keras.layers.Dense(128, activation="relu", name=FEATURE_LAYER)(h)
+  return keras.layers.Dropout(0.3, name="dropout")(h)
+
+
+def _classifier_heldout(inputs):
+  """No BatchNorm: 5×5 conv and 3×3 convs with GELU, average pooling, a 96-d feature layer."""
+  h = keras.layers.Conv2D(24, 5, padding="same", activation="gelu", name="conv0")(inputs)
+  h = keras.layers.AveragePooling2D(2, padding="same", name="pool0")(h)
+  h = keras.layers.Conv2D(48, 3, padding="same", activation="gelu", name="conv1")(h)
+  h = keras.layers.AveragePooling2D(2, padding="same", name="pool1")(h)
+  h = keras.layers.Conv2D(64, 3, padding="same", activation="gelu", name="conv2")(h)
+  h = keras.layers.AveragePooling2D(2, padding="same", name="pool2")(h)
+  h = keras.layers.Flatten(name="flatten")(h)
+  h = keras.layers.Dense(96, activation="gelu", name=FEATURE_LAYER)(h)
+  return keras.layers.Dropout(0.4, name="dropout")(h)
+
+
+_BODIES = dict(classifier=_classifier, classifier_heldout=_classifier_heldout)
+# Added to --seed, so the two classifiers never share an initialisation or a data order.
+_SEED_OFFSETS = dict(classifier=0, classifier_heldout=1)
+NUM_CLASSES = 10
+
+
+def _check_arch(arch):
+  if arch not in _BODIES:
+    raise UserError(f"--feature_net={arch} is not a trainable classifier; choose one of "
+                    f"{', '.join(ARCHITECTURES)}")
+
+
+def build_classifier(arch, *, image_size, channels, num_classes=NUM_CLASSES):
+  """keras.Model: images [N, H, W, C] in [-1, 1] -> logits [N, num_classes]; layer 'features'."""
+  _check_arch(arch)
+  inputs = keras.Input((image_size, image_size, channels), name="images")
+  logits = keras.layers.Dense(num_classes, name="logits")(_BODIES[arch](inputs))
+  return keras.Model(inputs, logits, name=arch)
+
+
+def metadata_path(weights_path):
+  """The json beside `<name>.weights.h5`: `<name>.json`."""
+  stem = weights_path[:-len(".weights.h5")] if weights_path.endswith(".weights.h5") else weights_path
+  return stem + ".json"
+
+
+def read_metadata(weights_path):
+  """The json written with the weights, or None when there is none."""
+  path = metadata_path(weights_path)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"--classifier_path={weights_path}: its metadata {path} is unreadable: {e}") from e
+
+
+def _atomic_write_json(path, value):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def _check_out_path(out_path, overwrite):
+  if not out_path.endswith(".weights.h5"):
+    raise UserError(f"--classifier_path={out_path} must end in .weights.h5")
+  if os.path.exists(out_path) and not overwrite:
+    raise UserError(f"--classifier_path={out_path} exists; refusing to overwrite it (delete it or "
+                    f"pass another --classifier_path)")
+
+
+def train_classifier(*, arch, dataset, data_dir, image_size, epochs, batch_size, seed, out_path,
+                     overwrite=False):
+  """Trains `arch` on the train split, evaluates on the test split, saves weights + json.
+
+  Returns the test accuracy. The weights are written through a temporary file and a rename, so
+  `out_path` is never half-written.
+  """
+  _check_out_path(out_path, overwrite)
+  if epochs < 1:
+    raise UserError(f"--classifier_epochs must be >= 1, got {epochs}")
+  native_size, channels = data_lib.dataset_shape(dataset)
+  image_size = image_size or native_size
+  _check_arch(arch)
+  seed += _SEED_OFFSETS[arch]
+  keras.utils.set_random_seed(seed)
+  common = dict(dataset=dataset, global_batch_size=batch_size, image_size=image_size,
+                data_dir=data_dir, repeat=False, seed=seed, with_labels=True)
+  train = data_lib.make_dataset(split="train", shuffle=True, drop_remainder=True, **common)
+  test = data_lib.make_dataset(split="test", shuffle=False, drop_remainder=False, **common)
+
+  model = build_classifier(arch, image_size=image_size, channels=channels)
+  # Cardinality is unknown for some TFDS sources; then the decay just spans an assumed length.
+  steps_per_epoch = int(train.cardinality())
+  schedule = keras.optimizers.schedules.CosineDecay(
+      1e-3, decay_steps=epochs * steps_per_epoch if steps_per_epoch > 0 else 10_000 * epochs)
+  model.compile(optimizer=keras.optimizers.Adam(schedule),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"])
+  print(f"training {arch} ({model.count_params():,} parameters) on {dataset} for {epochs} epochs",
+        flush=True)
+  start = time.time()
+  history = model.fit(train, epochs=epochs, verbose=2)
+  train_seconds = time.time() - start
+  _, test_accuracy = model.evaluate(test, verbose=0)
+  print(f"{arch}: test accuracy {test_accuracy:.4f} ({train_seconds:.0f} s of training)", flush=True)
+
+  _check_out_path(out_path, overwrite)
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  tmp = out_path[:-len(".weights.h5")] + ".tmp.weights.h5"
+  model.save_weights(tmp)
+  os.replace(tmp, out_path)
+  _atomic_write_json(metadata_path(out_path), dict(
+      arch=arch, dataset=dataset, image_size=image_size, channels=channels, seed=seed,
+      epochs=epochs, batch_size=batch_size, test_accuracy=round(float(test_accuracy), 4),
+      train_accuracy=round(float(history.history["accuracy"][-1]), 4),
+      feature_dim=int(model.get_layer(FEATURE_LAYER).units),
+      num_params=int(model.count_params()), train_seconds=round(train_seconds, 1),
+      keras_version=keras.__version__, tensorflow_version=tf.__version__))
+  print(f"wrote {out_path} and {metadata_path(out_path)}", flush=True)
+  return float(test_accuracy)
+
+
+def accuracy(model, images, labels, *, batch_size=500):
+  """Fraction of `images` ([-1, 1]) whose argmax logit equals the label."""
+  correct = 0
+  for i in range(0, len(images), batch_size):
+    logits = model(images[i:i + batch_size], training=False)
+    correct += int(np.sum(np.argmax(logits, axis=-1) == labels[i:i + batch_size]))
+  return correct / len(images)
