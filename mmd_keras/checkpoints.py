@@ -18,19 +18,27 @@ class CheckpointError(UserError):
   """A checkpoint that cannot be used; the message names the flag or file."""
 
 
-class EmaWeights(tf.Module):
-  """Holds the EMA copies of a model's weights so tf.train.Checkpoint can track them."""
+class WeightList(tf.Module):
+  """A flat list of variables (the UNet's weights or their EMA copies) for tf.train.Checkpoint.
 
-  def __init__(self, variables):
-    super().__init__(name="ema")
+  Keras 3 keeps sublayer lists (the UNet's `down`/`up` levels) in containers tf.train.Checkpoint
+  does not follow, so checkpointing the `unet` object alone saves only part of its weights.
+  """
+
+  def __init__(self, variables, name):
+    super().__init__(name=name)
     self.variables_list = list(variables)
+
+
+def _list_keys(name, count):
+  return [f"{name}/variables_list/{i}/.ATTRIBUTES/VARIABLE_VALUE" for i in range(count)]
 
 
 def training_checkpoint(*, unet, ema=None, optimizer=None):
   """The tf.train.Checkpoint written by `pretrain` and `finetune`."""
-  objects = dict(unet=unet)
+  objects = dict(unet=unet, unet_weights=WeightList(unet.weights, "unet_weights"))
   if ema is not None:
-    objects["ema"] = EmaWeights(ema)
+    objects["ema"] = WeightList(ema, "ema")
   if optimizer is not None:
     objects["optimizer"] = optimizer
   return tf.train.Checkpoint(**objects)
@@ -51,17 +59,19 @@ def _assign_from_reader(unet, prefix, *, use_ema):
   reader = tf.train.load_checkpoint(prefix)
   names = reader.get_variable_to_shape_map()
   weights = unet.weights
-  ema_keys = [f"ema/variables_list/{i}/.ATTRIBUTES/VARIABLE_VALUE" for i in range(len(weights))]
-  if f"ema/variables_list/{len(weights)}/.ATTRIBUTES/VARIABLE_VALUE" in names:
+  ema_keys = _list_keys("ema", len(weights) + 1)
+  if ema_keys[-1] in names:
     raise CheckpointError(f"--init_checkpoint={prefix} does not match the UNet flags: it holds "
                           f"more weights than the {len(weights)} of this UNet")
-  if not (use_ema and all(k in names for k in ema_keys)):
-    status = tf.train.Checkpoint(unet=unet).restore(prefix)
+  if not (use_ema and all(k in names for k in ema_keys[:-1])):
+    # The raw weights are also reachable through `unet` and the optimizer, so they are stored
+    # under whichever path the saver met first: restore them through the object graph.
+    status = tf.train.Checkpoint(unet_weights=WeightList(weights, "unet_weights")).restore(prefix)
     try:
-      status.assert_existing_objects_matched()
-    except AssertionError as e:
-      raise CheckpointError(f"--init_checkpoint={prefix} does not match the UNet flags: "
-                            f"{str(e).splitlines()[0]}") from e
+      status.expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError) as e:
+      raise CheckpointError(f"--init_checkpoint={prefix} does not hold the raw weights of this "
+                            f"UNet: {str(e).splitlines()[0]}") from e
     return "raw"
   for weight, key in zip(weights, ema_keys):
     value = reader.get_tensor(key)

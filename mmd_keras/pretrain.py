@@ -56,7 +56,9 @@ class DDPMTrainer(keras.Model):
   def metrics(self):
     return [self.loss_tracker]
 
-  def train_step(self, x0):
+  def train_step(self, data):
+    # fit() on a dataset of images passes the images; train_on_batch passes (x, None, None).
+    x0, _, _ = keras.utils.unpack_x_y_sample_weight(data)
     batch = tf.shape(x0)[0]
     global_batch = tf.cast(batch * self.distribute_strategy.num_replicas_in_sync, tf.float32)
     seeds = tf.random.experimental.stateless_split(
