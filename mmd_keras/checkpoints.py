@@ -4,7 +4,7 @@ Three kinds of `--init_checkpoint` are understood:
   * a training directory or checkpoint prefix written by `pretrain`/`finetune` (tf.train.Checkpoint
     with `unet` and, when present, `ema` weights);
   * a `.weights.h5` file of the UNet alone (what the bundled base model is);
-  * the DDPM checkpoints released by Ho et al. (see `ddpm_import`, when available).
+  * the DDPM checkpoints released by Ho et al. (see `ddpm_import`).
 """
 
 import os
