@@ -64,6 +64,8 @@ class MMDFinetuner(keras.Model):
     self.seed = seed
     self.mmd2_tracker = keras.metrics.Mean(name="mmd2")
     self.grad_norm_tracker = keras.metrics.Mean(name="grad_norm")
+    # Nothing to build: the UNet comes built, and there is no forward `call` for Keras to trace.
+    self.built = True
 
   @property
   def metrics(self):

@@ -37,12 +37,12 @@ class RandomConvFeatures:
 
 
 def make_finetuner(unet, *, num_steps=2, recompute=True, dropout=False, seed=0, lr=1e-3,
-                   grad_clip=None):
+                   grad_clip=None, optimizer=None):
   trainer = finetune.MMDFinetuner(
       unet, feature_net=RandomConvFeatures(), schedule=SCHEDULE, num_steps=num_steps,
       kernel=mmd.make_kernel("polynomial"), recompute=recompute, dropout=dropout, seed=seed,
       grad_clip=grad_clip)
-  trainer.compile(optimizer=keras.optimizers.Adam(learning_rate=lr))
+  trainer.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate=lr))
   return trainer
 
 
