@@ -22,7 +22,9 @@ from mmd_keras import data as data_lib
 from mmd_keras import ddim
 from mmd_keras import distribute
 from mmd_keras import features as features_lib
+from mmd_keras import finetune as finetune_lib
 from mmd_keras import grid
+from mmd_keras import mmd
 from mmd_keras import pretrain
 from mmd_keras import sampling
 from mmd_keras import schedule as schedule_lib
@@ -90,6 +92,18 @@ flags.DEFINE_string("classifier_path", None,
                     "Classifier weights (.weights.h5; default: "
                     "pretrained/<dataset>/<feature_net>.weights.h5).")
 flags.DEFINE_integer("classifier_epochs", 5, "Epochs of --mode=train_classifier.")
+
+# Finetuning
+flags.DEFINE_integer("finetune_steps", 300, "MMD finetuning steps (total, resumes count).")
+flags.DEFINE_float("learning_rate", 5e-6, "Adam learning rate of MMD finetuning.")
+flags.DEFINE_float("grad_clip", 0.5, "Global-norm clip of the finetuning gradient (0: off).")
+flags.DEFINE_bool("recompute", True,
+                  "Wrap each UNet call of the unrolled sampler in tf.recompute_grad (memory of "
+                  "one call instead of K).")
+flags.DEFINE_bool("finetune_dropout", False, "Dropout on in the UNet while finetuning.")
+flags.DEFINE_enum("kernel", "polynomial", mmd.KERNELS,
+                  "MMD kernel: polynomial (γxᵀy + 1)³, γ = 1/dim (KID's), or rbf.")
+flags.DEFINE_list("rbf_bandwidths", ["1.0"], "Bandwidths σ of --kernel=rbf (summed).")
 
 # Distribution
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"],
@@ -170,6 +184,7 @@ def _check_num_steps():
 
 
 def run_pretrain():
+  unet_factory = _unet_factory()  # Checks --dataset and the UNet shape before anything is written.
   run_dir = _mode_dir("pretrain")
   _write_flags(run_dir)
   strategy = distribute.make_strategy(FLAGS.strategy, tpu=FLAGS.tpu)
@@ -179,7 +194,7 @@ def run_pretrain():
                                   global_batch_size=FLAGS.batch_size, image_size=image_size,
                                   data_dir=FLAGS.data_dir, random_flip=FLAGS.random_flip,
                                   seed=FLAGS.seed)
-  pretrain.train(unet_factory=_unet_factory(), dataset=dataset, schedule=_schedule(),
+  pretrain.train(unet_factory=unet_factory, dataset=dataset, schedule=_schedule(),
                  workdir=run_dir, train_steps=FLAGS.train_steps,
                  learning_rate=FLAGS.pretrain_learning_rate, ema_decay=FLAGS.ema_decay,
                  checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every,
@@ -225,6 +240,40 @@ def run_train_classifier():
                                   seed=FLAGS.seed, out_path=_classifier_path())
 
 
+def run_finetune():
+  _check_num_steps()
+  try:
+    bandwidths = tuple(float(b) for b in FLAGS.rbf_bandwidths)
+  except ValueError:
+    raise UserError(f"--rbf_bandwidths must be a comma-separated list of numbers, "
+                    f"got {','.join(FLAGS.rbf_bandwidths)}") from None
+  kernel = mmd.make_kernel(FLAGS.kernel, bandwidths=bandwidths)
+  strategy = distribute.make_strategy(FLAGS.strategy, tpu=FLAGS.tpu)
+  distribute.check_global_batch(FLAGS.batch_size, strategy)
+  init_checkpoint = _init_checkpoint()
+  run_dir = _mode_dir(f"finetune_k{FLAGS.num_steps}")
+  _write_flags(run_dir)
+  image_size, channels = _image_shape()
+  dataset = data_lib.make_dataset(dataset=FLAGS.dataset, split="train",
+                                  global_batch_size=FLAGS.batch_size, image_size=image_size,
+                                  data_dir=FLAGS.data_dir, random_flip=FLAGS.random_flip,
+                                  seed=FLAGS.seed)
+  feature_net_factory = lambda: features_lib.make_feature_network(
+      FLAGS.feature_net, image_size=image_size, channels=channels,
+      inception_weights=FLAGS.inception_weights,
+      inception_resolution=FLAGS.inception_resolution, classifier_path=_classifier_path())
+  finetune_lib.finetune(
+      unet_factory=_unet_factory(), feature_net_factory=feature_net_factory, kernel=kernel,
+      dataset=dataset, schedule=_schedule(), workdir=run_dir, num_steps=FLAGS.num_steps,
+      timestep_kind=FLAGS.timesteps, eta=FLAGS.eta, clip_x0=FLAGS.clip_x0,
+      finetune_steps=FLAGS.finetune_steps, learning_rate=FLAGS.learning_rate,
+      grad_clip=FLAGS.grad_clip, global_batch_size=FLAGS.batch_size,
+      checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every, seed=FLAGS.seed,
+      strategy=strategy, init_checkpoint=init_checkpoint, use_ema=FLAGS.use_ema,
+      recompute=FLAGS.recompute, dropout=FLAGS.finetune_dropout)
+  print(f"finetuned weights: {os.path.join(run_dir, 'unet.weights.h5')}")
+
+
 def _not_yet(mode):
   def run():
     raise UserError(f"--mode={mode} is not available in this version")
@@ -234,7 +283,8 @@ def _not_yet(mode):
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}; every option is a --flag")
-  runners = dict(pretrain=run_pretrain, sample=run_sample, train_classifier=run_train_classifier)
+  runners = dict(pretrain=run_pretrain, sample=run_sample, train_classifier=run_train_classifier,
+                 finetune=run_finetune)
   runners.get(FLAGS.mode, _not_yet(FLAGS.mode))()
 
 
