@@ -30,9 +30,9 @@ INCEPTION_DIM = 2048
 INCEPTION_MIN_RESOLUTION = 75  # Keras InceptionV3's smallest input.
 INCEPTION_HELP = (
     "--inception_weights must point to a local copy of the Keras InceptionV3 ImageNet weights "
-    "'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5' (from "
-    "https://github.com/fchollet/deep-learning-models/releases, keras-applications releases) or to a "
-    "TF-GAN FID Inception SavedModel directory; nothing is downloaded at run time")
+    "'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5' (keras-applications release: "
+    "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/) or to a TF-GAN FID "
+    "Inception SavedModel directory, downloaded beforehand: nothing is downloaded at run time")
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

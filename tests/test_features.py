@@ -53,6 +53,19 @@ def test_inception_from_keras_weights_matches_the_saved_model(inception_weights)
   np.testing.assert_allclose(phi.numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_inception_from_a_legacy_h5_model_with_top(tmp_path):
+  keras.utils.set_random_seed(1)
+  full = keras.applications.InceptionV3(include_top=True, weights=None,
+                                        input_shape=(RESOLUTION, RESOLUTION, 3))
+  path = str(tmp_path / "inception_v3_with_top.h5")
+  full.save(path)  # The legacy HDF5 format of the keras-applications release files.
+  network = features.make_feature_network("inception_v3", image_size=RESOLUTION, channels=3,
+                                          inception_weights=path, inception_resolution=RESOLUTION)
+  images = _images(2, RESOLUTION, 3, seed=7)
+  pool3 = keras.Model(full.input, full.get_layer("avg_pool").output)(images, training=False)
+  np.testing.assert_allclose(network(images).numpy(), pool3.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_inception_repeats_grayscale_to_three_channels(inception_weights):
   path, _, _ = inception_weights
   gray = features.make_feature_network("inception_v3", image_size=20, channels=1,
