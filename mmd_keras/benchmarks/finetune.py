@@ -55,7 +55,7 @@ def _child(num_steps, recompute, batch_size, steps):
   trainer.optimizer.build(unet.trainable_weights)
   step = tf.function(trainer.train_step)
   x_real = tf.random.uniform([batch_size, 28, 28, 1], -1.0, 1.0, seed=0)
-  step.get_concrete_function(x_real)  # Trace (graph construction is not the step's memory).
+  step(x_real)  # Trace, optimise the graph and warm up: the steady-state step is measured.
   with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
   baseline = _status_kib("VmRSS")
