@@ -1,0 +1,136 @@
+"""The serving `tf.Module`: the fixed-K sampler of `ddim.sample` behind two signatures.
+
+  serving_default(seed: int64 [], num_images: int32 []) -> images: uint8 [N, H, W, C]
+  from_noise(noise: float32 [N, H, W, C]) -> images: uint8, images_float: float32 in [-1, 1]
+
+K is fixed at construction, so `ddim.sample`'s Python loop unrolls into one K-step graph, traced once.
+Randomness is stateless and a function of `seed` alone: x_T ~ stateless_normal(seed=(seed, 0)) and,
+for η > 0, step i draws its noise from fold_in((seed, 1), i) (inside `ddim.sample`). One seed thus
+gives the same images in every process, on every server. `from_noise` is a function of `noise` alone:
+for η > 0 its step noise uses seed 0.
+
+Bad requests fail inside the graph (so also under TF Serving, which does not check shapes against the
+signature): `num_images` outside [1, max_images], and noise that is not rank 4 with the exported
+H, W, C and 1 ≤ N ≤ max_images. `from_noise` therefore declares an unknown-rank `noise` input.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from mmd_keras import ddim
+
+X_T_STREAM = 0
+STEP_NOISE_STREAM = 1
+
+
+def seeded_noise(seed, num_images, image_shape):
+  """x_T of `serving_default`: [num_images, H, W, C] ~ N(0, I) from the int64 `seed`."""
+  seed = tf.cast(seed, tf.int64)
+  return tf.random.stateless_normal(tf.concat([[num_images], image_shape], axis=0),
+                                    seed=tf.stack([seed, X_T_STREAM]))
+
+
+def step_noise_seed(seed):
+  """The [2] seed `ddim.sample` folds the step index into for its η > 0 noise."""
+  return tf.stack([tf.cast(seed, tf.int64), STEP_NOISE_STREAM])
+
+
+def _constant(value, dtype=None):
+  # A non-trainable variable: unlike a tf.constant attribute, it is restored on load.
+  return tf.Variable(value, dtype=dtype, trainable=False)
+
+
+class Sampler(tf.Module):
+  """x_T -> x_0 in K DDIM steps of a UNet, with the sampler's settings saved beside the weights.
+
+  Saved attributes (read them from `tf.saved_model.load(path)`): `num_steps` K, `timesteps` [K],
+  `eta`, `clip_x0`, `image_shape` [H, W, C], `max_images`, `num_timesteps` T.
+  """
+
+  def __init__(self, unet, *, alphas_cumprod, timesteps, eta=0.0, clip_x0=False, max_images=64):
+    super().__init__(name="sampler")
+    if max_images < 1:
+      raise ValueError(f"max_images must be >= 1, got {max_images}")
+    # The UNet's variables are saved, not the Keras model itself: saving a Keras model object would
+    # trace every layer's call for the SavedModel, which is slow and not needed for serving.
+    self._eps_model = lambda x, t: unet(x, t)
+    self.unet_variables = [v.value for v in unet.variables]  # The tf.Variables under Keras's.
+    self._timesteps = [int(t) for t in timesteps]
+    self._eta = float(eta)
+    self._clip_x0 = bool(clip_x0)
+    self._max_images = int(max_images)
+    self._image_shape = (unet.image_size, unet.image_size, unet.channels)
+    self._alphas_cumprod = np.asarray(alphas_cumprod, np.float32)
+    self.num_steps = _constant(len(self._timesteps), tf.int32)
+    self.timesteps = _constant(self._timesteps, tf.int32)
+    self.eta = _constant(self._eta, tf.float32)
+    self.clip_x0 = _constant(self._clip_x0)
+    self.image_shape = _constant(self._image_shape, tf.int32)
+    self.max_images = _constant(self._max_images, tf.int32)
+    self.num_timesteps = _constant(len(self._alphas_cumprod), tf.int32)
+    self.serving_default = tf.function(
+        self._serving_default,
+        input_signature=[tf.TensorSpec([], tf.int64, name="seed"),
+                         tf.TensorSpec([], tf.int32, name="num_images")])
+    self.from_noise = tf.function(
+        self._from_noise, input_signature=[tf.TensorSpec(None, tf.float32, name="noise")])
+
+  @classmethod
+  def from_schedule(cls, unet, *, schedule, num_steps, timestep_kind="uniform", **kwargs):
+    return cls(unet, alphas_cumprod=schedule.alphas_cumprod,
+               timesteps=schedule.timesteps(num_steps, timestep_kind), **kwargs)
+
+  def metadata(self):
+    """The settings as plain JSON values (what `assets/sampler.json` holds)."""
+    height, width, channels = self._image_shape
+    return dict(num_steps=len(self._timesteps), timesteps=self._timesteps, eta=self._eta,
+                clip_x0=self._clip_x0, image_shape=[height, width, channels],
+                max_images=self._max_images, num_timesteps=len(self._alphas_cumprod),
+                seed_streams=dict(x_T=X_T_STREAM, step_noise=STEP_NOISE_STREAM),
+                signatures=dict(serving_default=dict(inputs=["seed", "num_images"],
+                                                     outputs=["images"]),
+                                from_noise=dict(inputs=["noise"],
+                                                outputs=["images", "images_float"])))
+
+  def sample(self, x_T, seed=None):
+    """x_0 in [-1, 1] (clipped) from x_T [N, H, W, C] by `ddim.sample`; `seed` for η > 0."""
+    x_0 = ddim.sample(self._eps_model, x_T, timesteps=self._timesteps,
+                      alphas_cumprod=self._alphas_cumprod, eta=self._eta, clip_x0=self._clip_x0,
+                      seed=None if seed is None else step_noise_seed(seed))
+    return tf.clip_by_value(x_0, -1.0, 1.0)
+
+  def tflite_function(self):
+    """noise [None, H, W, C] -> images uint8: the concrete function the TFLite file is made from.
+
+    η > 0 would need random ops TFLite lacks, so that case is refused here.
+    """
+    if self._eta:
+      raise ValueError("the TFLite sampler is deterministic (noise -> images); eta must be 0")
+    spec = tf.TensorSpec([None, *self._image_shape], tf.float32, name="noise")
+    return tf.function(lambda noise: {"images": ddim.to_uint8(self.sample(noise))},
+                       input_signature=[spec]).get_concrete_function()
+
+  def _serving_default(self, seed, num_images):
+    message = (f"num_images must be in [1, {self._max_images}] (the export's max_images), "
+               f"got a value outside it")
+    checks = [tf.debugging.assert_greater_equal(num_images, 1, message=message),
+              tf.debugging.assert_less_equal(num_images, self._max_images, message=message)]
+    with tf.control_dependencies(checks):
+      x_T = seeded_noise(seed, num_images, self._image_shape)
+    return {"images": ddim.to_uint8(self.sample(x_T, seed=seed if self._eta else None))}
+
+  def _from_noise(self, noise):
+    height, width, channels = self._image_shape
+    message = (f"noise must be float32 [N, {height}, {width}, {channels}] with "
+               f"1 <= N <= {self._max_images}")
+    shape = tf.shape(noise)
+    # One condition over a zero-padded shape: total for every rank, so no check can fail on
+    # another's behalf (shapes of different lengths would not even compare).
+    padded = tf.concat([shape, tf.zeros([4], tf.int32)], axis=0)
+    valid = tf.reduce_all([tf.size(shape) == 4, padded[0] >= 1, padded[0] <= self._max_images,
+                           tf.reduce_all(padded[1:4] == [height, width, channels])])
+    checks = [tf.debugging.Assert(valid, [message + "; got shape", shape])]
+    with tf.control_dependencies(checks):
+      noise = tf.ensure_shape(noise, [None, height, width, channels])
+    x_0 = self.sample(noise, seed=tf.constant(0, tf.int64) if self._eta else None)
+    return {"images": ddim.to_uint8(x_0), "images_float": x_0}

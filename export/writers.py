@@ -1,0 +1,92 @@
+"""Writing a `Sampler`: a SavedModel in TF Serving's versioned layout and TFLite flatbuffers.
+
+  <export_dir>/<model_name>/<version>/           saved_model.pb, variables/, assets/sampler.json
+  <export_dir>/<model_name>_k<K>.tflite          noise -> images, float32 weights
+  <export_dir>/<model_name>_k<K>_fp16.tflite     the same with float16 weights
+
+Every file appears whole or not at all: it is written beside its target under a hidden name (TF
+Serving only loads numeric version directories) and renamed into place.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+import tensorflow as tf
+
+from mmd_keras.errors import UserError
+
+
+def version_dir(*, export_dir, model_name, version):
+  return os.path.join(export_dir, model_name, str(version))
+
+
+def tflite_path(*, export_dir, model_name, num_steps, float16=False):
+  return os.path.join(export_dir, f"{model_name}_k{num_steps}{'_fp16' if float16 else ''}.tflite")
+
+
+def check_version_free(path, *, overwrite):
+  """Raises UserError if the export version `path` exists and `overwrite` is off."""
+  if os.path.exists(path) and not overwrite:
+    raise UserError(f"export version {path} already exists (--export_dir/<--model_name>/"
+                    f"<--model_version>); choose another --model_version or pass --overwrite")
+
+
+def write_saved_model(sampler, *, export_dir, model_name, version, overwrite=False):
+  """Saves `sampler` with its two signatures to <export_dir>/<model_name>/<version>; returns it."""
+  target = version_dir(export_dir=export_dir, model_name=model_name, version=version)
+  check_version_free(target, overwrite=overwrite)
+  parent = os.path.dirname(target)
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"--export_dir={export_dir} is not writable: {e.strerror}") from None
+  staging = tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=parent)
+  try:
+    with tempfile.TemporaryDirectory() as scratch:
+      metadata_path = os.path.join(scratch, "sampler.json")
+      with open(metadata_path, "w") as f:
+        json.dump(sampler.metadata(), f, indent=2)
+      sampler.metadata_file = tf.saved_model.Asset(metadata_path)
+      # tf.functions, not concrete functions: save traces under its own context anyway, so one
+      # trace per signature instead of two.
+      signatures = dict(serving_default=sampler.serving_default, from_noise=sampler.from_noise)
+      # No gradients are served: skip tracing the gradient of every op with a custom gradient.
+      options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+      tf.saved_model.save(sampler, staging, signatures=signatures, options=options)
+    _replace_dir(staging, target)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return target
+
+
+def _replace_dir(source, target):
+  """Renames `source` to `target`; an existing `target` is moved aside first, then deleted."""
+  if not os.path.exists(target):
+    os.rename(source, target)
+    return
+  old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+  os.rename(target, os.path.join(old, "version"))
+  os.rename(source, target)
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def tflite_bytes(sampler, *, float16=False):
+  """The TFLite flatbuffer of `sampler.tflite_function()`, builtin ops only (no Flex delegate)."""
+  converter = tf.lite.TFLiteConverter.from_concrete_functions([sampler.tflite_function()], sampler)
+  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+  if float16:
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_types = [tf.float16]
+  return converter.convert()
+
+
+def write_tflite(sampler, path, *, float16=False):
+  """Writes the TFLite sampler to `path` (replacing an older file of that name); returns `path`."""
+  data = tflite_bytes(sampler, float16=float16)
+  staging = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
+  with open(staging, "wb") as f:
+    f.write(data)
+  os.replace(staging, path)
+  return path

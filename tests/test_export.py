@@ -1,0 +1,260 @@
+"""export/: the serving SavedModel and TFLite files against the in-process `ddim.sample`.
+
+Parity is only meaningful on a UNet whose outputs are not trivial and not exploding: an untrained
+UNet has zero output convolutions (ε̂ = 0) and its x̂0 at t ≈ T divides by sqrt(ᾱ_T) ≈ 0.006. So the
+tiny UNet here gets N(0, 0.1²) random weights everywhere and the sampler clips x̂0 (clip_x0=True).
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
+
+from conftest import randomize_weights, tiny_unet
+from export import sampler_module, writers
+from mmd_keras import ddim
+from mmd_keras import schedule as schedule_lib
+from mmd_keras.errors import UserError
+
+NUM_STEPS = 2
+MAX_IMAGES = 4
+IMAGE_SHAPE = (8, 8, 1)
+SCHEDULE = schedule_lib.NoiseSchedule.linear()
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def _sampler(unet, **kwargs):
+  return sampler_module.Sampler.from_schedule(unet, schedule=SCHEDULE, num_steps=NUM_STEPS,
+                                              clip_x0=True, max_images=MAX_IMAGES, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def unet():
+  return randomize_weights(tiny_unet(attn_resolutions=(4,)), seed=1)
+
+
+@pytest.fixture(scope="module")
+def exported(unet, tmp_path_factory):
+  root = tmp_path_factory.mktemp("exports")
+  sampler = _sampler(unet)
+  saved = writers.write_saved_model(sampler, export_dir=str(root), model_name="mmd_ddm", version=1)
+  tflite = {float16: writers.write_tflite(sampler, writers.tflite_path(
+      export_dir=str(root), model_name="mmd_ddm", num_steps=NUM_STEPS, float16=float16),
+      float16=float16) for float16 in (False, True)}
+  return dict(root=root, saved=saved, tflite=tflite)
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+  return tf.saved_model.load(exported["saved"])
+
+
+def _reference(unet, noise, seed=None, eta=0.0):
+  """The in-process sampler: `ddim.sample` on the Keras UNet, then `ddim.to_uint8`."""
+  x_0 = ddim.sample(lambda x, t: unet(x, t), tf.constant(noise),
+                    timesteps=SCHEDULE.timesteps(NUM_STEPS), alphas_cumprod=SCHEDULE.alphas_cumprod,
+                    eta=eta, clip_x0=True, seed=seed)
+  return ddim.to_uint8(x_0).numpy()
+
+
+def _noise(batch, seed=0):
+  return np.random.default_rng(seed).standard_normal((batch, *IMAGE_SHAPE)).astype(np.float32)
+
+
+def _max_abs_diff(a, b):
+  return int(np.max(np.abs(a.astype(np.int32) - b.astype(np.int32))))
+
+
+def test_layout_and_saved_settings(exported, loaded):
+  assert exported["saved"] == os.path.join(exported["root"], "mmd_ddm", "1")
+  assert sorted(os.listdir(exported["root"] / "mmd_ddm")) == ["1"]  # No staging leftovers.
+  assert os.path.exists(os.path.join(exported["saved"], "saved_model.pb"))
+  with open(os.path.join(exported["saved"], "assets", "sampler.json")) as f:
+    meta = json.load(f)
+  expected_timesteps = [0, 500]  # i·⌊1000/2⌋
+  assert meta["num_steps"] == NUM_STEPS and meta["timesteps"] == expected_timesteps
+  assert meta["image_shape"] == list(IMAGE_SHAPE) and meta["eta"] == 0.0 and meta["clip_x0"]
+  assert int(loaded.num_steps) == NUM_STEPS
+  assert loaded.timesteps.numpy().tolist() == expected_timesteps
+  assert loaded.image_shape.numpy().tolist() == list(IMAGE_SHAPE)
+  assert float(loaded.eta) == 0.0 and bool(loaded.clip_x0) and int(loaded.max_images) == MAX_IMAGES
+
+
+def test_from_noise_equals_the_in_process_sampler(unet, loaded):
+  noise = _noise(3)
+  out = loaded.signatures["from_noise"](noise=tf.constant(noise))
+  assert out["images"].dtype == tf.uint8 and out["images"].shape == (3, *IMAGE_SHAPE)
+  reference = _reference(unet, noise)
+  assert reference.std() > 5  # Non-trivial images, or parity would prove nothing.
+  assert _max_abs_diff(out["images"].numpy(), reference) <= 1
+  images_float = out["images_float"].numpy()
+  assert images_float.min() >= -1.0 and images_float.max() <= 1.0
+  assert _max_abs_diff(ddim.to_uint8(images_float).numpy(), reference) <= 1
+
+
+def test_serving_default_is_deterministic_per_seed(unet, loaded):
+  serve = loaded.signatures["serving_default"]
+  first = serve(seed=tf.constant(3, tf.int64), num_images=tf.constant(2))["images"].numpy()
+  again = serve(seed=tf.constant(3, tf.int64), num_images=tf.constant(2))["images"].numpy()
+  other = serve(seed=tf.constant(4, tf.int64), num_images=tf.constant(2))["images"].numpy()
+  np.testing.assert_array_equal(first, again)
+  assert np.any(first != other)
+  # x_T is stateless_normal(seed=(seed, 0)), written out here independently of the module.
+  x_T = tf.random.stateless_normal([2, *IMAGE_SHAPE], seed=tf.constant([3, 0], tf.int64)).numpy()
+  assert _max_abs_diff(first, _reference(unet, x_T)) <= 1
+
+
+def test_eta_noise_comes_from_the_seed(unet):
+  sampler = _sampler(unet, eta=0.5)
+  seed = tf.constant(7, tf.int64)
+  first = sampler.serving_default(seed, tf.constant(2))["images"].numpy()
+  np.testing.assert_array_equal(first, sampler.serving_default(seed, tf.constant(2))["images"])
+  x_T = tf.random.stateless_normal([2, *IMAGE_SHAPE], seed=tf.constant([7, 0], tf.int64)).numpy()
+  expected = _reference(unet, x_T, seed=tf.constant([7, 1], tf.int64), eta=0.5)
+  assert _max_abs_diff(first, expected) <= 1
+  assert _max_abs_diff(first, _reference(unet, x_T)) > 1  # η really adds noise.
+
+
+@pytest.mark.parametrize("num_images", [0, -1, MAX_IMAGES + 1])
+def test_num_images_out_of_range_is_rejected_in_the_graph(loaded, num_images):
+  with pytest.raises(tf.errors.InvalidArgumentError, match=rf"num_images must be in \[1, {MAX_IMAGES}\]"):
+    loaded.signatures["serving_default"](seed=tf.constant(0, tf.int64),
+                                         num_images=tf.constant(num_images))
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 1), (2, 8, 8, 3), (2, 4, 8, 1), (1, 2, 8, 8, 1),
+                                   (0, 8, 8, 1), (MAX_IMAGES + 1, 8, 8, 1)])
+def test_bad_noise_is_rejected_in_the_graph(loaded, shape):
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"noise must be float32 \[N, 8, 8, 1\]"):
+    loaded.signatures["from_noise"](noise=tf.zeros(shape))
+
+
+def test_noise_dtype_is_enforced_by_the_signature(loaded):
+  with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+    loaded.signatures["from_noise"](noise=tf.zeros([1, *IMAGE_SHAPE], tf.float64))
+
+
+def _run_tflite(path, noise):
+  interpreter = Interpreter(model_path=path, num_threads=1)
+  index = interpreter.get_input_details()[0]["index"]
+  interpreter.resize_tensor_input(index, noise.shape)
+  interpreter.allocate_tensors()
+  interpreter.set_tensor(index, noise)
+  interpreter.invoke()
+  return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
+def test_tflite_float32_equals_the_in_process_sampler_at_any_batch(unet, exported):
+  path = exported["tflite"][False]
+  assert os.path.basename(path) == f"mmd_ddm_k{NUM_STEPS}.tflite"
+  for batch in (1, 3):
+    noise = _noise(batch, seed=batch)
+    images = _run_tflite(path, noise)
+    assert images.dtype == np.uint8 and images.shape == (batch, *IMAGE_SHAPE)
+    assert _max_abs_diff(images, _reference(unet, noise)) <= 1
+
+
+def test_tflite_uses_builtin_ops_only(exported):
+  for path in exported["tflite"].values():
+    ops = {op["op_name"] for op in Interpreter(model_path=path)._get_ops_details()}  # pylint: disable=protected-access
+    assert not any(op.startswith("Flex") for op in ops), ops
+    assert {"CONV_2D", "BATCH_MATMUL", "RESIZE_NEAREST_NEIGHBOR"} <= ops
+
+
+def test_tflite_float16_weights_stay_close(unet, exported):
+  path = exported["tflite"][True]
+  assert os.path.getsize(path) < 0.7 * os.path.getsize(exported["tflite"][False])
+  noise = _noise(2, seed=5)
+  diff = np.abs(_run_tflite(path, noise).astype(np.int32) - _reference(unet, noise))
+  # float16 weights carry ~3 significant digits; a few grey levels of drift is that, not a bug.
+  assert diff.mean() < 2.0 and diff.max() <= 16
+
+
+def test_existing_version_is_not_overwritten(unet, exported, tmp_path):
+  with pytest.raises(UserError, match="--model_version.*--overwrite"):
+    writers.write_saved_model(_sampler(unet), export_dir=str(exported["root"]),
+                              model_name="mmd_ddm", version=1)
+  target = tmp_path / "m" / "1"
+  target.mkdir(parents=True)
+  (target / "old_file").write_text("old")
+  sampler = sampler_module.Sampler.from_schedule(unet, schedule=SCHEDULE, num_steps=1)
+  writers.write_saved_model(sampler, export_dir=str(tmp_path), model_name="m", version=1,
+                            overwrite=True)
+  assert sorted(os.listdir(target.parent)) == ["1"] and not (target / "old_file").exists()
+  assert int(tf.saved_model.load(str(target)).num_steps) == 1
+
+
+def test_load_example_runs_in_a_process_without_project_code(exported, tmp_path):
+  script = tmp_path / "load_example.py"
+  shutil.copy(pathlib.Path(sampler_module.__file__).with_name("load_example.py"), script)
+  check = ("import runpy, sys; sys.argv = ['load_example.py', '--model_dir', sys.argv[1], "
+           "'--seed', '3', '--num_images', '3', '--out', 'grid.png']; "
+           "runpy.run_path('load_example.py', run_name='__main__'); "
+           "assert not {'mmd_keras', 'export', 'conftest'} & set(sys.modules), 'project code'")
+  result = subprocess.run([sys.executable, "-c", check, exported["saved"]], cwd=tmp_path,
+                          env=CLEAN_ENV, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  grid = tf.io.decode_png(tf.io.read_file(str(tmp_path / "grid.png"))).numpy()
+  assert grid.shape == (2 * 8, 2 * 8, 1)  # 3 images on a 2×2 grid.
+
+
+def _saved_model_cli(*args):
+  cli = shutil.which("saved_model_cli")
+  command = [cli] if cli else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+  result = subprocess.run(command + list(args), env=CLEAN_ENV, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return result.stdout
+
+
+def test_saved_model_cli_show_matches_the_documented_contract(exported):
+  text = _saved_model_cli("show", "--dir", exported["saved"], "--all")
+  blocks = {block.split("'")[0]: block for block in text.split("signature_def['")[1:]}
+  assert {"serving_default", "from_noise"} <= set(blocks)
+  serve = blocks["serving_default"]
+  for name, dtype in (("seed", "DT_INT64"), ("num_images", "DT_INT32")):
+    assert f"inputs['{name}'] tensor_info:\n        dtype: {dtype}\n        shape: ()" in serve
+  assert "outputs['images'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, 8, 8, 1)" in serve
+  from_noise = blocks["from_noise"]
+  assert "inputs['noise'] tensor_info:\n        dtype: DT_FLOAT\n        shape: unknown_rank" in from_noise
+  assert "outputs['images'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, 8, 8, 1)" in from_noise
+  assert "outputs['images_float'] tensor_info:\n        dtype: DT_FLOAT" in from_noise
+  # The README's REST body {"inputs": {"seed": 3, "num_images": 4}} names exactly these inputs.
+  assert serve.count("inputs['") == 2
+
+
+def test_saved_model_cli_run(exported, tmp_path):
+  # TF 2.21's saved_model_cli accepts only Python literals (not np.int64(3)); it casts to the
+  # signature dtypes.
+  text = _saved_model_cli("run", "--dir", exported["saved"], "--tag_set", "serve",
+                          "--signature_def", "serving_default", "--input_exprs",
+                          "seed=3;num_images=2", "--outdir", str(tmp_path))
+  assert "images" in text
+  images = np.load(tmp_path / "images.npy")
+  assert images.dtype == np.uint8 and images.shape == (2, *IMAGE_SHAPE)
+
+
+@pytest.mark.slow
+def test_main_export_writes_the_serving_layout(unet, repo_root, tmp_path):
+  from mmd_keras import checkpoints  # pylint: disable=g-import-not-at-top
+  weights = str(tmp_path / "unet.weights.h5")
+  checkpoints.save_weights_h5(unet, weights)
+  command = [sys.executable, "main.py", "--mode=export", f"--init_checkpoint={weights}",
+             "--image_size=8", "--ch=32", "--ch_mult=1,2", "--num_res_blocks=1",
+             "--attn_resolutions=4", "--num_steps=1", f"--export_dir={tmp_path / 'out'}",
+             f"--workdir={tmp_path / 'run'}"]
+  run = lambda *extra: subprocess.run(command + list(extra), cwd=repo_root, capture_output=True,
+                                      text=True, timeout=600)
+  first = run()
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert os.path.isdir(tmp_path / "out" / "mmd_ddm" / "1" / "variables")
+  assert os.path.isfile(tmp_path / "out" / "mmd_ddm_k1.tflite")
+  second = run()
+  assert second.returncode == 2 and "--overwrite" in second.stderr
