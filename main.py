@@ -16,6 +16,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from export import sampler_module as export_sampler
+from export import writers as export_writers
+
 from mmd_keras import checkpoints
 from mmd_keras import classifier as classifier_lib
 from mmd_keras import data as data_lib
@@ -104,6 +107,14 @@ flags.DEFINE_bool("finetune_dropout", False, "Dropout on in the UNet while finet
 flags.DEFINE_enum("kernel", "polynomial", mmd.KERNELS,
                   "MMD kernel: polynomial (γxᵀy + 1)³, γ = 1/dim (KID's), or rbf.")
 flags.DEFINE_list("rbf_bandwidths", ["1.0"], "Bandwidths σ of --kernel=rbf (summed).")
+
+# Export
+flags.DEFINE_string("export_dir", "exports", "Where --mode=export writes <model_name>/<version>/.")
+flags.DEFINE_string("model_name", "mmd_ddm", "TF Serving model name (a directory under --export_dir).")
+flags.DEFINE_integer("model_version", 1, "TF Serving version number (a directory under the name).")
+flags.DEFINE_integer("max_images", 64, "Largest num_images / noise batch a request may ask for.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing export version.")
+flags.DEFINE_bool("tflite_float16", False, "Also write a TFLite file with float16 weights.")
 
 # Distribution
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"],
@@ -274,6 +285,35 @@ def run_finetune():
   print(f"finetuned weights: {os.path.join(run_dir, 'unet.weights.h5')}")
 
 
+def run_export():
+  _check_num_steps()
+  if FLAGS.model_version < 1:
+    raise UserError(f"--model_version must be >= 1 (TF Serving versions), got {FLAGS.model_version}")
+  if FLAGS.max_images < 1:
+    raise UserError(f"--max_images must be >= 1, got {FLAGS.max_images}")
+  if not FLAGS.model_name or os.sep in FLAGS.model_name:
+    raise UserError(f"--model_name must be a non-empty directory name, got {FLAGS.model_name!r}")
+  target = export_writers.version_dir(export_dir=FLAGS.export_dir, model_name=FLAGS.model_name,
+                               version=FLAGS.model_version)
+  export_writers.check_version_free(target, overwrite=FLAGS.overwrite)  # Before the slow part.
+  sampler = export_sampler.Sampler.from_schedule(
+      _restored_unet(), schedule=_schedule(), num_steps=FLAGS.num_steps,
+      timestep_kind=FLAGS.timesteps, eta=FLAGS.eta, clip_x0=FLAGS.clip_x0,
+      max_images=FLAGS.max_images)
+  path = export_writers.write_saved_model(sampler, export_dir=FLAGS.export_dir,
+                                   model_name=FLAGS.model_name, version=FLAGS.model_version,
+                                   overwrite=FLAGS.overwrite)
+  print(f"wrote SavedModel {path}")
+  if FLAGS.eta:
+    print("skipped TFLite: it is the deterministic noise -> images sampler (needs --eta=0)")
+    return
+  for float16 in (False, True) if FLAGS.tflite_float16 else (False,):
+    tflite = export_writers.write_tflite(sampler, export_writers.tflite_path(
+        export_dir=FLAGS.export_dir, model_name=FLAGS.model_name, num_steps=FLAGS.num_steps,
+        float16=float16))
+    print(f"wrote TFLite {tflite}")
+
+
 def _not_yet(mode):
   def run():
     raise UserError(f"--mode={mode} is not available in this version")
@@ -283,7 +323,7 @@ def _not_yet(mode):
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}; every option is a --flag")
-  runners = dict(pretrain=run_pretrain, sample=run_sample, train_classifier=run_train_classifier,
+  runners = dict(export=run_export, pretrain=run_pretrain, sample=run_sample, train_classifier=run_train_classifier,
                  finetune=run_finetune)
   runners.get(FLAGS.mode, _not_yet(FLAGS.mode))()
 
