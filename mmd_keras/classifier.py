@@ -50,6 +50,7 @@ def _classifier_heldout(inputs):
 _BODIES = dict(classifier=_classifier, classifier_heldout=_classifier_heldout)
 # Added to --seed, so the two classifiers never share an initialisation or a data order.
 _SEED_OFFSETS = dict(classifier=0, classifier_heldout=1)
+NUM_CLASSES = 10
 
 
 def _check_arch(arch):
