@@ -2,8 +2,8 @@
 layers are the offline feature spaces (`features.py`).
 
 `classifier` is the space MMD finetuning optimises; `classifier_heldout` is an independent second
-opinion for evaluation only: a different architecture (no BatchNorm, 5×5 first kernel, average
-pooling, GELU, another width and feature dimension) and a different seed, so a generator cannot have
+opinion for evaluation only: a different architecture (5×5 first kernel, average pooling, GELU,
+other widths and feature dimension) and a different seed, so a generator cannot have
 learned its particular blind spots.
 """
 
@@ -35,16 +35,19 @@ def _classifier(inputs):
 
 
 def _classifier_heldout(inputs):
-  """No BatchNorm: 5×5 conv and 3×3 convs with GELU, average pooling, a 96-d feature layer."""
-  h = keras.layers.Conv2D(24, 5, padding="same", activation="gelu", name="conv0")(inputs)
-  h = keras.layers.AveragePooling2D(2, padding="same", name="pool0")(h)
-  h = keras.layers.Conv2D(48, 3, padding="same", activation="gelu", name="conv1")(h)
-  h = keras.layers.AveragePooling2D(2, padding="same", name="pool1")(h)
-  h = keras.layers.Conv2D(64, 3, padding="same", activation="gelu", name="conv2")(h)
-  h = keras.layers.AveragePooling2D(2, padding="same", name="pool2")(h)
+  """5×5 then 3×3 convs (BN, GELU), average pooling, a 96-d feature layer.
+
+  Without BatchNorm this net stopped at 89.5 % test accuracy in 5 epochs; BN gets it past 90 %.
+  """
+  h = inputs
+  for i, (width, kernel) in enumerate(((24, 5), (48, 3), (64, 3))):
+    h = keras.layers.Conv2D(width, kernel, padding="same", use_bias=False, name=f"conv{i}")(h)
+    h = keras.layers.BatchNormalization(name=f"bn{i}")(h)
+    h = keras.layers.Activation("gelu", name=f"gelu{i}")(h)
+    h = keras.layers.AveragePooling2D(2, padding="same", name=f"pool{i}")(h)
   h = keras.layers.Flatten(name="flatten")(h)
   h = keras.layers.Dense(96, activation="gelu", name=FEATURE_LAYER)(h)
-  return keras.layers.Dropout(0.4, name="dropout")(h)
+  return keras.layers.Dropout(0.3, name="dropout")(h)
 
 
 _BODIES = dict(classifier=_classifier, classifier_heldout=_classifier_heldout)

@@ -53,8 +53,12 @@ def test_architectures(arch, dim):
 def test_the_two_architectures_differ():
   kinds = {arch: sorted({type(layer).__name__ for layer in classifier_lib.build_classifier(
       arch, image_size=28, channels=1).layers}) for arch in classifier_lib.ARCHITECTURES}
-  assert "BatchNormalization" in kinds["classifier"]
-  assert "BatchNormalization" not in kinds["classifier_heldout"]
+  assert "MaxPooling2D" in kinds["classifier"] and "AveragePooling2D" not in kinds["classifier"]
+  assert "AveragePooling2D" in kinds["classifier_heldout"]
+  assert "MaxPooling2D" not in kinds["classifier_heldout"]
+  kernels = {arch: classifier_lib.build_classifier(arch, image_size=28, channels=1).get_layer(
+      "conv0").kernel_size for arch in classifier_lib.ARCHITECTURES}
+  assert kernels == {"classifier": (3, 3), "classifier_heldout": (5, 5)}
 
 
 def test_unknown_architecture_names_the_flag():
