@@ -24,6 +24,7 @@ from mmd_keras import classifier as classifier_lib
 from mmd_keras import data as data_lib
 from mmd_keras import ddim
 from mmd_keras import distribute
+from mmd_keras import evaluate as evaluate_lib
 from mmd_keras import features as features_lib
 from mmd_keras import finetune as finetune_lib
 from mmd_keras import grid
@@ -116,6 +117,21 @@ flags.DEFINE_integer("max_images", 64, "Largest num_images / noise batch a reque
 flags.DEFINE_bool("overwrite", False, "Replace an existing export version.")
 flags.DEFINE_bool("tflite_float16", False, "Also write a TFLite file with float16 weights.")
 
+# Evaluation
+flags.DEFINE_list("eval_steps", ["5", "10", "20", "50", "100"],
+                  "Step budgets K at which --mode=evaluate samples the base model with DDIM.")
+flags.DEFINE_integer("num_eval_images", 5000,
+                     "Samples per (model, K); the reference is as many real images.")
+flags.DEFINE_list("finetuned_checkpoints", [],
+                  "MMD-DDM models as K:path entries (default: <workdir>/finetune_k<K>/"
+                  "unet.weights.h5 for every K of --eval_steps that has one).")
+flags.DEFINE_list("eval_feature_nets", ["classifier", "classifier_heldout"],
+                  "Feature spaces of the report; --feature_net is the trained one, the others are "
+                  "held out.")
+flags.DEFINE_string("eval_split", "test", "Split of the real reference images.")
+flags.DEFINE_integer("quickstart_eval_images", 1000,
+                     "Samples per (model, K) in --mode=quickstart (kept small for a CPU).")
+
 # Distribution
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"],
                   "tf.distribute strategy (multi_worker reads TF_CONFIG).")
@@ -182,10 +198,12 @@ def _init_checkpoint():
   return found
 
 
-def _restored_unet():
+def _restored_unet(path=None):
+  """The UNet of the flags with the weights of `path` (default: --init_checkpoint's)."""
+  path = path or _init_checkpoint()
   unet = _unet_factory()().build_for_inference()
-  source = checkpoints.restore_unet(unet, _init_checkpoint(), use_ema=FLAGS.use_ema)
-  logging.info("loaded %s (%s)", _init_checkpoint(), source)
+  source = checkpoints.restore_unet(unet, path, use_ema=FLAGS.use_ema)
+  logging.info("loaded %s (%s)", path, source)
   return unet
 
 
@@ -282,10 +300,14 @@ def run_finetune():
       checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every, seed=FLAGS.seed,
       strategy=strategy, init_checkpoint=init_checkpoint, use_ema=FLAGS.use_ema,
       recompute=FLAGS.recompute, dropout=FLAGS.finetune_dropout)
-  print(f"finetuned weights: {os.path.join(run_dir, 'unet.weights.h5')}")
+  weights = os.path.join(run_dir, "unet.weights.h5")
+  print(f"finetuned weights: {weights}")
+  return weights
 
 
-def run_export():
+def run_export(init_checkpoint=None, next_free_version=False):
+  """Writes the K-step sampler; `next_free_version` picks the first unused version instead of
+  refusing (the quickstart re-exports on every run without touching earlier versions)."""
   _check_num_steps()
   if FLAGS.model_version < 1:
     raise UserError(f"--model_version must be >= 1 (TF Serving versions), got {FLAGS.model_version}")
@@ -293,39 +315,146 @@ def run_export():
     raise UserError(f"--max_images must be >= 1, got {FLAGS.max_images}")
   if not FLAGS.model_name or os.sep in FLAGS.model_name:
     raise UserError(f"--model_name must be a non-empty directory name, got {FLAGS.model_name!r}")
+  version = FLAGS.model_version
+  while next_free_version and os.path.exists(export_writers.version_dir(
+      export_dir=FLAGS.export_dir, model_name=FLAGS.model_name, version=version)):
+    version += 1
   target = export_writers.version_dir(export_dir=FLAGS.export_dir, model_name=FLAGS.model_name,
-                               version=FLAGS.model_version)
+                                      version=version)
   export_writers.check_version_free(target, overwrite=FLAGS.overwrite)  # Before the slow part.
+  tflite_paths = {} if FLAGS.eta else {
+      export_writers.tflite_path(export_dir=FLAGS.export_dir, model_name=FLAGS.model_name,
+                                 num_steps=FLAGS.num_steps, float16=float16): float16
+      for float16 in ((False, True) if FLAGS.tflite_float16 else (False,))}
+  existing = [p for p in tflite_paths if os.path.exists(p)]
+  if existing and not FLAGS.overwrite and not next_free_version:
+    raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it")
   sampler = export_sampler.Sampler.from_schedule(
-      _restored_unet(), schedule=_schedule(), num_steps=FLAGS.num_steps,
+      _restored_unet(init_checkpoint), schedule=_schedule(), num_steps=FLAGS.num_steps,
       timestep_kind=FLAGS.timesteps, eta=FLAGS.eta, clip_x0=FLAGS.clip_x0,
       max_images=FLAGS.max_images)
   path = export_writers.write_saved_model(sampler, export_dir=FLAGS.export_dir,
-                                   model_name=FLAGS.model_name, version=FLAGS.model_version,
+                                   model_name=FLAGS.model_name, version=version,
                                    overwrite=FLAGS.overwrite)
   print(f"wrote SavedModel {path}")
   if FLAGS.eta:
     print("skipped TFLite: it is the deterministic noise -> images sampler (needs --eta=0)")
     return
-  for float16 in (False, True) if FLAGS.tflite_float16 else (False,):
-    tflite = export_writers.write_tflite(sampler, export_writers.tflite_path(
-        export_dir=FLAGS.export_dir, model_name=FLAGS.model_name, num_steps=FLAGS.num_steps,
-        float16=float16))
-    print(f"wrote TFLite {tflite}")
+  for path, float16 in tflite_paths.items():
+    if path in existing and not FLAGS.overwrite:
+      print(f"kept the existing {path} (pass --overwrite to replace it)")
+      continue
+    print(f"wrote TFLite {export_writers.write_tflite(sampler, path, float16=float16)}")
 
 
-def _not_yet(mode):
-  def run():
-    raise UserError(f"--mode={mode} is not available in this version")
-  return run
+def _finetuned_checkpoints(steps):
+  """{K: path} from --finetuned_checkpoints, else the workdir's finetune_k<K>/unet.weights.h5."""
+  found = {}
+  for entry in FLAGS.finetuned_checkpoints:
+    k, sep, path = entry.partition(":")
+    if not sep or not k.strip().isdigit() or not path:
+      raise UserError(f"--finetuned_checkpoints entries must look like 5:/path/to/unet.weights.h5, "
+                      f"got {entry!r}")
+    found[int(k)] = path
+  if FLAGS.finetuned_checkpoints:
+    return found
+  for k in steps:
+    path = os.path.join(FLAGS.workdir, f"finetune_k{k}", "unet.weights.h5")
+    if os.path.exists(path):
+      found[k] = path
+  return found
+
+
+def _feature_spaces():
+  image_size, channels = _image_shape()
+  names = list(dict.fromkeys([FLAGS.feature_net] + list(FLAGS.eval_feature_nets)))
+  unknown = [n for n in names if n not in features_lib.FEATURE_NETS]
+  if unknown:
+    raise UserError(f"--eval_feature_nets must name {'|'.join(features_lib.FEATURE_NETS)}, "
+                    f"got {unknown[0]!r}")
+  spaces = []
+  for name in names:
+    path = (_classifier_path() if name == FLAGS.feature_net
+            else features_lib.default_classifier_path(FLAGS.dataset, name))
+    network = features_lib.make_feature_network(
+        name, image_size=image_size, channels=channels, inception_weights=FLAGS.inception_weights,
+        inception_resolution=FLAGS.inception_resolution, classifier_path=path)
+    spaces.append(evaluate_lib.FeatureSpace(name, network, trained=name == FLAGS.feature_net))
+  return spaces
+
+
+def _real_images(count):
+  image_size, _ = _image_shape()
+  dataset = data_lib.make_dataset(dataset=FLAGS.dataset, split=FLAGS.eval_split,
+                                  global_batch_size=min(count, 1000), image_size=image_size,
+                                  data_dir=FLAGS.data_dir, shuffle=False, repeat=False,
+                                  drop_remainder=False)
+  images = np.concatenate([batch.numpy() for batch in dataset.take(-(-count // 1000))])[:count]
+  if len(images) < count:
+    raise UserError(f"--num_eval_images={count} exceeds the {len(images)} images of split "
+                    f"--eval_split={FLAGS.eval_split}")
+  return images
+
+
+def _evaluate(*, ddim_steps, finetuned, num_images, out_dir):
+  """Runs the sweep: the base model with DDIM at every K, each MMD-DDM model at its own K."""
+  factory = _unet_factory()
+  base = _restored_unet()
+  models = [evaluate_lib.ModelSpec("DDIM", base, tuple(ddim_steps))]
+  for k, path in sorted(finetuned.items()):
+    unet = factory().build_for_inference()
+    checkpoints.restore_unet(unet, path, use_ema=False)
+    models.append(evaluate_lib.ModelSpec("MMD-DDM", unet, (k,)))
+  for model in models:
+    for k in model.steps:
+      schedule_lib.timestep_subsequence(num_timesteps=FLAGS.num_timesteps, num_steps=k,
+                                        kind=FLAGS.timesteps)
+  spaces = _feature_spaces()
+  report = evaluate_lib.run(
+      models=models, feature_spaces=spaces, real_images=_real_images(num_images),
+      schedule=_schedule(), num_images=num_images, seed=FLAGS.seed, out_dir=out_dir,
+      timestep_kind=FLAGS.timesteps, eta=FLAGS.eta, clip_x0=FLAGS.clip_x0,
+      batch_size=FLAGS.sample_batch_size,
+      cache_prefix=os.path.join(FLAGS.workdir, "reference",
+                                f"{FLAGS.dataset.replace(':', '_').replace('/', '_')}_"
+                                f"{FLAGS.eval_split}"))
+  print(evaluate_lib.markdown_table(report), end="")
+  print(f"report: {os.path.join(out_dir, 'report.md')}")
+  return report
+
+
+def run_evaluate():
+  steps = evaluate_lib.parse_steps(FLAGS.eval_steps)
+  finetuned = _finetuned_checkpoints(steps)
+  out_dir = _mode_dir("evaluate")
+  _write_flags(out_dir)
+  _evaluate(ddim_steps=steps, finetuned=finetuned, num_images=FLAGS.num_eval_images,
+            out_dir=out_dir)
+
+
+def run_quickstart():
+  """Finetune K steps from --init_checkpoint, compare DDIM-K / MMD-DDM-K / DDIM-100, export."""
+  k = FLAGS.num_steps
+  reference_k = min(100, FLAGS.num_timesteps)
+  print(f"[1/3] MMD finetuning at K={k} ({FLAGS.finetune_steps} steps)")
+  finetuned = run_finetune()
+  print(f"[2/3] evaluating DDIM K={k}, MMD-DDM K={k} and DDIM K={reference_k} "
+        f"on {FLAGS.quickstart_eval_images} images")
+  out_dir = _mode_dir("quickstart")
+  _write_flags(out_dir)
+  _evaluate(ddim_steps=sorted({k, reference_k}), finetuned={k: finetuned},
+            num_images=FLAGS.quickstart_eval_images, out_dir=out_dir)
+  print(f"[3/3] exporting the MMD-DDM K={k} sampler")
+  run_export(init_checkpoint=finetuned, next_free_version=True)
 
 
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}; every option is a --flag")
-  runners = dict(export=run_export, pretrain=run_pretrain, sample=run_sample, train_classifier=run_train_classifier,
-                 finetune=run_finetune)
-  runners.get(FLAGS.mode, _not_yet(FLAGS.mode))()
+  runners = dict(pretrain=run_pretrain, train_classifier=run_train_classifier,
+                 finetune=run_finetune, sample=run_sample, evaluate=run_evaluate,
+                 export=run_export, quickstart=run_quickstart)
+  runners[FLAGS.mode]()
 
 
 def _run_main(argv):

@@ -66,8 +66,9 @@ def score(real_features, fake_features, *, real_stats=None, kid_subset_size=1000
   `real_stats` (StreamingStats of real_features) lets many calls share one Σ^{1/2} of the reference.
   """
   real_stats = real_stats or metrics.StreamingStats().update(real_features)
+  # Subsets of at most half the set: subsets of the whole set would all be equal (std 0).
   kid_mean, kid_std = metrics.kid(real_features, fake_features,
-                                  subset_size=min(kid_subset_size, len(fake_features)))
+                                  subset_size=min(kid_subset_size, len(fake_features) // 2))
   result = dict(fid=metrics.fid_between(real_stats, metrics.StreamingStats().update(fake_features)),
                 kid=float(kid_mean), kid_std=float(kid_std))
   result.update({k: float(v) for k, v in metrics.precision_recall(
