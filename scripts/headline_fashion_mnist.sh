@@ -5,7 +5,7 @@
 #  2. K=10 finetune with the chosen learning rate;
 #  3. evaluation at N=5000 in both spaces: DDIM K=5,10,20,50,100 and MMD-DDM K=5, K=10, merged into
 #     WORKDIR/report/{report.md,report.json,fid_vs_steps.png}.
-# Usage: bash scripts/headline_fashion_mnist.sh [WORKDIR]   (default runs/headline; ~1.5 h on 2 free cores)
+# Usage: bash scripts/headline_fashion_mnist.sh [WORKDIR]   (default runs/headline; ~2.5 h on 2 free cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-runs/headline}
