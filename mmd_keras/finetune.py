@@ -37,9 +37,11 @@ def example_noise(shape, *, seed, step):
   first = tf.cast(replica_id, tf.int32) * batch
   base = tf.random.experimental.stateless_fold_in(
       tf.constant([seed, 1], tf.int32), tf.cast(step, tf.int32))
+  # The stateless random ops have no vectorised form; pfor's while_loop fallback is what we want,
+  # without its warning at every trace.
   seeds = tf.vectorized_map(lambda g: tf.random.experimental.stateless_fold_in(base, g),
-                            first + tf.range(batch))
-  return tf.vectorized_map(lambda s: tf.random.stateless_normal(shape[1:], s), seeds)
+                            first + tf.range(batch), warn=False)
+  return tf.vectorized_map(lambda s: tf.random.stateless_normal(shape[1:], s), seeds, warn=False)
 
 
 class MMDFinetuner(keras.Model):
@@ -77,7 +79,11 @@ class MMDFinetuner(keras.Model):
       return self.unet(x, t, training=False)
 
     if self.recompute:
-      # The seed is an explicit input: the replayed forward pass draws the same masks.
+      # The seed is an explicit input: the replayed forward pass draws the same masks. t and the
+      # seed are arguments, not closed over, because recompute_grad makes only its arguments wait
+      # for the incoming gradient; closed-over inputs would let grappler merge the replayed masks
+      # with the forward ones and keep K calls' masks alive. (The tape warns, at most 5 times per
+      # process, that it watches integer arguments.)
       call = tf.recompute_grad(call)
 
     def eps(x, t):
@@ -180,7 +186,8 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
   sampler_unet = unet_factory().build_for_inference()
   noise = tf.random.stateless_normal(
       [num_sample_images, unet.image_size, unet.image_size, unet.channels], seed=[seed, 2])
-  eps_fn = tf.function(lambda x, t: sampler_unet(x, t))
+  # A plain call: nothing for AutoGraph to convert (and it fails to find this lambda's source).
+  eps_fn = tf.function(lambda x, t: sampler_unet(x, t), autograph=False)
 
   def sync_sampler():
     for target, source in zip(sampler_unet.weights, unet.weights):

@@ -129,7 +129,8 @@ def train(*, unet_factory, dataset_fn, schedule, workdir, train_steps, learning_
   timesteps = schedule.timesteps(sample_steps)
   noise = tf.random.stateless_normal(
       [num_sample_images, unet.image_size, unet.image_size, unet.channels], seed=[seed, 1])
-  eps_fn = tf.function(lambda x, t: sampler_unet(x, t))
+  # A plain call: nothing for AutoGraph to convert (and it fails to find this lambda's source).
+  eps_fn = tf.function(lambda x, t: sampler_unet(x, t), autograph=False)
 
   def sample_fn():
     trainer.ema_unet(sampler_unet)

@@ -129,8 +129,9 @@ def fit(*, trainer, dataset_fn, max_steps, progress):
   """Trains from the trainer's step to exactly `max_steps`, on `dataset_fn(start_batch)`, and
   checkpoints the last step."""
   start = step_of(trainer)
+  # The stream is already shuffled, keyed by (seed, position); Keras' shuffle does not apply to it.
   trainer.fit(dataset_fn(start), epochs=1, steps_per_epoch=max_steps - start,
-              callbacks=[progress], verbose=0)
+              callbacks=[progress], verbose=0, shuffle=False)
   final = step_of(trainer)
   if final % progress.every:
     progress.save(final)

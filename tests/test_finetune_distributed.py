@@ -53,7 +53,7 @@ def _compute(out_path):
           strategy.experimental_local_results(g) for g in grads]
 
     losses, grads = gradients(batch)
-    trainer.fit(tf.data.Dataset.from_tensors(x_real), epochs=1, verbose=0)
+    trainer.fit(tf.data.Dataset.from_tensors(x_real), epochs=1, verbose=0, shuffle=False)
     return dict(losses=np.array([l.numpy() for l in losses]),
                 grads=[np.stack([g.numpy() for g in per_replica]) for per_replica in grads],
                 weights=[w.numpy() for w in trainer.unet.weights],
