@@ -121,7 +121,7 @@ def _pick_pool3(outputs, path):
   return outputs
 
 
-def _saved_model_inception(path):
+def _saved_model_inception(path, resolution):
   """The callable of a SavedModel directory mapping [N, R, R, 3] in [-1, 1] to pool3."""
   try:
     loaded = tf.saved_model.load(path)
@@ -142,6 +142,11 @@ def _saved_model_inception(path):
     if not spec.dtype.is_floating:
       raise FeatureError(f"--inception_weights={path}: its signature takes {spec.dtype.name} images; "
                          f"expected float images in [-1, 1] (a uint8 input cannot be differentiated)")
+    size = spec.shape[1:3] if spec.shape.rank == 4 else None
+    if size is not None and size.is_fully_defined() and tuple(size) != (resolution, resolution):
+      # TF-GAN's FID Inception takes 299x299 only.
+      raise FeatureError(f"--inception_weights={path} takes {size[0]}x{size[1]} images; set "
+                         f"--inception_resolution={size[0]} (got {resolution})")
     call = lambda x: signature(**{input_name: x})
   else:
     raise FeatureError(f"--inception_weights={path}: the SavedModel is neither callable nor has a "
@@ -167,11 +172,18 @@ def _check_inception(*, channels, weights, resolution):
 def _inception(*, channels, weights, resolution):
   _check_inception(channels=channels, weights=weights, resolution=resolution)
   if os.path.isdir(weights):
-    model, call = _saved_model_inception(weights)
+    model, call = _saved_model_inception(weights, resolution)
   else:
     model, call = _keras_inception(weights, resolution)
   preprocess = _inception_preprocess(resolution)
-  probe = call(preprocess(tf.zeros([1, resolution, resolution, channels])))
+  try:
+    probe = call(preprocess(tf.zeros([1, resolution, resolution, channels])))
+  except UserError:
+    raise
+  except (TypeError, ValueError, tf.errors.OpError) as e:  # E.g. a callable traced for one size.
+    raise FeatureError(f"--inception_weights={weights} cannot embed {resolution}x{resolution}x3 "
+                       f"images (--inception_resolution): {type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}") from e
   if probe.shape.num_elements() != INCEPTION_DIM:
     raise FeatureError(f"--inception_weights={weights} gives {probe.shape} activations per image; "
                        f"expected pool3 with {INCEPTION_DIM} values")

@@ -203,3 +203,37 @@ def test_default_classifier_path_is_in_the_project():
                                     "classifier_heldout.weights.h5"))
   project = os.path.dirname(os.path.dirname(os.path.dirname(path)))
   assert os.path.isfile(os.path.join(project, "mmd_keras", "features.py"))
+
+
+def test_inception_from_legacy_weights_only_notop_h5(tmp_path):
+  # The keras-applications release file README points to was written by Keras 2's save_weights:
+  # a weights-only HDF5 file of the model without top, matched to our model layer by layer.
+  import h5py
+  from keras.src.legacy.saving import legacy_h5_format
+  keras.utils.set_random_seed(2)
+  notop = keras.applications.InceptionV3(include_top=False, weights=None,
+                                         input_shape=(RESOLUTION, RESOLUTION, 3))
+  path = str(tmp_path / "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5")
+  with h5py.File(path, "w") as f:
+    legacy_h5_format.save_weights_to_hdf5_group(f, notop)
+  network = features.make_feature_network("inception_v3", image_size=RESOLUTION, channels=3,
+                                          inception_weights=path, inception_resolution=RESOLUTION)
+  images = _images(2, RESOLUTION, 3, seed=8)
+  pool3 = tf.reduce_mean(notop(images, training=False), axis=[1, 2])
+  np.testing.assert_allclose(network(images).numpy(), pool3.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_saved_model_of_another_resolution_names_the_flag(tmp_path):
+  module = _FakeInception(as_dict=True)
+  path = str(tmp_path / "fid_inception")
+  tf.saved_model.save(module, path, signatures=dict(serving_default=module.serve))
+  with pytest.raises(UserError, match=f"--inception_resolution={RESOLUTION} .got 80"):
+    features.make_feature_network("inception_v3", image_size=16, channels=1,
+                                  inception_weights=path, inception_resolution=80)
+  # Only its traced function, no signature: the probe's failure is a one-line error too.
+  callable_only = str(tmp_path / "callable_only")
+  module.__call__ = module.serve
+  tf.saved_model.save(module, callable_only, signatures={})
+  with pytest.raises(UserError, match="cannot embed 80x80x3 images .--inception_resolution"):
+    features.make_feature_network("inception_v3", image_size=16, channels=1,
+                                  inception_weights=callable_only, inception_resolution=80)
