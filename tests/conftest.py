@@ -32,3 +32,22 @@ def randomize_weights(model, *, seed=0, scale=0.1):
 @pytest.fixture
 def repo_root():
   return REPO_ROOT
+
+
+def tensorboard_summaries(logdir):
+  """{tag: {step: value}} of the TensorBoard events in `logdir`: a float for a scalar, the decoded
+  image's shape for an image summary."""
+  import tensorflow as tf
+  summaries = {}
+  for path in sorted(pathlib.Path(logdir).glob("events.out.tfevents.*")):
+    for record in tf.data.TFRecordDataset(str(path)):
+      event = tf.compat.v1.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        tensor = tf.make_ndarray(value.tensor)
+        if value.metadata.plugin_data.plugin_name == "images":
+          # [width, height, png, ...]: decode the first image.
+          entry = tuple(tf.io.decode_png(tensor[2]).shape)
+        else:
+          entry = float(tensor)
+        summaries.setdefault(value.tag, {})[event.step] = entry
+  return summaries

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import randomize_weights
+from conftest import tensorboard_summaries
 from conftest import tiny_unet
 from mmd_keras import checkpoints
 from mmd_keras import distribute
@@ -42,7 +43,8 @@ def make_finetuner(unet, *, num_steps=2, recompute=True, dropout=False, seed=0, 
       unet, feature_net=RandomConvFeatures(), schedule=SCHEDULE, num_steps=num_steps,
       kernel=mmd.make_kernel("polynomial"), recompute=recompute, dropout=dropout, seed=seed,
       grad_clip=grad_clip)
-  trainer.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate=lr))
+  # As the driver: no XLA, whatever the device.
+  trainer.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate=lr), jit_compile=False)
   return trainer
 
 
@@ -64,7 +66,9 @@ def relative_error(a, b):
 
 
 def test_every_trainable_weight_gets_a_gradient_through_the_unroll():
-  unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE), seed=1, scale=0.05)
+  # Attention at 4x4 too, so the down/up-level attention blocks are in the unroll.
+  unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE, attn_resolutions=(4,)), seed=1,
+                           scale=0.05)
   loss, grads = gradients(make_finetuner(unet, num_steps=3), real_images(6, seed=0))
   assert np.isfinite(loss)
   assert len(grads) == len(unet.trainable_weights) > 20
@@ -94,7 +98,8 @@ def test_gradient_matches_finite_differences_of_the_whole_unroll():
 
 @pytest.mark.parametrize("dropout", [False, True])
 def test_recompute_gives_the_same_gradients(dropout):
-  unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE, dropout=0.3), seed=2, scale=0.05)
+  unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE, dropout=0.3, attn_resolutions=(4,)),
+                           seed=2, scale=0.05)
   x_real = real_images(6, seed=0)
   loss_plain, plain = gradients(make_finetuner(unet, num_steps=3, recompute=False,
                                                dropout=dropout), x_real)
@@ -174,7 +179,12 @@ def test_driver_checkpoints_resumes_and_never_overwrites(tmp_path):
   run = tmp_path / "straight"
   assert os.path.exists(run / "unet.weights.h5")
   assert sorted(os.listdir(run / "samples")) == ["step_0000002.png", "step_0000003.png"]
-  assert any(name.startswith("events") for name in os.listdir(run / "tensorboard"))
+  summaries = tensorboard_summaries(run / "tensorboard")
+  assert set(summaries["mmd2"]) == set(summaries["grad_norm"]) == {1, 2, 3}
+  assert all(np.isfinite(v) and v > 0 for v in summaries["grad_norm"].values())
+  # The K-step sample grid of 4 images of 8x8, at every checkpoint.
+  assert set(summaries["samples"]) == {2, 3}
+  assert all(shape[0] >= 16 and shape[1] >= 16 for shape in summaries["samples"].values())
 
   # Stopping at step 2 and resuming to 3 (a fixed real batch) reproduces the straight run.
   _driver(tmp_path / "resumed", init, steps=2, real=real)
