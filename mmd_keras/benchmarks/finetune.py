@@ -1,6 +1,6 @@
 """Peak memory and step time of the unrolled K-step MMD finetuning step, with and without recompute.
 
-  python -m mmd_keras.benchmarks finetune [--ks=2,5,10,20] [--batch_size=64] [--steps=2]
+  python -m mmd_keras.benchmarks finetune [--ks=2,5,10,20] [--batch_size=64] [--steps=2] [--dropout=0]
 
 Each (K, recompute) variant runs in a fresh interpreter, so no variant inherits another's heap. After
 building the model and one warm-up step (tracing), the child resets the peak counter of TF's CPU
@@ -11,7 +11,8 @@ this is what the step really holds. The resident set's high-water mark (VmHWM af
 `clear_refs`, glibc's mmap threshold pinned at 64 KiB) is printed beside it only for comparison: it
 stays far below the allocator's figure, so the targets are read from the allocator. The UNet is the fashion_mnist config's (28×28, ch 32, ch_mult 1,2,2, 2 res blocks,
 attention at 7) at the config's finetune batch; the feature network is a fixed random conv feature
-map, so the unroll is what is measured.
+map, so the unroll is what is measured. `--dropout=1` finetunes with the UNet's dropout (0.1) on: the
+masks are then drawn in every forward and replayed by recompute, which must not keep K calls' masks.
 """
 
 import json
@@ -32,7 +33,7 @@ def _status_kib(field):
   raise KeyError(field)
 
 
-def _child(num_steps, recompute, batch_size, steps):
+def _child(num_steps, recompute, batch_size, steps, dropout):
   import keras
   import numpy as np
   import tensorflow as tf
@@ -52,7 +53,7 @@ def _child(num_steps, recompute, batch_size, steps):
   trainer = finetune.MMDFinetuner(
       unet, feature_net=features, schedule=schedule_lib.NoiseSchedule.linear(),
       num_steps=num_steps, kernel=mmd.make_kernel("polynomial"), grad_clip=0.5,
-      recompute=recompute)
+      recompute=recompute, dropout=dropout)
   trainer.compile(optimizer=keras.optimizers.Adam(5e-6))
   trainer.optimizer.build(unet.trainable_weights)
   step = tf.function(trainer.train_step)
@@ -70,40 +71,44 @@ def _child(num_steps, recompute, batch_size, steps):
   seconds = (time.perf_counter() - start) / steps
   peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
   rss_peak = _status_kib("VmHWM")
-  print(json.dumps(dict(k=num_steps, recompute=recompute, peak_mib=(peak - baseline) / 2**20,
+  print(json.dumps(dict(k=num_steps, recompute=recompute, dropout=dropout, peak_mib=(peak - baseline) / 2**20,
                         rss_peak_mib=(rss_peak - rss_baseline) / 1024, step_s=seconds)))
 
 
 def _parse(argv):
-  options = dict(ks="2,5,10,20", batch_size="64", steps="2")
+  options = dict(ks="2,5,10,20", batch_size="64", steps="2", dropout="0")
   for arg in argv:
     name, _, value = arg.lstrip("-").partition("=")
     if name not in options:
       sys.exit(f"unknown option {arg}; options: {', '.join('--' + o for o in options)}")
     options[name] = value
-  return [int(k) for k in options["ks"].split(",")], int(options["batch_size"]), int(options["steps"])
+  if options["dropout"] not in ("0", "1"):
+    sys.exit(f"--dropout must be 0 or 1, got {options['dropout']}")
+  return ([int(k) for k in options["ks"].split(",")], int(options["batch_size"]),
+          int(options["steps"]), options["dropout"] == "1")
 
 
 def main():
   if len(sys.argv) > 1 and sys.argv[1] == "--child":
-    k, recompute, batch_size, steps = sys.argv[2:6]
-    _child(int(k), recompute == "1", int(batch_size), int(steps))
+    k, recompute, batch_size, steps, dropout = sys.argv[2:7]
+    _child(int(k), recompute == "1", int(batch_size), int(steps), dropout == "1")
     return
-  ks, batch_size, steps = _parse(sys.argv[1:])
+  ks, batch_size, steps, dropout = _parse(sys.argv[1:])
   env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TF_CPP_MIN_LOG_LEVEL="2")
   rows = []
   for recompute in (True, False):
     for k in ks:
       out = subprocess.run(
           [sys.executable, "-m", "mmd_keras.benchmarks.finetune", "--child", str(k),
-           str(int(recompute)), str(batch_size), str(steps)],
+           str(int(recompute)), str(batch_size), str(steps), str(int(dropout))],
           env=env, capture_output=True, text=True, check=True)
       rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
       print(f"  K={k} recompute={recompute}: {rows[-1]['peak_mib']:.0f} MiB, "
             f"{rows[-1]['step_s']:.2f} s/step", file=sys.stderr)
   by = {(r["k"], r["recompute"]): r for r in rows}
-  print(f"MMD finetune step, fashion_mnist UNet, batch {batch_size}: transient peak of TF's CPU "
-        f"allocator (MiB), mean step time (s), and the resident set's high-water mark (MiB)")
+  print(f"MMD finetune step, fashion_mnist UNet, batch {batch_size}, dropout "
+        f"{'on' if dropout else 'off'}: transient peak of TF's CPU allocator (MiB), mean step time "
+        f"(s), and the resident set's high-water mark (MiB)")
   print(f"{'K':>4} | {'recompute MiB':>13} | {'plain MiB':>9} | {'plain/recompute':>15} | "
         f"{'recompute s':>11} | {'plain s':>7} | {'RSS recompute':>13} | {'RSS plain':>9}")
   for k in ks:
@@ -111,7 +116,7 @@ def main():
     print(f"{k:>4} | {r['peak_mib']:>13.0f} | {p['peak_mib']:>9.0f} | "
           f"{p['peak_mib'] / r['peak_mib']:>15.2f} | {r['step_s']:>11.2f} | {p['step_s']:>7.2f} | "
           f"{r['rss_peak_mib']:>13.0f} | {p['rss_peak_mib']:>9.0f}")
-  summary = dict(batch_size=batch_size, rows=rows)
+  summary = dict(batch_size=batch_size, dropout=dropout, rows=rows)
   if 5 in ks and 20 in ks:
     summary["recompute_peak_k20_over_k5"] = by[(20, True)]["peak_mib"] / by[(5, True)]["peak_mib"]
     summary["plain_over_recompute_k20"] = by[(20, False)]["peak_mib"] / by[(20, True)]["peak_mib"]
