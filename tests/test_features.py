@@ -237,3 +237,10 @@ def test_saved_model_of_another_resolution_names_the_flag(tmp_path):
   with pytest.raises(UserError, match="cannot embed 80x80x3 images .--inception_resolution"):
     features.make_feature_network("inception_v3", image_size=16, channels=1,
                                   inception_weights=callable_only, inception_resolution=80)
+
+
+def test_keras_weights_of_another_network_are_refused(classifier_weights):
+  path, _ = classifier_weights  # A valid .weights.h5, of the classifier's layers and shapes.
+  with pytest.raises(UserError, match="--inception_weights=.*cannot be loaded into Keras InceptionV3"):
+    features.make_feature_network("inception_v3", image_size=12, channels=1,
+                                  inception_weights=path, inception_resolution=RESOLUTION)
