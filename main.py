@@ -492,7 +492,12 @@ def _feature_spaces(num_images, flag):
         name, image_size=image_size, channels=channels, inception_weights=FLAGS.inception_weights,
         inception_resolution=FLAGS.inception_resolution, classifier_path=_space_path(name))
     metrics.check_enough_samples(num_images, network.dim, flag=flag)
-    spaces.append(evaluate_lib.FeatureSpace(name, network, trained=name == FLAGS.feature_net))
+    # What the weights do not show: the input size, and Inception's resize.
+    settings = repr(dict(image_size=image_size, channels=channels,
+                         inception_resolution=FLAGS.inception_resolution
+                         if name == "inception_v3" else None))
+    spaces.append(evaluate_lib.FeatureSpace(name, network, trained=name == FLAGS.feature_net,
+                                            settings=settings))
   return spaces
 
 
@@ -502,38 +507,39 @@ def _check_eval_split():
                     f"--dataset=fashion_mnist, got {FLAGS.eval_split!r}")
 
 
-def _real_images(count):
+def _real_set():
+  """(a name of the reference images for the report and cache files, a function returning their
+  batches); the data is opened now, so a missing file fails before any sampling."""
   image_size, _ = _image_shape()
   dataset = data_lib.make_dataset(dataset=FLAGS.dataset, split=FLAGS.eval_split,
-                                  global_batch_size=min(count, 1000), image_size=image_size,
-                                  data_dir=FLAGS.data_dir, shuffle=False, repeat=False,
-                                  drop_remainder=False)
-  images = np.concatenate([batch.numpy() for batch in dataset.take(-(-count // 1000))])[:count]
-  if len(images) < count:
-    raise UserError(f"--num_eval_images={count} exceeds the {len(images)} images of split "
-                    f"--eval_split={FLAGS.eval_split}")
-  return images
+                                  global_batch_size=FLAGS.sample_batch_size,
+                                  image_size=image_size, data_dir=FLAGS.data_dir, shuffle=False,
+                                  repeat=False, drop_remainder=False)
+  name = "".join(c if c.isalnum() or c in "-_." else "_"
+                 for c in f"{FLAGS.dataset}_{FLAGS.eval_split}_{image_size}px")
+  return name, lambda: (batch.numpy() for batch in dataset)
 
 
 def _evaluate(*, ddim_steps, finetuned, spaces, num_images, out_dir):
   """Runs the sweep: the base model with DDIM at every K, each MMD-DDM model at its own K."""
   factory = _unet_factory()
-  base = _restored_unet()
-  models = [evaluate_lib.ModelSpec("DDIM", base, tuple(ddim_steps))]
+  init_checkpoint = _init_checkpoint()
+  base = _restored_unet(init_checkpoint)
+  # A directory stands for its latest checkpoint: the report names (and hashes) that one.
+  models = [evaluate_lib.ModelSpec("DDIM", base, tuple(ddim_steps),
+                                   path=checkpoints.latest(init_checkpoint))]
   for k, path in sorted(finetuned.items()):
     unet = factory().build_for_inference()
     checkpoints.restore_unet(unet, path, use_ema=False, flag="--finetuned_checkpoints")
-    models.append(evaluate_lib.ModelSpec("MMD-DDM", unet, (k,)))
-  real_images = _real_images(num_images)
+    models.append(evaluate_lib.ModelSpec("MMD-DDM", unet, (k,), path=path))
+  real_set, real_batches = _real_set()
   _write_flags(out_dir)
   report = evaluate_lib.run(
-      models=models, feature_spaces=spaces, real_images=real_images,
+      models=models, feature_spaces=spaces, real_images=real_batches,
       schedule=_schedule(), num_images=num_images, seed=FLAGS.seed, out_dir=out_dir,
       timestep_kind=FLAGS.timesteps, eta=FLAGS.eta, clip_x0=FLAGS.clip_x0,
-      batch_size=FLAGS.sample_batch_size,
-      cache_prefix=os.path.join(FLAGS.workdir, "reference",
-                                f"{FLAGS.dataset.replace(':', '_').replace('/', '_')}_"
-                                f"{FLAGS.eval_split}"))
+      batch_size=FLAGS.sample_batch_size, real_set=real_set,
+      cache_dir=os.path.join(FLAGS.workdir, "reference"))
   print(evaluate_lib.markdown_table(report), end="")
   print(f"report: {os.path.join(out_dir, 'report.md')}")
   return report
