@@ -452,6 +452,9 @@ def _finetuned_checkpoints(steps):
       raise UserError(f"--finetuned_checkpoints entries must look like 5:/path/to/unet.weights.h5, "
                       f"got {entry!r}")
     _check_sampler_flags((int(k),), flag="--finetuned_checkpoints")
+    if int(k) in found:
+      raise UserError(f"--finetuned_checkpoints gives K={int(k)} twice ({found[int(k)]} and "
+                      f"{path}); expected one model per K")
     checkpoints.check_readable(path, flag="--finetuned_checkpoints")
     found[int(k)] = path
   if FLAGS.finetuned_checkpoints:
@@ -501,10 +504,17 @@ def _feature_spaces(num_images, flag):
   return spaces
 
 
-def _check_eval_split():
+def _check_eval_split(num_images, flag):
+  """--eval_split names a split with at least `num_images` images (when its size is known
+  without reading it)."""
   if FLAGS.dataset == "fashion_mnist" and FLAGS.eval_split not in data_lib.FASHION_MNIST_FILES:
     raise UserError(f"--eval_split must be {' or '.join(data_lib.FASHION_MNIST_FILES)} for "
                     f"--dataset=fashion_mnist, got {FLAGS.eval_split!r}")
+  available = data_lib.num_examples(dataset=FLAGS.dataset, split=FLAGS.eval_split,
+                                    data_dir=FLAGS.data_dir)
+  if available is not None and num_images > available:
+    raise UserError(f"{flag}={num_images} exceeds the {available} images of --eval_split="
+                    f"{FLAGS.eval_split} (the reference set is as many real images as samples)")
 
 
 def _real_set():
@@ -550,7 +560,7 @@ def run_evaluate():
   _check_sampler_flags(steps, flag="--eval_steps")
   _unet_factory()
   _check_positive("num_eval_images", "sample_batch_size")
-  _check_eval_split()
+  _check_eval_split(FLAGS.num_eval_images, "--num_eval_images")
   finetuned = _finetuned_checkpoints(steps)
   _check_feature_spaces()
   _init_checkpoint()
@@ -569,7 +579,7 @@ def run_quickstart():
   _check_sampler_flags((reference_k,), flag="the quickstart's reference K")
   _check_export_flags()
   _check_positive("quickstart_eval_images", "sample_batch_size")
-  _check_eval_split()
+  _check_eval_split(FLAGS.quickstart_eval_images, "--quickstart_eval_images")
   spaces = _feature_spaces(FLAGS.quickstart_eval_images, "--quickstart_eval_images")
   print(f"[1/3] MMD finetuning at K={k} ({FLAGS.finetune_steps} steps)")
   finetuned = run_finetune(checked)

@@ -1,4 +1,5 @@
-"""Shared test setup: quiet TF, a tiny UNet factory, the repository root for CLI tests."""
+"""Shared test setup: quiet TF, a tiny UNet factory, the repository root and main.py for CLI
+tests."""
 
 import os
 
@@ -32,3 +33,11 @@ def randomize_weights(model, *, seed=0, scale=0.1):
 @pytest.fixture
 def repo_root():
   return REPO_ROOT
+
+
+@pytest.fixture
+def main_module():
+  """main.py imported in this process (its flags defined), the flags reset afterwards."""
+  import main
+  yield main
+  main.FLAGS.unparse_flags()

@@ -90,3 +90,41 @@ def test_pretrain_then_sample(tmp_path):
   assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
   assert tf.io.decode_png(tf.io.read_file(png)).shape[-1] == 1
   assert glob.glob(os.path.join(workdir, "sample", "flags_sample_*.cfg"))
+
+
+# The evaluation's checks, run through main.py's parser and error handler in this process. The
+# flagfile's data and bundled models are real: each mistake is the only one.
+QUICKSTART_CFG = ["--flagfile=configs/fashion_mnist.cfg"]
+
+
+def _error_in_process(main_module, capsys, args):
+  """The one `error:` line of main.py run with `args` (exit code 2)."""
+  with pytest.raises(SystemExit) as exit_info:
+    main_module._run_main(main_module._parse_flags(["main.py", *args]))
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  lines = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "Traceback" not in err, err
+  return lines[0]
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--mode=evaluate", "--num_eval_images=10001"],
+     ["--num_eval_images=10001", "10000 images", "--eval_split=test"]),
+    (["--mode=evaluate", "--eval_split=train", "--num_eval_images=60001"],
+     ["--num_eval_images=60001", "60000 images"]),
+    (["--mode=quickstart", "--quickstart_eval_images=10001"],
+     ["--quickstart_eval_images=10001", "10000 images"]),
+    (["--mode=evaluate", "--eval_steps=5,10,5"], ["--eval_steps", "K=5 more than once"]),
+    (["--mode=evaluate", "--finetuned_checkpoints=5:pretrained/fashion_mnist/unet_ema.weights.h5,"
+      "5:pretrained/fashion_mnist/classifier.weights.h5"],
+     ["--finetuned_checkpoints", "K=5 twice", "unet_ema.weights.h5", "classifier.weights.h5"]),
+])
+def test_evaluation_flags_checked_before_any_work(main_module, capsys, monkeypatch, tmp_path,
+                                                  args, names):
+  monkeypatch.chdir(REPO_ROOT)  # The flagfile's paths are relative to the repository.
+  line = _error_in_process(main_module, capsys, [
+      *QUICKSTART_CFG, f"--workdir={tmp_path}", f"--export_dir={tmp_path}/export", *args])
+  for name in names:
+    assert name in line, line
+  assert os.listdir(tmp_path) == []  # Refused before the finetune (or sweep) wrote anything.
