@@ -6,6 +6,8 @@
 """
 
 import datetime
+import glob
+import json
 import os
 import sys
 
@@ -570,6 +572,55 @@ def run_evaluate():
             num_images=FLAGS.num_eval_images, out_dir=out_dir)
 
 
+# What a finetune's weights depend on besides --init_checkpoint, the feature network's file and
+# the image size and batch (resolved below). --recompute, --strategy, --data_dir and the logging
+# flags change how it is computed, not what.
+_QUICKSTART_FINETUNE_FLAGS = (
+    "use_ema", "dataset", "random_flip", "num_timesteps", "beta_start", "beta_end", "ch", "ch_mult",
+    "num_res_blocks", "attn_resolutions", "dropout", "num_steps", "timesteps", "eta", "clip_x0",
+    "feature_net", "inception_resolution", "kernel", "rbf_bandwidths", "finetune_steps",
+    "learning_rate", "grad_clip", "finetune_dropout", "seed")
+
+
+def _quickstart_finetune_settings(init_checkpoint):
+  """{flag: value} of everything the quickstart's finetune depends on; files by their sha256."""
+  sha = lambda path: f"sha256:{(evaluate_lib.weights_sha256(path) or 'none')[:16]}"
+  settings = {f"--{name}": getattr(FLAGS, name) for name in _QUICKSTART_FINETUNE_FLAGS}
+  feature_flag, feature_file = (("--inception_weights", FLAGS.inception_weights)
+                                if FLAGS.feature_net == "inception_v3"
+                                else ("--classifier_path", _classifier_path()))
+  settings.update({
+      "--init_checkpoint": sha(checkpoints.latest(init_checkpoint)),
+      feature_flag: sha(feature_file),
+      "--image_size": _image_shape()[0],
+      "--finetune_batch_size": _finetune_batch_size()[0],
+  })
+  return settings
+
+
+def _check_quickstart_finetune(settings):
+  """The path of the quickstart's record of its finetune's settings; a UserError if the workdir
+  holds a finetune at this K that other (or unrecorded) settings made, since it would be reused."""
+  run_dir = os.path.join(FLAGS.workdir, f"finetune_k{FLAGS.num_steps}")
+  record = os.path.join(run_dir, "quickstart_settings.json")
+  if not any(os.path.exists(os.path.join(run_dir, name))
+             for name in ("unet.weights.h5", "checkpoints")):
+    return record
+  retry = f"pass another --workdir (or delete {run_dir})"
+  if glob.glob(os.path.join(run_dir, "flags_finetune_*.cfg")) or not os.path.exists(record):
+    raise UserError(f"--workdir={FLAGS.workdir} holds a finetune at K={FLAGS.num_steps} whose "
+                    f"settings the quickstart did not record (made or resumed by --mode=finetune "
+                    f"or older code); {retry}")
+  with open(record) as f:
+    saved = json.load(f)
+  for name, value in settings.items():
+    if saved.get(name) != value:
+      raise UserError(f"--workdir={FLAGS.workdir} holds a finetune at K={FLAGS.num_steps} made "
+                      f"with another {name} ({saved.get(name)} then, {value} now), which this run "
+                      f"would reuse; {retry}")
+  return record
+
+
 def run_quickstart():
   """Finetune K steps from --init_checkpoint, compare DDIM-K / MMD-DDM-K / DDIM-100, export."""
   k = FLAGS.num_steps
@@ -581,7 +632,14 @@ def run_quickstart():
   _check_positive("quickstart_eval_images", "sample_batch_size")
   _check_eval_split(FLAGS.quickstart_eval_images, "--quickstart_eval_images")
   spaces = _feature_spaces(FLAGS.quickstart_eval_images, "--quickstart_eval_images")
+  settings = _quickstart_finetune_settings(checked[3])
+  record = _check_quickstart_finetune(settings)
   print(f"[1/3] MMD finetuning at K={k} ({FLAGS.finetune_steps} steps)")
+  if distribute.is_chief(checked[2]):  # Workers of a cluster share the workdir: one record.
+    _mode_dir(f"finetune_k{k}")
+    with open(record + ".tmp", "w") as f:
+      json.dump(settings, f, indent=2)
+    os.replace(record + ".tmp", record)
   finetuned = run_finetune(checked)
   print(f"[2/3] evaluating DDIM K={k}, MMD-DDM K={k} and DDIM K={reference_k} "
         f"on {FLAGS.quickstart_eval_images} images")
