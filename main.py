@@ -6,6 +6,8 @@
 """
 
 import datetime
+import glob
+import json
 import os
 import sys
 
@@ -452,6 +454,9 @@ def _finetuned_checkpoints(steps):
       raise UserError(f"--finetuned_checkpoints entries must look like 5:/path/to/unet.weights.h5, "
                       f"got {entry!r}")
     _check_sampler_flags((int(k),), flag="--finetuned_checkpoints")
+    if int(k) in found:
+      raise UserError(f"--finetuned_checkpoints gives K={int(k)} twice ({found[int(k)]} and "
+                      f"{path}); expected one model per K")
     checkpoints.check_readable(path, flag="--finetuned_checkpoints")
     found[int(k)] = path
   if FLAGS.finetuned_checkpoints:
@@ -492,48 +497,61 @@ def _feature_spaces(num_images, flag):
         name, image_size=image_size, channels=channels, inception_weights=FLAGS.inception_weights,
         inception_resolution=FLAGS.inception_resolution, classifier_path=_space_path(name))
     metrics.check_enough_samples(num_images, network.dim, flag=flag)
-    spaces.append(evaluate_lib.FeatureSpace(name, network, trained=name == FLAGS.feature_net))
+    # What the weights do not show: the input size, and Inception's resize.
+    settings = repr(dict(image_size=image_size, channels=channels,
+                         inception_resolution=FLAGS.inception_resolution
+                         if name == "inception_v3" else None))
+    spaces.append(evaluate_lib.FeatureSpace(name, network, trained=name == FLAGS.feature_net,
+                                            settings=settings))
   return spaces
 
 
-def _check_eval_split():
+def _check_eval_split(num_images, flag):
+  """--eval_split names a split with at least `num_images` images (when its size is known
+  without reading it)."""
   if FLAGS.dataset == "fashion_mnist" and FLAGS.eval_split not in data_lib.FASHION_MNIST_FILES:
     raise UserError(f"--eval_split must be {' or '.join(data_lib.FASHION_MNIST_FILES)} for "
                     f"--dataset=fashion_mnist, got {FLAGS.eval_split!r}")
+  available = data_lib.num_examples(dataset=FLAGS.dataset, split=FLAGS.eval_split,
+                                    data_dir=FLAGS.data_dir)
+  if available is not None and num_images > available:
+    raise UserError(f"{flag}={num_images} exceeds the {available} images of --eval_split="
+                    f"{FLAGS.eval_split} (the reference set is as many real images as samples)")
 
 
-def _real_images(count):
+def _real_set():
+  """(a name of the reference images for the report and cache files, a function returning their
+  batches); the data is opened now, so a missing file fails before any sampling."""
   image_size, _ = _image_shape()
   dataset = data_lib.make_dataset(dataset=FLAGS.dataset, split=FLAGS.eval_split,
-                                  global_batch_size=min(count, 1000), image_size=image_size,
-                                  data_dir=FLAGS.data_dir, shuffle=False, repeat=False,
-                                  drop_remainder=False)
-  images = np.concatenate([batch.numpy() for batch in dataset.take(-(-count // 1000))])[:count]
-  if len(images) < count:
-    raise UserError(f"--num_eval_images={count} exceeds the {len(images)} images of split "
-                    f"--eval_split={FLAGS.eval_split}")
-  return images
+                                  global_batch_size=FLAGS.sample_batch_size,
+                                  image_size=image_size, data_dir=FLAGS.data_dir, shuffle=False,
+                                  repeat=False, drop_remainder=False)
+  name = "".join(c if c.isalnum() or c in "-_." else "_"
+                 for c in f"{FLAGS.dataset}_{FLAGS.eval_split}_{image_size}px")
+  return name, lambda: (batch.numpy() for batch in dataset)
 
 
 def _evaluate(*, ddim_steps, finetuned, spaces, num_images, out_dir):
   """Runs the sweep: the base model with DDIM at every K, each MMD-DDM model at its own K."""
   factory = _unet_factory()
-  base = _restored_unet()
-  models = [evaluate_lib.ModelSpec("DDIM", base, tuple(ddim_steps))]
+  init_checkpoint = _init_checkpoint()
+  base = _restored_unet(init_checkpoint)
+  # A directory stands for its latest checkpoint: the report names (and hashes) that one.
+  models = [evaluate_lib.ModelSpec("DDIM", base, tuple(ddim_steps),
+                                   path=checkpoints.latest(init_checkpoint))]
   for k, path in sorted(finetuned.items()):
     unet = factory().build_for_inference()
     checkpoints.restore_unet(unet, path, use_ema=False, flag="--finetuned_checkpoints")
-    models.append(evaluate_lib.ModelSpec("MMD-DDM", unet, (k,)))
-  real_images = _real_images(num_images)
+    models.append(evaluate_lib.ModelSpec("MMD-DDM", unet, (k,), path=path))
+  real_set, real_batches = _real_set()
   _write_flags(out_dir)
   report = evaluate_lib.run(
-      models=models, feature_spaces=spaces, real_images=real_images,
+      models=models, feature_spaces=spaces, real_images=real_batches,
       schedule=_schedule(), num_images=num_images, seed=FLAGS.seed, out_dir=out_dir,
       timestep_kind=FLAGS.timesteps, eta=FLAGS.eta, clip_x0=FLAGS.clip_x0,
-      batch_size=FLAGS.sample_batch_size,
-      cache_prefix=os.path.join(FLAGS.workdir, "reference",
-                                f"{FLAGS.dataset.replace(':', '_').replace('/', '_')}_"
-                                f"{FLAGS.eval_split}"))
+      batch_size=FLAGS.sample_batch_size, real_set=real_set,
+      cache_dir=os.path.join(FLAGS.workdir, "reference"))
   print(evaluate_lib.markdown_table(report), end="")
   print(f"report: {os.path.join(out_dir, 'report.md')}")
   return report
@@ -544,7 +562,7 @@ def run_evaluate():
   _check_sampler_flags(steps, flag="--eval_steps")
   _unet_factory()
   _check_positive("num_eval_images", "sample_batch_size")
-  _check_eval_split()
+  _check_eval_split(FLAGS.num_eval_images, "--num_eval_images")
   finetuned = _finetuned_checkpoints(steps)
   _check_feature_spaces()
   _init_checkpoint()
@@ -552,6 +570,55 @@ def run_evaluate():
   spaces = _feature_spaces(FLAGS.num_eval_images, "--num_eval_images")
   _evaluate(ddim_steps=steps, finetuned=finetuned, spaces=spaces,
             num_images=FLAGS.num_eval_images, out_dir=out_dir)
+
+
+# What a finetune's weights depend on besides --init_checkpoint, the feature network's file and
+# the image size and batch (resolved below). --recompute, --strategy, --data_dir and the logging
+# flags change how it is computed, not what.
+_QUICKSTART_FINETUNE_FLAGS = (
+    "use_ema", "dataset", "random_flip", "num_timesteps", "beta_start", "beta_end", "ch", "ch_mult",
+    "num_res_blocks", "attn_resolutions", "dropout", "num_steps", "timesteps", "eta", "clip_x0",
+    "feature_net", "inception_resolution", "kernel", "rbf_bandwidths", "finetune_steps",
+    "learning_rate", "grad_clip", "finetune_dropout", "seed")
+
+
+def _quickstart_finetune_settings(init_checkpoint):
+  """{flag: value} of everything the quickstart's finetune depends on; files by their sha256."""
+  sha = lambda path: f"sha256:{(evaluate_lib.weights_sha256(path) or 'none')[:16]}"
+  settings = {f"--{name}": getattr(FLAGS, name) for name in _QUICKSTART_FINETUNE_FLAGS}
+  feature_flag, feature_file = (("--inception_weights", FLAGS.inception_weights)
+                                if FLAGS.feature_net == "inception_v3"
+                                else ("--classifier_path", _classifier_path()))
+  settings.update({
+      "--init_checkpoint": sha(checkpoints.latest(init_checkpoint)),
+      feature_flag: sha(feature_file),
+      "--image_size": _image_shape()[0],
+      "--finetune_batch_size": _finetune_batch_size()[0],
+  })
+  return settings
+
+
+def _check_quickstart_finetune(settings):
+  """The path of the quickstart's record of its finetune's settings; a UserError if the workdir
+  holds a finetune at this K that other (or unrecorded) settings made, since it would be reused."""
+  run_dir = os.path.join(FLAGS.workdir, f"finetune_k{FLAGS.num_steps}")
+  record = os.path.join(run_dir, "quickstart_settings.json")
+  if not any(os.path.exists(os.path.join(run_dir, name))
+             for name in ("unet.weights.h5", "checkpoints")):
+    return record
+  retry = f"pass another --workdir (or delete {run_dir})"
+  if glob.glob(os.path.join(run_dir, "flags_finetune_*.cfg")) or not os.path.exists(record):
+    raise UserError(f"--workdir={FLAGS.workdir} holds a finetune at K={FLAGS.num_steps} whose "
+                    f"settings the quickstart did not record (made or resumed by --mode=finetune "
+                    f"or older code); {retry}")
+  with open(record) as f:
+    saved = json.load(f)
+  for name, value in settings.items():
+    if saved.get(name) != value:
+      raise UserError(f"--workdir={FLAGS.workdir} holds a finetune at K={FLAGS.num_steps} made "
+                      f"with another {name} ({saved.get(name)} then, {value} now), which this run "
+                      f"would reuse; {retry}")
+  return record
 
 
 def run_quickstart():
@@ -563,9 +630,16 @@ def run_quickstart():
   _check_sampler_flags((reference_k,), flag="the quickstart's reference K")
   _check_export_flags()
   _check_positive("quickstart_eval_images", "sample_batch_size")
-  _check_eval_split()
+  _check_eval_split(FLAGS.quickstart_eval_images, "--quickstart_eval_images")
   spaces = _feature_spaces(FLAGS.quickstart_eval_images, "--quickstart_eval_images")
+  settings = _quickstart_finetune_settings(checked[3])
+  record = _check_quickstart_finetune(settings)
   print(f"[1/3] MMD finetuning at K={k} ({FLAGS.finetune_steps} steps)")
+  if distribute.is_chief(checked[2]):  # Workers of a cluster share the workdir: one record.
+    _mode_dir(f"finetune_k{k}")
+    with open(record + ".tmp", "w") as f:
+      json.dump(settings, f, indent=2)
+    os.replace(record + ".tmp", record)
   finetuned = run_finetune(checked)
   print(f"[2/3] evaluating DDIM K={k}, MMD-DDM K={k} and DDIM K={reference_k} "
         f"on {FLAGS.quickstart_eval_images} images")

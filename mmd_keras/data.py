@@ -69,8 +69,8 @@ def _read_idx(path, expected_dims):
   return body.reshape(dims)
 
 
-def load_fashion_mnist(*, split="train", data_dir=None):
-  """(images uint8 [N, 28, 28, 1], labels int64 [N]) from the idx files."""
+def _fashion_mnist_paths(split, data_dir):
+  """(images file, labels file) of a split, checked to exist."""
   if split not in FASHION_MNIST_FILES:
     raise DataError(f"Fashion-MNIST split must be one of {list(FASHION_MNIST_FILES)}, got {split!r}")
   data_dir = data_dir or FASHION_MNIST_DIR
@@ -81,12 +81,41 @@ def load_fashion_mnist(*, split="train", data_dir=None):
         f"Fashion-MNIST file {missing[0]} not found (--data_dir={data_dir}); install the data with "
         f"'apt-get install -y dataset-fashion-mnist' or point --data_dir at a folder with "
         f"{', '.join(FASHION_MNIST_FILES[split])}")
+  return paths
+
+
+def load_fashion_mnist(*, split="train", data_dir=None):
+  """(images uint8 [N, 28, 28, 1], labels int64 [N]) from the idx files."""
+  paths = _fashion_mnist_paths(split, data_dir)
   images = _read_idx(paths[0], 3)
   labels = _read_idx(paths[1], 1).astype(np.int64)
   if images.shape[0] != labels.shape[0]:
     raise DataError(f"{paths[0]} has {images.shape[0]} images but {paths[1]} has "
                     f"{labels.shape[0]} labels")
   return images[..., None], labels
+
+
+def num_examples(*, dataset, split, data_dir=None):
+  """The number of images of a split, read cheaply (the idx header, TFDS's dataset info), so a run
+  can check a count before reading the data; None when TFDS cannot tell (not prepared yet)."""
+  if dataset == "fashion_mnist":
+    path = _fashion_mnist_paths(split, data_dir)[0]
+    try:
+      with gzip.open(path, "rb") as f:
+        header = f.read(8)
+    except (OSError, EOFError) as e:
+      raise DataError(f"cannot read Fashion-MNIST file {path} (expected a gzip-compressed idx "
+                      f"file): {e}") from e
+    if len(header) < 8 or header[:4] != bytes([0, 0, 0x08, 3]):
+      raise DataError(f"{path} is not an idx file of uint8 with 3 dimensions")
+    return int.from_bytes(header[4:8], "big")
+  dataset_shape(dataset)
+  try:
+    import tensorflow_datasets as tfds
+    return int(tfds.builder(dataset[len("tfds:"):], data_dir=data_dir).info.splits[split]
+               .num_examples)
+  except Exception:  # Not prepared, unknown, or a split TFDS cannot size: counted when read.
+    return None
 
 
 def center_crop(image, size=None):

@@ -1,17 +1,21 @@
 """Step-budget sweeps: FID / KID / diversity of DDIM and MMD-DDM samples in several feature spaces.
 
 Every (model, K) pair starts from the same noise (`sampling.initial_noise` keyed by the seed), so
-differences come from the model and the step budget only. The report is written to temporary names
-and renamed at the end: an interrupted evaluation never leaves a report that looks complete.
+differences come from the model and the step budget only. Samples and real images are embedded
+batch by batch: only their features (and the images of one sample grid) are kept. The report and
+the sample grids are written to temporary names and renamed at the end: an interrupted evaluation
+never leaves a report that looks complete, nor changes what an earlier complete run left.
 """
 
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 
 import numpy as np
+import tensorflow as tf
 from absl import logging
 
 from mmd_keras import grid
@@ -19,23 +23,32 @@ from mmd_keras import metrics
 from mmd_keras import sampling
 from mmd_keras.errors import UserError
 
+GRID_IMAGES = 100
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """A model to evaluate: its label ("DDIM" or "MMD-DDM"), weights and the step budgets to run."""
+  """A model to evaluate: its label ("DDIM" or "MMD-DDM"), UNet, the step budgets to run and the
+  weights file it was loaded from (`path`, named in the report with its sha256)."""
 
   label: str
   unet: object
   steps: tuple
+  path: str = None
 
 
 @dataclasses.dataclass(frozen=True)
 class FeatureSpace:
-  """A frozen feature network and whether finetuning optimised in it (`trained`) or not."""
+  """A frozen feature network and whether finetuning optimised in it (`trained`) or not.
+
+  `settings` describes what the network's weights do not show but its features depend on (image
+  size, Inception resolution); it is part of the key of cached features.
+  """
 
   name: str
   network: object
   trained: bool
+  settings: str = ""
 
 
 def parse_steps(value, *, flag="--eval_steps"):
@@ -51,14 +64,11 @@ def parse_steps(value, *, flag="--eval_steps"):
                     ) from None
   if any(k < 1 for k in steps):
     raise UserError(f"{flag} entries must be >= 1, got {','.join(items)}")
+  repeated = sorted({k for k in steps if steps.count(k) > 1})
+  if repeated:
+    raise UserError(f"{flag} lists K={repeated[0]} more than once, got {','.join(items)}; expected "
+                    f"distinct step budgets")
   return steps
-
-
-def embed(network, images, *, batch_size):
-  """Features of images [N, H, W, C] in [-1, 1], batch by batch -> float64 [N, D]."""
-  chunks = [np.asarray(network(images[i:i + batch_size]), np.float64)
-            for i in range(0, len(images), batch_size)]
-  return np.concatenate(chunks, axis=0)
 
 
 def score(real_features, fake_features, *, real_stats=None, kid_subset_size=1000, nearest_k=5):
@@ -79,89 +89,202 @@ def score(real_features, fake_features, *, real_stats=None, kid_subset_size=1000
   return result
 
 
-def reference_features(space, real_images, *, batch_size, cache_path=None):
-  """Features of the real images in one space, cached as float32 .npz (written then renamed)."""
-  if cache_path and os.path.exists(cache_path):
-    with np.load(cache_path) as cached:
-      features = cached["features"]
-    if features.shape[0] == len(real_images) and features.shape[1] == space.network.dim:
-      return features.astype(np.float64)
-    logging.info("ignoring %s: it was computed for other images or another network", cache_path)
-  features = embed(space.network, real_images, batch_size=batch_size)
-  if cache_path:
-    os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-    tmp = f"{cache_path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-      np.savez(f, features=features.astype(np.float32))
-    os.replace(tmp, cache_path)
+def weights_sha256(path):
+  """sha256 of a weights file (what `sha256sum` prints); for a checkpoint prefix (its .index and
+  .data files) or a directory (a SavedModel), of every file's name and bytes in name order. None
+  if `path` names no file."""
+  if tf.io.gfile.isdir(path):
+    files = sorted(os.path.join(root, name) for root, _, names in tf.io.gfile.walk(path)
+                   for name in names)
+    base = path
+  elif tf.io.gfile.exists(path):
+    files, base = [path], None
+  else:
+    files, base = sorted(tf.io.gfile.glob(path + ".*")), os.path.dirname(path)
+  if not files:
+    return None
+  h = hashlib.sha256()
+  for name in files:
+    if base is not None:
+      h.update(os.path.relpath(name, base).encode() + b"\0")
+    with tf.io.gfile.GFile(name, "rb") as f:
+      while chunk := f.read(1 << 20):
+        h.update(chunk)
+  return h.hexdigest()
+
+
+def _network_weights(network):
+  """The values of a feature network's variables: its Keras model's weights, or every variable a
+  loaded SavedModel tracks (it has no `weights`)."""
+  model = getattr(network, "model", network)
+  weights = getattr(model, "weights", None)
+  if weights is None:
+    weights = [v for v in tf.train.TrackableView(model).descendants()
+               if isinstance(v, tf.Variable)]
+  return [np.asarray(w) for w in weights]
+
+
+def feature_digest(space):
+  """sha256 of a feature space's network weights, dimension and `settings`: features cached with
+  another network (a retrained classifier, another resolution) are never reused."""
+  return _digest(_network_weights(space.network), repr((space.network.dim, space.settings)))
+
+
+def _image_batches(images, batch_size):
+  """Batches of an array [M, H, W, C], or of `images()` when it is a function (a data stream)."""
+  if callable(images):
+    yield from images()
+    return
+  for i in range(0, len(images), batch_size):
+    yield images[i:i + batch_size]
+
+
+def reference_features(spaces, real_images, *, num_images, batch_size, digests, cache_dir=None,
+                       real_set="real"):
+  """{space name: float64 [N, D]}: features of the first N real images in every space, in one pass
+  over the images for the spaces not cached yet.
+
+  The cache is `<cache_dir>/<real_set>_<space>_<N>_<digest>.npz` (float32, written then renamed),
+  keyed by the network's `feature_digest`, which is stored in the file and compared on load.
+  """
+  paths = {s.name: cache_dir and os.path.join(
+      cache_dir, f"{real_set}_{s.name}_{num_images}_{digests[s.name][:16]}.npz") for s in spaces}
+  features, missing = {}, []
+  for space in spaces:
+    path = paths[space.name]
+    if path and os.path.exists(path):
+      with np.load(path) as cached:
+        stored, digest = cached["features"], str(cached["digest"]) if "digest" in cached else ""
+      if digest == digests[space.name] and stored.shape == (num_images, space.network.dim):
+        features[space.name] = stored.astype(np.float64)
+        continue
+      logging.info("ignoring %s: it was computed for other images or another network", path)
+    missing.append(space)
+  if not missing:
+    return features
+  logging.info("embedding %d real images in %s", num_images, ", ".join(s.name for s in missing))
+  chunks = {s.name: [] for s in missing}
+  count = 0
+  for batch in _image_batches(real_images, batch_size):
+    batch = np.asarray(batch)[:num_images - count]
+    for space in missing:
+      chunks[space.name].append(np.asarray(space.network(batch), np.float64))
+    count += len(batch)
+    if count >= num_images:
+      break
+  if count < num_images:
+    raise UserError(f"--num_eval_images={num_images} exceeds the {count} real images available "
+                    f"for the reference statistics")
+  for space in missing:
+    features[space.name] = np.concatenate(chunks[space.name], axis=0)
+    path = paths[space.name]
+    if path:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      tmp = f"{path}.tmp{os.getpid()}"
+      # Through a file object so NumPy does not append ".npz" to the temporary name.
+      with open(tmp, "wb") as f:
+        np.savez(f, features=features[space.name].astype(np.float32),
+                 digest=np.array(digests[space.name]))
+      os.replace(tmp, path)
   return features
 
 
 def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_dir,
-        timestep_kind="uniform", eta=0.0, clip_x0=False, batch_size=256, cache_prefix=None):
+        timestep_kind="uniform", eta=0.0, clip_x0=False, batch_size=256, real_set="real",
+        cache_dir=None):
   """Samples every (model, K), scores it in every feature space, writes the report; returns it.
 
-  The first `num_images` real images are the reference set; with `cache_prefix`, their features
-  are cached at `<cache_prefix>_<space>_<N>.npz`.
+  real_images: an array [M, H, W, C] or a function returning an iterable of batches (read only if
+  a space's features are not cached); its first `num_images` images are the reference set.
+  real_set: names those images (dataset, split, size) in the report and the cache's file names.
+  cache_dir: where the real set's features are cached (see `reference_features`).
   """
-  if len(real_images) < num_images:
+  if not callable(real_images) and len(real_images) < num_images:
     raise UserError(f"--num_eval_images={num_images} exceeds the {len(real_images)} real images "
                     f"available for the reference statistics")
   for space in feature_spaces:
     metrics.check_enough_samples(num_images, space.network.dim)
   os.makedirs(out_dir, exist_ok=True)
-  reference = {
-      space.name: reference_features(
-          space, real_images[:num_images], batch_size=batch_size,
-          cache_path=cache_prefix and f"{cache_prefix}_{space.name}_{num_images}.npz")
-      for space in feature_spaces}
+  digests = {space.name: feature_digest(space) for space in feature_spaces}
+  reference = reference_features(feature_spaces, real_images, num_images=num_images,
+                                 batch_size=batch_size, digests=digests, cache_dir=cache_dir,
+                                 real_set=real_set)
   reference_stats = {name: metrics.StreamingStats().update(features)
                      for name, features in reference.items()}
-  rows = []
+  sampler = dict(schedule=schedule, timestep_kind=timestep_kind, eta=eta, clip_x0=clip_x0,
+                 seed=seed, batch_size=batch_size)
+  rows, grids = [], []
   total = sum(len(m.steps) for m in models)
-  # A finished row is kept under a key of everything it depends on, so an interrupted sweep (a long
-  # one takes hours on a CPU) restarts where it stopped instead of from the first row.
+  # A finished row (and its grid) is kept under a key of everything its samples and scores depend
+  # on, so an interrupted sweep (a long one takes hours on a CPU) restarts where it stopped.
   row_dir = os.path.join(out_dir, "rows")
-  settings = _digest([reference[s.name] for s in feature_spaces],
-                     repr((num_images, seed, timestep_kind, eta, clip_x0,
-                           [(s.name, s.trained) for s in feature_spaces])))
+  settings = _digest([reference[s.name] for s in feature_spaces] + [schedule.betas],
+                     repr((num_images, seed, timestep_kind, eta, clip_x0, batch_size, real_set,
+                           [(s.name, s.trained, digests[s.name]) for s in feature_spaces])))
   for model in models:
     weights = _digest([w.numpy() for w in model.unet.weights])
+    source = model.path and dict(path=model.path, sha256=weights_sha256(model.path))
     for num_steps in model.steps:
       slug = f"{model.label.lower().replace('-', '_')}_k{num_steps}"
-      cached = os.path.join(row_dir, f"{slug}_{_digest([], weights + settings)[:16]}.json")
-      if os.path.exists(cached):
-        with open(cached) as f:
-          rows.append(json.load(f))
-        logging.info("[%d/%d] %s K=%d: reusing %s", len(rows), total, model.label, num_steps,
-                     cached)
-        continue
-      started = time.time()
-      logging.info("[%d/%d] sampling %s K=%d: %d images", len(rows) + 1, total, model.label,
-                   num_steps, num_images)
-      images = sampling.generate(
-          model.unet, num_images=num_images, num_steps=num_steps, schedule=schedule,
-          timestep_kind=timestep_kind, eta=eta, clip_x0=clip_x0, seed=seed, batch_size=batch_size,
-          progress=lambda done, n: logging.info("  %d/%d images", done, n))
-      grid.write_png(os.path.join(out_dir, f"samples_{slug}.png"), images[:100], columns=10,
-                     scale=max(1, 64 // images.shape[1]))
-      row = dict(model=model.label, num_steps=num_steps, num_images=num_images,
-                 seconds=round(time.time() - started, 1), spaces={})
-      for space in feature_spaces:
-        fake = embed(space.network, images, batch_size=batch_size)
-        row["spaces"][space.name] = score(reference[space.name], fake,
-                                          real_stats=reference_stats[space.name])
+      stem = os.path.join(row_dir, f"{slug}_{_digest([], weights + settings)[:16]}")
+      if os.path.exists(stem + ".json") and os.path.exists(stem + ".png"):
+        with open(stem + ".json") as f:
+          row = json.load(f)
+        logging.info("[%d/%d] %s K=%d: reusing %s.json", len(rows) + 1, total, model.label,
+                     num_steps, stem)
+      else:
+        logging.info("[%d/%d] sampling %s K=%d: %d images", len(rows) + 1, total, model.label,
+                     num_steps, num_images)
+        row = _sample_and_score(model, num_steps, feature_spaces=feature_spaces,
+                                reference=reference, reference_stats=reference_stats,
+                                num_images=num_images, sampler=sampler, stem=stem)
+        logging.info("  %s", _one_line(row))
+      if source:
+        row["weights"] = source
       rows.append(row)
-      os.makedirs(row_dir, exist_ok=True)
-      _write_text(cached + ".tmp", json.dumps(row))
-      os.replace(cached + ".tmp", cached)
-      logging.info("  %s", _one_line(row))
+      grids.append((f"samples_{slug}.png", stem + ".png"))
   report = dict(num_images=num_images, seed=seed, timesteps=timestep_kind, eta=eta,
+                clip_x0=clip_x0, sample_batch_size=batch_size,
+                schedule=dict(num_timesteps=schedule.num_timesteps,
+                              beta_start=float(schedule.betas[0]),
+                              beta_end=float(schedule.betas[-1])),
+                real_set=real_set,
                 feature_spaces={s.name: ("trained" if s.trained else "held-out")
                                 for s in feature_spaces},
+                feature_networks={name: digest[:16] for name, digest in digests.items()},
                 rows=rows)
-  _write_outputs(report, out_dir)
+  _write_outputs(report, out_dir, grids=grids)
   return report
+
+
+def _sample_and_score(model, num_steps, *, feature_spaces, reference, reference_stats, num_images,
+                      sampler, stem):
+  """One row: samples embedded batch by batch; `<stem>.png` (the grid), then `<stem>.json`."""
+  started = time.time()
+  fake = {space.name: [] for space in feature_spaces}
+  shown = []
+  done = 0
+  for images in sampling.batches(model.unet, num_images=num_images, num_steps=num_steps,
+                                 **sampler):
+    shown.append(images[:max(0, GRID_IMAGES - done)])
+    for space in feature_spaces:
+      fake[space.name].append(np.asarray(space.network(images), np.float64))
+    done += len(images)
+    logging.info("  %d/%d images", done, num_images)
+  shown = np.concatenate(shown, axis=0)
+  os.makedirs(os.path.dirname(stem), exist_ok=True)
+  grid.write_png(stem + ".tmp.png", shown, columns=10, scale=max(1, 64 // shown.shape[1]))
+  os.replace(stem + ".tmp.png", stem + ".png")
+  row = dict(model=model.label, num_steps=num_steps, num_images=num_images,
+             seconds=round(time.time() - started, 1), spaces={})
+  for space in feature_spaces:
+    row["spaces"][space.name] = score(reference[space.name],
+                                      np.concatenate(fake[space.name], axis=0),
+                                      real_stats=reference_stats[space.name])
+  # The .json is the row's commit mark: written last, so a row with one has its grid too.
+  _write_text(stem + ".json.tmp", json.dumps(row))
+  os.replace(stem + ".json.tmp", stem + ".json")
+  return row
 
 
 def _digest(arrays, text=""):
@@ -225,13 +348,15 @@ def merge_reports(reports, out_dir):
 
   Rows present in several reports must agree: with the same seed and N they are the same samples.
   """
-  settings = ("num_images", "seed", "timesteps", "eta", "feature_spaces")
+  settings = ("num_images", "seed", "timesteps", "eta", "clip_x0", "sample_batch_size", "schedule",
+              "real_set", "feature_spaces", "feature_networks")
   first = reports[0]
   for other in reports[1:]:
     for key in settings:
-      if other[key] != first[key]:
-        raise UserError(f"reports differ in {key}: {first[key]!r} vs {other[key]!r}; only runs "
-                        f"with the same samples and feature spaces can be merged")
+      # A report of older code lacks some keys: it cannot show it used the same settings.
+      if other.get(key) != first.get(key):
+        raise UserError(f"reports differ in {key}: {first.get(key)!r} vs {other.get(key)!r}; "
+                        f"only runs with the same samples and feature spaces can be merged")
   rows = {}
   for report in reports:
     for row in report["rows"]:
@@ -244,23 +369,24 @@ def merge_reports(reports, out_dir):
       rows.setdefault(key, row)
   # DDIM first, then the finetuned models, each by K.
   order = sorted(rows, key=lambda key: (key[0] != "DDIM", key[0], key[1]))
-  merged = {key: first[key] for key in settings}
+  merged = {key: first.get(key) for key in settings}
   merged["rows"] = [rows[key] for key in order]
   os.makedirs(out_dir, exist_ok=True)
   _write_outputs(merged, out_dir)
   return merged
 
 
-def _write_outputs(report, out_dir):
-  """report.json, report.md, fid_vs_steps.png: each written under a temporary name, then renamed."""
-  outputs = {
-      "report.json": lambda p: _write_text(p, json.dumps(report, indent=2) + "\n"),
-      "report.md": lambda p: _write_text(p, markdown_table(report)),
+def _write_outputs(report, out_dir, *, grids=()):
+  """report.json, report.md, fid_vs_steps.png and the sample grids ((name, source file) pairs):
+  all written under temporary names first, then renamed, report.json last."""
+  outputs = {name: lambda p, source=source: shutil.copyfile(source, p) for name, source in grids}
+  outputs.update({
       "fid_vs_steps.png": lambda p: plot_fid_vs_steps(report, p),
-  }
+      "report.md": lambda p: _write_text(p, markdown_table(report)),
+      "report.json": lambda p: _write_text(p, json.dumps(report, indent=2) + "\n"),
+  })
   for name, write in outputs.items():
-    tmp = os.path.join(out_dir, ".tmp." + name)
-    write(tmp)
+    write(os.path.join(out_dir, ".tmp." + name))
   for name in outputs:
     os.replace(os.path.join(out_dir, ".tmp." + name), os.path.join(out_dir, name))
 

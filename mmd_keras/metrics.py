@@ -4,8 +4,6 @@ Statistics live on the host in float64 NumPy: a 2048-d covariance and its eigend
 precision, and nothing here is differentiated (the training loss is `mmd.mmd2_unbiased`).
 """
 
-import os
-
 import numpy as np
 import tensorflow as tf
 
@@ -84,23 +82,6 @@ class StreamingStats:
       raise UserError(f"--num_eval_images: statistics need at least {minimum} sample(s), "
                       f"got {self.count}")
 
-  def save(self, path):
-    self._check_count(1)
-    # Through a file object so NumPy does not append ".npz" to temporary names.
-    with open(path, "wb") as f:
-      np.savez(f, count=self.count, shift=self._shift, sum=self._sum, outer=self._outer)
-
-  @classmethod
-  def load(cls, path):
-    try:
-      with np.load(path) as data:
-        stats = cls()
-        stats.count = int(data["count"])
-        stats._shift, stats._sum, stats._outer = data["shift"], data["sum"], data["outer"]
-    except (OSError, KeyError, ValueError) as e:
-      raise UserError(f"{path} is not a statistics cache ({e}); delete it to recompute") from e
-    return stats
-
 
 def psd_sqrt(sigma):
   """The symmetric PSD square root V diag(sqrt(max(λ, 0))) Vᵀ of a covariance."""
@@ -130,7 +111,8 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2, *, counts=None, sqrt_sigma1=None):
   sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
     raise UserError(f"FID statistics come from different feature spaces: μ {mu1.shape} vs "
-                    f"{mu2.shape}, Σ {sigma1.shape} vs {sigma2.shape}; check --feature_network")
+                    f"{mu2.shape}, Σ {sigma1.shape} vs {sigma2.shape}; both sets must be embedded by the "
+                    f"same network (--feature_net / --eval_feature_nets)")
   for count in counts or ():
     check_enough_samples(count, mu1.shape[0])
   diff = mu1 - mu2
@@ -222,19 +204,3 @@ def density_coverage(real, fake, *, k=5):
       _sq_distances(real[i:i + _CHUNK], fake).min(axis=1) < sq_radii[i:i + _CHUNK]
       for i in range(0, len(real), _CHUNK)])
   return dict(density=float(density), coverage=float(covered.mean()))
-
-
-def reference_stats(cache_path, compute_fn):
-  """StreamingStats of the real set, cached at cache_path (an .npz) per dataset and feature network.
-
-  The cache is written to a temporary file and renamed, so an interrupted run never leaves a
-  truncated cache that a later run would trust.
-  """
-  if os.path.exists(cache_path):
-    return StreamingStats.load(cache_path)
-  stats = compute_fn()
-  os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-  tmp_path = f"{cache_path}.tmp{os.getpid()}"
-  stats.save(tmp_path)
-  os.replace(tmp_path, cache_path)
-  return stats

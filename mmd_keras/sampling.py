@@ -1,7 +1,8 @@
 """Drawing N images from a UNet with `ddim.sample`, batch by batch, with noise fixed by a seed.
 
 Batch i always starts from the same x_T = stateless_normal(fold_in(seed, i)), so two models (or two
-step budgets) compared on the same seed see exactly the same noise.
+step budgets) compared on the same seed see exactly the same noise. Image j is drawn in batch
+j // batch_size, so the samples of a seed depend on the batch size too.
 """
 
 import numpy as np
@@ -17,13 +18,13 @@ def initial_noise(*, seed, batch_index, batch_size, image_shape):
   return tf.random.stateless_normal([batch_size, *image_shape], seed=batch_seed)
 
 
-def generate(unet, *, num_images, num_steps, schedule, timestep_kind="uniform", eta=0.0,
-             clip_x0=False, seed=0, batch_size=256, progress=None):
-  """[num_images, H, W, C] float32 samples in [-1, 1] (NumPy), K = num_steps DDIM steps."""
+def batches(unet, *, num_images, num_steps, schedule, timestep_kind="uniform", eta=0.0,
+            clip_x0=False, seed=0, batch_size=256):
+  """Yields the samples of `generate` batch by batch, so a caller can use each batch (embed it)
+  and drop it: [≤ batch_size, H, W, C] float32 in [-1, 1] (NumPy)."""
   eps_fn = tf.function(lambda x, t: unet(x, t), reduce_retracing=True)
   timesteps = schedule.timesteps(num_steps, timestep_kind)
   image_shape = (unet.image_size, unet.image_size, unet.channels)
-  outputs = []
   for batch_index, start in enumerate(range(0, num_images, batch_size)):
     count = min(batch_size, num_images - start)
     noise = initial_noise(seed=seed, batch_index=batch_index, batch_size=batch_size,
@@ -32,7 +33,17 @@ def generate(unet, *, num_images, num_steps, schedule, timestep_kind="uniform", 
     images = ddim.sample(eps_fn, noise, timesteps=timesteps,
                          alphas_cumprod=schedule.alphas_cumprod, eta=eta, clip_x0=clip_x0,
                          seed=step_seed)
-    outputs.append(np.clip(images.numpy(), -1.0, 1.0))
+    yield np.clip(images.numpy(), -1.0, 1.0)
+
+
+def generate(unet, *, num_images, num_steps, schedule, timestep_kind="uniform", eta=0.0,
+             clip_x0=False, seed=0, batch_size=256, progress=None):
+  """[num_images, H, W, C] float32 samples in [-1, 1] (NumPy), K = num_steps DDIM steps."""
+  outputs = []
+  for images in batches(unet, num_images=num_images, num_steps=num_steps, schedule=schedule,
+                        timestep_kind=timestep_kind, eta=eta, clip_x0=clip_x0, seed=seed,
+                        batch_size=batch_size):
+    outputs.append(images)
     if progress is not None:
-      progress(start + count, num_images)
+      progress(sum(len(o) for o in outputs), num_images)
   return np.concatenate(outputs, axis=0)

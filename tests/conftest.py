@@ -1,4 +1,5 @@
-"""Shared test setup: quiet TF, a tiny UNet factory, the repository root for CLI tests."""
+"""Shared test setup: quiet TF, a tiny UNet factory, the repository root and main.py for CLI
+tests."""
 
 import os
 
@@ -51,3 +52,11 @@ def tensorboard_summaries(logdir):
           entry = float(tensor)
         summaries.setdefault(value.tag, {})[event.step] = entry
   return summaries
+
+
+@pytest.fixture
+def main_module():
+  """main.py imported in this process (its flags defined), the flags reset afterwards."""
+  import main
+  yield main
+  main.FLAGS.unparse_flags()

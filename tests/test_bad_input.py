@@ -263,13 +263,6 @@ def test_bad_input_is_one_line_and_touches_nothing(tree, case):
   _check_untouched(before, snapshot(_watched(tree)), late=case.late)
 
 
-@pytest.fixture
-def main_module():
-  import main  # Defines main.py's flags in this process.
-  yield main
-  main.FLAGS.unparse_flags()
-
-
 @pytest.mark.parametrize("case", IN_PROCESS_CASES, ids=[case.id for case in IN_PROCESS_CASES])
 def test_flag_mistake_in_process(tree, case, main_module, capsys):
   before = snapshot(_watched(tree))

@@ -1,6 +1,9 @@
-"""main.py as a user runs it: one-line errors for bad input, and a tiny pretrain -> sample run."""
+"""main.py as a user runs it: one-line errors for bad input, tiny pretrain -> sample, quickstart and
+evaluate runs."""
 
 import glob
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +13,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO_ROOT
+from mmd_keras import checkpoints
+from mmd_keras import unet as unet_lib
 
 TINY_UNET = ["--image_size=8", "--ch=32", "--ch_mult=1,2", "--num_res_blocks=1",
              "--attn_resolutions=", "--dropout=0", "--num_timesteps=20"]
@@ -90,3 +95,178 @@ def test_pretrain_then_sample(tmp_path):
   assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
   assert tf.io.decode_png(tf.io.read_file(png)).shape[-1] == 1
   assert glob.glob(os.path.join(workdir, "sample", "flags_sample_*.cfg"))
+
+
+# The evaluation's checks, run through main.py's parser and error handler in this process. The
+# flagfile's data and bundled models are real: each mistake is the only one.
+QUICKSTART_CFG = ["--flagfile=configs/fashion_mnist.cfg"]
+
+
+def _error_in_process(main_module, capsys, args):
+  """The one `error:` line of main.py run with `args` (exit code 2)."""
+  with pytest.raises(SystemExit) as exit_info:
+    main_module._run_main(main_module._parse_flags(["main.py", *args]))
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  lines = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "Traceback" not in err, err
+  return lines[0]
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--mode=evaluate", "--num_eval_images=10001"],
+     ["--num_eval_images=10001", "10000 images", "--eval_split=test"]),
+    (["--mode=evaluate", "--eval_split=train", "--num_eval_images=60001"],
+     ["--num_eval_images=60001", "60000 images"]),
+    (["--mode=quickstart", "--quickstart_eval_images=10001"],
+     ["--quickstart_eval_images=10001", "10000 images"]),
+    (["--mode=evaluate", "--eval_steps=5,10,5"], ["--eval_steps", "K=5 more than once"]),
+    (["--mode=evaluate", "--finetuned_checkpoints=5:pretrained/fashion_mnist/unet_ema.weights.h5,"
+      "5:pretrained/fashion_mnist/classifier.weights.h5"],
+     ["--finetuned_checkpoints", "K=5 twice", "unet_ema.weights.h5", "classifier.weights.h5"]),
+])
+def test_evaluation_flags_checked_before_any_work(main_module, capsys, monkeypatch, tmp_path,
+                                                  args, names):
+  monkeypatch.chdir(REPO_ROOT)  # The flagfile's paths are relative to the repository.
+  line = _error_in_process(main_module, capsys, [
+      *QUICKSTART_CFG, f"--workdir={tmp_path}", f"--export_dir={tmp_path}/export", *args])
+  for name in names:
+    assert name in line, line
+  assert os.listdir(tmp_path) == []  # Refused before the finetune (or sweep) wrote anything.
+
+
+def test_quickstart_refuses_a_finetune_it_did_not_record(main_module, capsys, monkeypatch,
+                                                         tmp_path):
+  monkeypatch.chdir(REPO_ROOT)
+  (tmp_path / "finetune_k5").mkdir()
+  (tmp_path / "finetune_k5" / "unet.weights.h5").write_bytes(b"written by --mode=finetune")
+  line = _error_in_process(main_module, capsys, [
+      *QUICKSTART_CFG, f"--workdir={tmp_path}", f"--export_dir={tmp_path}/export",
+      "--mode=quickstart"])
+  assert f"--workdir={tmp_path}" in line and "did not record" in line
+  assert os.listdir(tmp_path) == ["finetune_k5"]
+  assert os.listdir(tmp_path / "finetune_k5") == ["unet.weights.h5"]
+
+
+# The end-to-end runs: a tiny UNet at 28 px (the bundled classifiers' size, feature dimension
+# 128), so N = 130 images is just above what a covariance needs.
+E2E_UNET = ["--image_size=28", "--ch=32", "--ch_mult=1,2", "--num_res_blocks=1",
+            "--attn_resolutions=", "--dropout=0", "--num_timesteps=10"]
+E2E_EVAL = ["--eval_feature_nets=classifier,classifier_heldout", "--feature_net=classifier",
+            "--sample_batch_size=65"]
+
+
+def _unet_file(path, *, seed, ch=32):
+  """The weights of the UNet of E2E_UNET (with `ch`), its output layer random (zero at init:
+  every sample would be alike)."""
+  unet = unet_lib.UNet(image_size=28, channels=1, ch=ch, ch_mult=(1, 2), num_res_blocks=1,
+                       attn_resolutions=(), dropout=0.0).build_for_inference()
+  rng = np.random.default_rng(seed)
+  unet.conv_out.kernel.assign(rng.normal(scale=0.05, size=unet.conv_out.kernel.shape))
+  checkpoints.save_weights_h5(unet, str(path))
+  return str(path)
+
+
+def _sha256(path):
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _check_report(folder, *, rows, stdout):
+  """report.json/.md, the plot and one grid per row in `folder`, as main.py printed them."""
+  with open(os.path.join(folder, "report.json")) as f:
+    report = json.load(f)
+  assert [(r["model"], r["num_steps"]) for r in report["rows"]] == rows
+  assert report["num_images"] == 130
+  assert report["feature_spaces"] == {"classifier": "trained", "classifier_heldout": "held-out"}
+  with open(os.path.join(folder, "report.md")) as f:
+    table = f.read()
+  assert table in stdout  # The printed table is the report's.
+  for model, k in rows:
+    assert f"\n| {model} | {k} |" in table
+    png = os.path.join(folder, f"samples_{model.lower().replace('-', '_')}_k{k}.png")
+    # 100 images of 28 px in 10 columns with 1-px gaps, upscaled 2x (64 // 28).
+    assert tf.io.decode_png(tf.io.read_file(png)).shape == (578, 578, 1)
+  assert tf.io.decode_png(tf.io.read_file(os.path.join(folder, "fid_vs_steps.png"))).shape[0] > 0
+  assert not [name for name in os.listdir(folder) if name.startswith(".tmp")]
+  return report
+
+
+def test_finetuned_checkpoint_of_another_unet_is_one_line_error(tmp_path):
+  base = _unet_file(tmp_path / "base.weights.h5", seed=0)
+  other = _unet_file(tmp_path / "ch64.weights.h5", seed=1, ch=64)
+  result = run_main(f"--workdir={tmp_path / 'run'}", "--mode=evaluate", f"--init_checkpoint={base}",
+                    *E2E_UNET, *E2E_EVAL, "--eval_steps=2", "--num_eval_images=130",
+                    f"--finetuned_checkpoints=2:{other}")
+  assert_user_error(result, "--finetuned_checkpoints")
+  assert "ch64.weights.h5" in result.stderr and "--ch" in result.stderr
+  assert not glob.glob(str(tmp_path / "run" / "evaluate" / "report.*"))
+
+
+@pytest.mark.slow
+def test_evaluate_end_to_end(tmp_path):
+  base = _unet_file(tmp_path / "base.weights.h5", seed=0)
+  finetuned = _unet_file(tmp_path / "finetuned.weights.h5", seed=1)
+  workdir = str(tmp_path / "run")
+  result = run_main(f"--workdir={workdir}", "--mode=evaluate", f"--init_checkpoint={base}",
+                    *E2E_UNET, *E2E_EVAL, "--eval_steps=2,3", "--num_eval_images=130",
+                    f"--finetuned_checkpoints=2:{finetuned}")
+  assert result.returncode == 0, result.stderr
+  report = _check_report(os.path.join(workdir, "evaluate"), stdout=result.stdout,
+                         rows=[("DDIM", 2), ("DDIM", 3), ("MMD-DDM", 2)])
+  assert [r["weights"] for r in report["rows"]] == [
+      dict(path=base, sha256=_sha256(base))] * 2 + [dict(path=finetuned, sha256=_sha256(finetuned))]
+  assert len(glob.glob(os.path.join(workdir, "reference", "*.npz"))) == 2
+  assert glob.glob(os.path.join(workdir, "evaluate", "flags_evaluate_*.cfg"))
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+  """A finished quickstart run: (its command, workdir, export dir, result)."""
+  root = tmp_path_factory.mktemp("quickstart")
+  base = _unet_file(root / "base.weights.h5", seed=0)
+  workdir = str(root / "run")
+  export = os.path.join(workdir, "export")
+  command = [f"--workdir={workdir}", f"--export_dir={export}", "--mode=quickstart",
+             f"--init_checkpoint={base}", *E2E_UNET, *E2E_EVAL, "--num_steps=2",
+             "--finetune_steps=2", "--batch_size=4", "--checkpoint_every=2", "--log_every=1",
+             "--learning_rate=1e-4", "--quickstart_eval_images=130"]
+  return command, workdir, export, run_main(*command)
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(quickstart):
+  _, workdir, export, result = quickstart
+  assert result.returncode == 0, result.stderr
+  assert "[1/3]" in result.stdout and "[3/3]" in result.stdout
+  # DDIM at K and at the reference K = min(100, T) = 10, and the finetuned model at K.
+  report = _check_report(os.path.join(workdir, "quickstart"), stdout=result.stdout,
+                         rows=[("DDIM", 2), ("DDIM", 10), ("MMD-DDM", 2)])
+  weights = os.path.join(workdir, "finetune_k2", "unet.weights.h5")
+  assert report["rows"][2]["weights"] == dict(path=weights, sha256=_sha256(weights))
+  assert os.path.exists(os.path.join(export, "mmd_ddm", "1", "saved_model.pb"))
+  assert os.path.exists(os.path.join(export, "mmd_ddm_k2.tflite"))
+
+
+@pytest.mark.slow
+def test_quickstart_rerun_reuses_only_its_own_finetune(quickstart):
+  command, workdir, export, first = quickstart
+  assert first.returncode == 0, first.stderr
+  with open(os.path.join(workdir, "quickstart", "report.json")) as f:
+    rows = json.load(f)["rows"]
+  # The same command again reuses the finetune and the scored rows, and exports a new version.
+  again = run_main(*command)
+  assert again.returncode == 0, again.stderr
+  assert "already finetuned" in again.stderr and again.stderr.count("reusing") == 3
+  with open(os.path.join(workdir, "quickstart", "report.json")) as f:
+    assert json.load(f)["rows"] == rows
+  assert os.path.exists(os.path.join(export, "mmd_ddm", "2", "saved_model.pb"))
+
+  # Another learning rate would reuse a finetune it did not make: refused before any work.
+  weights = os.path.join(workdir, "finetune_k2", "unet.weights.h5")
+  before = _sha256(weights), sorted(os.listdir(os.path.join(workdir, "quickstart")))
+  changed = run_main(*command, "--learning_rate=2e-4")
+  assert_user_error(changed, "--learning_rate")
+  assert "--workdir" in changed.stderr and "0.0001 then, 0.0002 now" in changed.stderr
+  assert (_sha256(weights), sorted(os.listdir(os.path.join(workdir, "quickstart")))) == before
+  assert not os.path.exists(os.path.join(export, "mmd_ddm", "3"))

@@ -90,6 +90,19 @@ def test_real_fashion_mnist_loads():
   np.testing.assert_array_equal(np.bincount(test_labels), [1000] * 10)
 
 
+def test_num_examples_reads_the_idx_header_only(synthetic_dir, tmp_path):
+  folder, images, _ = synthetic_dir
+  assert data_lib.num_examples(dataset="fashion_mnist", split="train",
+                               data_dir=str(folder)) == len(images)
+  assert data_lib.num_examples(dataset="fashion_mnist", split="test") == 10000
+  assert data_lib.num_examples(dataset="fashion_mnist", split="train") == 60000
+  with pytest.raises(UserError, match="apt-get install -y dataset-fashion-mnist"):
+    data_lib.num_examples(dataset="fashion_mnist", split="test", data_dir=str(folder))
+  # A TFDS dataset that is not prepared cannot tell: the count is checked when it is read.
+  assert data_lib.num_examples(dataset="tfds:cifar10", split="test",
+                               data_dir=str(tmp_path / "tfds")) is None
+
+
 def test_make_dataset_batches_by_the_global_batch_size(synthetic_dir):
   folder, images, labels = synthetic_dir
   ds = data_lib.make_dataset(dataset="fashion_mnist", global_batch_size=4, data_dir=str(folder),

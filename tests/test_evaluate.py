@@ -1,12 +1,16 @@
 """Step-budget evaluation: report contents, shared noise across models, atomic outputs, bad input."""
 
+import glob
+import hashlib
 import json
 import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from scipy import linalg
 
+from mmd_keras import checkpoints
 from mmd_keras import evaluate
 from mmd_keras import metrics
 from mmd_keras import schedule as schedule_lib
@@ -23,10 +27,21 @@ class PixelFeatures:
     self.dim = dim
     self.calls = 0
 
+  @property
+  def weights(self):
+    return [self.matrix]
+
   def __call__(self, images):
     self.calls += 1
     flat = np.asarray(images, np.float32).reshape(len(images), -1)
     return flat @ self.matrix
+
+
+def scipy_fid(ref, fake):
+  """FID from NumPy's own mean/cov and SciPy's sqrtm: independent of metrics.StreamingStats."""
+  mu1, mu2 = ref.mean(0), fake.mean(0)
+  s1, s2 = np.cov(ref, rowvar=False), np.cov(fake, rowvar=False)
+  return (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1 + s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
 
 
 def _tiny_unet(seed):
@@ -57,18 +72,21 @@ def test_report_rows_files_and_shared_noise(setup, tmp_path):
   models = [evaluate.ModelSpec("DDIM", unet, (2, 5)), evaluate.ModelSpec("MMD-DDM", unet, (2,))]
   report = evaluate.run(models=models, feature_spaces=_spaces(8), real_images=real,
                         schedule=schedule, num_images=20, seed=3, out_dir=str(tmp_path),
-                        clip_x0=True, batch_size=8, cache_prefix=str(tmp_path / "ref"))
+                        clip_x0=True, batch_size=8, cache_dir=str(tmp_path / "reference"))
   assert [(r["model"], r["num_steps"]) for r in report["rows"]] == [
       ("DDIM", 2), ("DDIM", 5), ("MMD-DDM", 2)]
   assert report["rows"][0]["spaces"] == report["rows"][2]["spaces"]
   assert report["rows"][0]["spaces"]["heldout"]["fid"] != report["rows"][1]["spaces"]["heldout"][
       "fid"]
   for name in ("report.json", "report.md", "fid_vs_steps.png", "samples_ddim_k2.png",
-               "samples_ddim_k5.png", "samples_mmd_ddm_k2.png", "ref_heldout_20.npz"):
+               "samples_ddim_k5.png", "samples_mmd_ddm_k2.png"):
     assert (tmp_path / name).exists(), name
+  assert len(glob.glob(str(tmp_path / "reference" / "real_heldout_20_*.npz"))) == 1
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
   on_disk = json.loads((tmp_path / "report.json").read_text())
   assert on_disk["feature_spaces"] == {"train_space": "trained", "heldout": "held-out"}
+  assert (on_disk["sample_batch_size"], on_disk["clip_x0"], on_disk["schedule"]) == (
+      8, True, dict(num_timesteps=100, beta_start=1e-4, beta_end=0.02))
   table = (tmp_path / "report.md").read_text()
   assert table.count("\n| DDIM |") == 2 and table.count("\n| MMD-DDM |") == 1
 
@@ -84,13 +102,8 @@ def test_scores_match_independent_computation(setup, tmp_path):
                                       clip_x0=True, seed=5, batch_size=8)
   fake = spaces[1].network(images).astype(np.float64)
   ref = spaces[1].network(real[:20]).astype(np.float64)
-  # FID from NumPy's own mean/cov and SciPy's sqrtm: independent of metrics.StreamingStats.
-  from scipy import linalg
-  mu1, mu2 = ref.mean(0), fake.mean(0)
-  s1, s2 = np.cov(ref, rowvar=False), np.cov(fake, rowvar=False)
-  expected = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1 + s2) - 2 * np.trace(
-      linalg.sqrtm(s1 @ s2).real)
-  assert report["rows"][0]["spaces"]["heldout"]["fid"] == pytest.approx(expected, rel=1e-4)
+  assert report["rows"][0]["spaces"]["heldout"]["fid"] == pytest.approx(scipy_fid(ref, fake),
+                                                                         rel=1e-4)
 
 
 def test_interrupted_run_leaves_no_report(setup, tmp_path):
@@ -124,7 +137,8 @@ def test_too_few_images_for_covariance(setup, tmp_path):
 
 
 @pytest.mark.parametrize("value, message", [
-    ("", "is empty"), ("5,x", "list of integers"), ("5,0", ">= 1"), (",", "is empty")])
+    ("", "is empty"), ("5,x", "list of integers"), ("5,0", ">= 1"), (",", "is empty"),
+    ("5,10,5", "K=5 more than once")])
 def test_parse_steps_errors(value, message):
   with pytest.raises(UserError, match=message):
     evaluate.parse_steps(value)
@@ -138,13 +152,81 @@ def test_parse_steps():
 def test_cached_reference_features_are_reused(setup, tmp_path):
   _, real = setup
   space = _spaces(8)[0]
-  path = str(tmp_path / "cache.npz")
-  first = evaluate.reference_features(space, real, batch_size=16, cache_path=path)
+  kwargs = dict(num_images=40, batch_size=16, digests={space.name: evaluate.feature_digest(space)},
+                cache_dir=str(tmp_path))
+  first = evaluate.reference_features([space], real, **kwargs)[space.name]
   calls = space.network.calls
-  second = evaluate.reference_features(space, real, batch_size=16, cache_path=path)
+  second = evaluate.reference_features([space], real, **kwargs)[space.name]
   assert space.network.calls == calls
   np.testing.assert_allclose(first, second, rtol=1e-6)
-  assert metrics.fid(first, second) < 1e-6
+  np.testing.assert_allclose(first, space.network(real), rtol=1e-6)
+
+
+def test_another_feature_network_recomputes_features_and_rows(setup, tmp_path, monkeypatch):
+  schedule, real = setup
+  unet = _tiny_unet(7)
+  spaces = _spaces(8)
+  common = dict(models=[evaluate.ModelSpec("DDIM", unet, (2,))], feature_spaces=spaces,
+                real_images=real, schedule=schedule, num_images=16, seed=1, clip_x0=True,
+                batch_size=8, out_dir=str(tmp_path / "evaluate"),
+                cache_dir=str(tmp_path / "reference"))
+  evaluate.run(**common)
+  sampled = _record_sampling(monkeypatch)
+  calls = [space.network.calls for space in spaces]
+  evaluate.run(**common)
+  assert sampled == [] and [space.network.calls for space in spaces] == calls
+
+  # A retrained held-out classifier: the same name, shapes and dimension, other weights.
+  spaces[1].network.matrix = np.random.default_rng(9).normal(size=(64, 8)).astype(np.float32)
+  report = evaluate.run(**common)
+  assert sampled == [2]
+  # The trained space embedded the 2 batches of samples only; the held-out one the real set too.
+  assert spaces[0].network.calls == calls[0] + 2 and spaces[1].network.calls == calls[1] + 4
+  images = evaluate.sampling.generate(unet, num_images=16, num_steps=2, schedule=schedule,
+                                      clip_x0=True, seed=1, batch_size=8)
+  expected = scipy_fid(spaces[1].network(real[:16]).astype(np.float64),
+                       spaces[1].network(images).astype(np.float64))
+  assert report["rows"][0]["spaces"]["heldout"]["fid"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_feature_digest_of_a_saved_model_follows_its_variables(tmp_path):
+
+  class Projection(tf.Module):
+
+    def __init__(self, value):
+      super().__init__()
+      self.w = tf.Variable(tf.fill([3, 2], value))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3])])
+    def serve(self, x):
+      return x @ self.w
+
+  class Network:
+    dim = 2
+
+    def __init__(self, value, name):
+      module = Projection(value)
+      tf.saved_model.save(module, str(tmp_path / name))
+      self.model = tf.saved_model.load(str(tmp_path / name))
+
+  digest = lambda network, settings="": evaluate.feature_digest(
+      evaluate.FeatureSpace("inception_v3", network, True, settings))
+  assert digest(Network(1.0, "a")) == digest(Network(1.0, "b"))
+  assert digest(Network(1.0, "a")) != digest(Network(2.0, "c"))
+  assert digest(Network(1.0, "a"), "299 px") != digest(Network(1.0, "a"), "150 px")
+
+
+def _record_sampling(monkeypatch):
+  """The K of every (model, K) sampled from now on."""
+  sampled = []
+  batches = evaluate.sampling.batches
+
+  def recording(*args, **kwargs):
+    sampled.append(kwargs["num_steps"])
+    return batches(*args, **kwargs)
+
+  monkeypatch.setattr(evaluate.sampling, "batches", recording)
+  return sampled
 
 
 def test_merged_reports_equal_one_run_over_all_models(setup, tmp_path):
@@ -166,6 +248,15 @@ def test_merged_reports_equal_one_run_over_all_models(setup, tmp_path):
 
   with pytest.raises(UserError, match="num_images"):
     evaluate.merge_reports([sweep, dict(later, num_images=17)], str(tmp_path / "bad"))
+  with pytest.raises(UserError, match="sample_batch_size: 8 vs 4"):
+    evaluate.merge_reports([sweep, dict(later, sample_batch_size=4)], str(tmp_path / "bad"))
+  with pytest.raises(UserError, match="schedule"):
+    evaluate.merge_reports(
+        [sweep, dict(later, schedule=dict(later["schedule"], beta_end=0.03))],
+        str(tmp_path / "bad"))
+  older = {k: v for k, v in later.items() if k != "clip_x0"}  # Written before clip_x0 was kept.
+  with pytest.raises(UserError, match="clip_x0"):
+    evaluate.merge_reports([sweep, older], str(tmp_path / "bad"))
   with pytest.raises(UserError, match="not the same samples"):
     evaluate.merge_reports([sweep, run([evaluate.ModelSpec("DDIM", finetuned, (2,))], "other")],
                            str(tmp_path / "bad"))
@@ -177,15 +268,129 @@ def test_an_interrupted_sweep_reuses_its_finished_rows(setup, tmp_path, monkeypa
   common = dict(feature_spaces=_spaces(8), real_images=real, schedule=schedule, num_images=16,
                 seed=6, clip_x0=True, batch_size=8, out_dir=str(tmp_path))
   first = evaluate.run(models=[evaluate.ModelSpec("DDIM", unet, (2,))], **common)
-  sampled = []
-  generate = evaluate.sampling.generate
-  monkeypatch.setattr(evaluate.sampling, "generate",
-                      lambda *args, **kwargs: sampled.append(kwargs["num_steps"]) or generate(
-                          *args, **kwargs))
+  sampled = _record_sampling(monkeypatch)
   second = evaluate.run(models=[evaluate.ModelSpec("DDIM", unet, (2, 3))], **common)
   assert sampled == [3] and second["rows"][0] == first["rows"][0]
-  # Other weights (or another seed) are other samples: nothing is reused.
+  # Everything that changes the samples changes the key: nothing is reused.
+  changes = [dict(seed=7), dict(batch_size=4), dict(eta=0.5), dict(clip_x0=False),
+             dict(timestep_kind="quadratic"),
+             dict(schedule=schedule_lib.NoiseSchedule.linear(num_timesteps=100, beta_end=0.03))]
+  for change in changes:
+    evaluate.run(models=[evaluate.ModelSpec("DDIM", unet, (2,))], **dict(common, **change))
+  assert sampled == [3] + [2] * len(changes)
   unet.conv_out.kernel.assign(unet.conv_out.kernel * 2.0)
   evaluate.run(models=[evaluate.ModelSpec("DDIM", unet, (2,))], **common)
-  evaluate.run(models=[evaluate.ModelSpec("DDIM", unet, (3,))], **dict(common, seed=7))
-  assert sampled == [3, 2, 3]
+  assert sampled == [3] + [2] * len(changes) + [2]
+
+
+def _top_level_files(folder):
+  """{name: bytes} of the files directly in `folder` (not rows/)."""
+  return {name: (folder / name).read_bytes() for name in os.listdir(folder)
+          if (folder / name).is_file()}
+
+
+def test_an_interrupted_run_leaves_the_earlier_grids_and_report(setup, tmp_path):
+  schedule, real = setup
+
+  class FailingSecondRow(PixelFeatures):
+    fail = False
+
+    def __call__(self, images):
+      # Call 1 embeds the real set, call 2 the first row's samples.
+      if self.fail and self.calls >= 2:
+        raise RuntimeError("interrupted")
+      return super().__call__(images)
+
+  network = FailingSecondRow(image_size=8)
+  common = dict(models=[evaluate.ModelSpec("DDIM", _tiny_unet(0), (2, 3))],
+                feature_spaces=[evaluate.FeatureSpace("f", network, True)], real_images=real,
+                schedule=schedule, num_images=20, clip_x0=True, batch_size=20,
+                out_dir=str(tmp_path))
+  evaluate.run(seed=0, **common)
+  earlier = _top_level_files(tmp_path)
+  assert {"samples_ddim_k2.png", "samples_ddim_k3.png", "report.json"} <= set(earlier)
+
+  network.calls, network.fail = 0, True
+  with pytest.raises(RuntimeError, match="interrupted"):
+    evaluate.run(seed=1, **common)
+  # The first row's grid of seed 1 exists (in rows/), but the run's outputs were not touched.
+  assert len(glob.glob(str(tmp_path / "rows" / "ddim_k2_*.png"))) == 2
+  assert _top_level_files(tmp_path) == earlier
+
+  network.fail = False
+  evaluate.run(seed=1, **common)
+  later = _top_level_files(tmp_path)
+  assert later["samples_ddim_k2.png"] != earlier["samples_ddim_k2.png"]
+  assert json.loads(later["report.json"])["seed"] == 1
+
+
+def test_samples_and_real_images_are_embedded_batch_by_batch(setup, tmp_path, monkeypatch):
+  schedule, real = setup
+  events = []
+
+  class Recording(PixelFeatures):
+
+    def __call__(self, images):
+      events.append(("embed", len(images)))
+      return super().__call__(images)
+
+  def real_batches():
+    for i in range(0, len(real), 8):
+      events.append(("real", len(real[i:i + 8])))
+      yield real[i:i + 8]
+
+  batches = evaluate.sampling.batches
+
+  def sampled_batches(*args, **kwargs):
+    for images in batches(*args, **kwargs):
+      events.append(("sample", len(images)))
+      yield images
+
+  monkeypatch.setattr(evaluate.sampling, "batches", sampled_batches)
+  common = dict(models=[evaluate.ModelSpec("DDIM", _tiny_unet(4), (2,))],
+                feature_spaces=[evaluate.FeatureSpace("f", Recording(image_size=8), True)],
+                real_images=real_batches, schedule=schedule, num_images=20, seed=2,
+                clip_x0=True, batch_size=8, cache_dir=str(tmp_path / "reference"))
+  report = evaluate.run(out_dir=str(tmp_path / "a"), **common)
+  # Each batch is embedded before the next one is read or drawn; 20 images take 8 + 8 + 4.
+  assert events == [("real", 8), ("embed", 8), ("real", 8), ("embed", 8), ("real", 8),
+                    ("embed", 4), ("sample", 8), ("embed", 8), ("sample", 8), ("embed", 8),
+                    ("sample", 4), ("embed", 4)]
+  assert report["rows"][0]["num_images"] == 20
+  # With the real features cached, the real images are not read again.
+  events.clear()
+  evaluate.run(out_dir=str(tmp_path / "b"), **common)
+  assert [kind for kind, _ in events] == ["sample", "embed"] * 3
+
+  too_few = dict(common, real_images=lambda: iter([real[:8]]), cache_dir=None)
+  with pytest.raises(UserError, match="--num_eval_images=20 exceeds the 8 real images"):
+    evaluate.run(out_dir=str(tmp_path / "c"), **too_few)
+
+
+def test_rows_name_the_weights_file_and_its_sha256(setup, tmp_path):
+  schedule, real = setup
+  unet = _tiny_unet(6)
+  path = str(tmp_path / "unet.weights.h5")
+  checkpoints.save_weights_h5(unet, path)
+  report = evaluate.run(models=[evaluate.ModelSpec("MMD-DDM", unet, (2,), path=path)],
+                        feature_spaces=_spaces(8), real_images=real, schedule=schedule,
+                        num_images=16, seed=0, out_dir=str(tmp_path / "evaluate"), batch_size=8)
+  with open(path, "rb") as f:
+    expected = hashlib.sha256(f.read()).hexdigest()
+  assert report["rows"][0]["weights"] == dict(path=path, sha256=expected)
+
+
+def test_weights_sha256_of_prefixes_and_directories(tmp_path):
+  for folder in ("a", "b"):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "ckpt-1.index").write_bytes(b"index")
+    (tmp_path / folder / "ckpt-1.data-00000-of-00001").write_bytes(b"data")
+  prefix = lambda folder: str(tmp_path / folder / "ckpt-1")
+  assert evaluate.weights_sha256(prefix("a")) == evaluate.weights_sha256(prefix("b"))
+  assert evaluate.weights_sha256(str(tmp_path / "a")) == evaluate.weights_sha256(
+      str(tmp_path / "b"))
+  (tmp_path / "b" / "ckpt-1.data-00000-of-00001").write_bytes(b"other")
+  assert evaluate.weights_sha256(prefix("a")) != evaluate.weights_sha256(prefix("b"))
+  assert evaluate.weights_sha256(str(tmp_path / "a")) != evaluate.weights_sha256(
+      str(tmp_path / "b"))
+  assert evaluate.weights_sha256(str(tmp_path / "nothing")) is None
