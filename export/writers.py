@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 
 import tensorflow as tf
 
@@ -45,7 +46,10 @@ def write_saved_model(sampler, *, export_dir, model_name, version, overwrite=Fal
   target = version_dir(export_dir=export_dir, model_name=model_name, version=version)
   check_version_free(target, overwrite=overwrite)
   parent = make_model_dir(export_dir=export_dir, model_name=model_name)
-  staging = tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=parent)
+  # os.mkdir keeps the umask's permissions; mkdtemp's 0700 would survive the rename and hide the
+  # version from a server running as another user.
+  staging = os.path.join(parent, f".{version}.tmp-{uuid.uuid4().hex}")
+  os.mkdir(staging)
   try:
     with tempfile.TemporaryDirectory() as scratch:
       metadata_path = os.path.join(scratch, "sampler.json")
@@ -88,8 +92,21 @@ def tflite_bytes(sampler, *, float16=False):
 def write_tflite(sampler, path, *, float16=False):
   """Writes the TFLite sampler to `path` (replacing an older file of that name); returns `path`."""
   data = tflite_bytes(sampler, float16=float16)
-  staging = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
-  with open(staging, "wb") as f:
-    f.write(data)
-  os.replace(staging, path)
+  _write_file_atomically(path, data)
   return path
+
+
+def _write_file_atomically(path, data):
+  """Writes bytes `data` to `path` through a staging file beside it, removed if anything fails."""
+  # A unique name: two exports into one directory never share (or delete) a staging file. open("xb")
+  # rather than mkstemp keeps the umask's permissions (mkstemp's 0600 would hide the file from a
+  # server running as another user).
+  staging = os.path.join(os.path.dirname(path) or ".",
+                         f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+  try:
+    with open(staging, "xb") as f:
+      f.write(data)
+    os.replace(staging, path)
+  finally:
+    if os.path.exists(staging):
+      os.remove(staging)

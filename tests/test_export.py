@@ -191,6 +191,39 @@ def test_existing_version_is_not_overwritten(unet, exported, tmp_path):
   assert int(tf.saved_model.load(str(target)).num_steps) == 1
 
 
+def _failing(error):
+  def fail(*args, **kwargs):
+    raise error
+  return fail
+
+
+@pytest.mark.parametrize("step", ["converter", "rename"])
+def test_failed_tflite_write_leaves_no_staging_file(unet, tmp_path, monkeypatch, step):
+  path = str(tmp_path / "m_k2.tflite")
+  with open(path, "wb") as f:
+    f.write(b"an earlier model")
+  if step == "converter":
+    monkeypatch.setattr(writers, "tflite_bytes", _failing(RuntimeError("conversion failed")))
+  else:  # The staging file is written whole, then the rename fails (e.g. a full or read-only disk).
+    monkeypatch.setattr(writers, "tflite_bytes", lambda *args, **kwargs: b"new model" * 1000)
+    monkeypatch.setattr(writers.os, "replace", _failing(OSError(28, "No space left on device")))
+  with pytest.raises((RuntimeError, OSError)):
+    writers.write_tflite(_sampler(unet), path)
+  assert os.listdir(tmp_path) == ["m_k2.tflite"]
+  with open(path, "rb") as f:
+    assert f.read() == b"an earlier model"
+
+
+def test_written_files_keep_the_umask_permissions(exported):
+  # Not mkstemp/mkdtemp's 0600/0700: a server running as another user must read them.
+  umask = os.umask(0)
+  os.umask(umask)
+  for path in (exported["saved"], exported["tflite"][False]):
+    mode = os.stat(path).st_mode & 0o777
+    expected = (0o777 if os.path.isdir(path) else 0o666) & ~umask
+    assert mode == expected, (path, oct(mode))
+
+
 def test_load_example_runs_in_a_process_without_project_code(exported, tmp_path):
   script = tmp_path / "load_example.py"
   shutil.copy(pathlib.Path(sampler_module.__file__).with_name("load_example.py"), script)
