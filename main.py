@@ -398,8 +398,7 @@ def _check_export_flags():
     raise UserError(f"--model_version must be >= 1 (TF Serving versions), got {FLAGS.model_version}")
   if FLAGS.max_images < 1:
     raise UserError(f"--max_images must be >= 1, got {FLAGS.max_images}")
-  if not FLAGS.model_name or os.sep in FLAGS.model_name:
-    raise UserError(f"--model_name must be a non-empty directory name, got {FLAGS.model_name!r}")
+  export_writers.check_model_name(FLAGS.model_name)
 
 
 def run_export(init_checkpoint=None, next_free_version=False):

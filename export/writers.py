@@ -10,6 +10,7 @@ Serving only loads numeric version directories) and renamed into place.
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -18,6 +19,19 @@ import tensorflow as tf
 
 from mmd_keras import errors
 from mmd_keras.errors import UserError
+
+
+# A name TF Serving can key a model by, in a directory name and in its REST URL
+# (/v1/models/<name>): no path separators, and no leading dot ("." and ".." leave the export dir,
+# hidden names look like our staging files).
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_model_name(name):
+  """Raises UserError unless `name` is a plain model name (see MODEL_NAME_PATTERN)."""
+  if not MODEL_NAME_PATTERN.fullmatch(name or ""):
+    raise UserError(f"--model_name must be letters, digits, '_', '-' and '.', starting with a "
+                    f"letter or digit (a directory under --export_dir), got {name!r}")
 
 
 def version_dir(*, export_dir, model_name, version):
@@ -43,6 +57,7 @@ def make_model_dir(*, export_dir, model_name):
 
 def write_saved_model(sampler, *, export_dir, model_name, version, overwrite=False):
   """Saves `sampler` with its two signatures to <export_dir>/<model_name>/<version>; returns it."""
+  check_model_name(model_name)
   target = version_dir(export_dir=export_dir, model_name=model_name, version=version)
   check_version_free(target, overwrite=overwrite)
   parent = make_model_dir(export_dir=export_dir, model_name=model_name)

@@ -224,6 +224,48 @@ def test_written_files_keep_the_umask_permissions(exported):
     assert mode == expected, (path, oct(mode))
 
 
+@pytest.fixture
+def main_module():
+  import main  # pylint: disable=g-import-not-at-top  # Defines main.py's flags in this process.
+  yield main
+  main.FLAGS.unparse_flags()
+
+
+def _run_main_in_process(main_module, *args):
+  """main.py's flag parsing and error handling: (exit code, stderr's `error:` lines)."""
+  with pytest.raises(SystemExit) as exit_info:
+    main_module._run_main(main_module._parse_flags(["main.py", *args]))  # pylint: disable=protected-access
+  return exit_info.value.code
+
+
+@pytest.mark.parametrize("flag", ["--model_name=.", "--model_name=..", "--model_name=.hidden",
+                                  "--model_name=a/b", "--model_name=../up", "--model_name=",
+                                  "--model_name=with space", "--model_version=0",
+                                  "--model_version=-3"])
+def test_model_name_and_version_that_leave_the_layout_are_refused(main_module, tmp_path, capsys,
+                                                                   flag):
+  export_dir = tmp_path / "export"
+  code = _run_main_in_process(
+      main_module, "--mode=export", f"--export_dir={export_dir}", f"--workdir={tmp_path / 'run'}",
+      f"--init_checkpoint={tmp_path / 'none.weights.h5'}", "--image_size=8", "--ch_mult=1,2",
+      "--num_steps=2", flag)
+  errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+  assert code == 2 and len(errors) == 1, errors
+  name, _, value = flag.partition("=")
+  if name == "--model_name":
+    expected = ["--model_name", "letters, digits, '_', '-' and '.', starting with a letter or digit",
+                f"got {value!r}"]
+  else:
+    expected = ["--model_version", ">= 1", f"got {value}"]
+  assert all(part in errors[0] for part in expected), errors[0]
+  assert os.listdir(tmp_path) == []  # Refused before anything was created.
+
+
+@pytest.mark.parametrize("name", ["mmd_ddm", "fmnist-k5", "model.v2", "A1"])
+def test_plain_model_names_are_accepted(name):
+  writers.check_model_name(name)
+
+
 def test_load_example_runs_in_a_process_without_project_code(exported, tmp_path):
   script = tmp_path / "load_example.py"
   shutil.copy(pathlib.Path(sampler_module.__file__).with_name("load_example.py"), script)
