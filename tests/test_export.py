@@ -5,6 +5,7 @@ UNet has zero output convolutions (ε̂ = 0) and its x̂0 at t ≈ T divides by 
 tiny UNet here gets N(0, 0.1²) random weights everywhere and the sampler clips x̂0 (clip_x0=True).
 """
 
+import hashlib
 import json
 import os
 import pathlib
@@ -266,6 +267,76 @@ def test_plain_model_names_are_accepted(name):
   writers.check_model_name(name)
 
 
+def test_weights_sha256_follows_the_values_not_the_build():
+  first, second = tiny_unet(dropout=0.1), tiny_unet(dropout=0.1)  # Own seed-generator states.
+  randomize_weights(first, seed=3)
+  randomize_weights(second, seed=3)
+  digest = sampler_module.weights_sha256(first.weights)
+  assert digest == sampler_module.weights_sha256(second.weights)
+  assert len(digest) == 64 and int(digest, 16) >= 0
+  kernel = second.weights[0]
+  kernel.assign(kernel.numpy() + np.float32(1e-3) * np.eye(*kernel.shape[-2:], dtype=np.float32))
+  assert sampler_module.weights_sha256(second.weights) != digest
+
+
+def _sha256_of_files(folder):
+  return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+          for name in sorted(os.listdir(folder)) if (folder / name).is_file()}
+
+
+TINY_UNET_FLAGS = ["--image_size=8", "--ch=32", "--ch_mult=1,2", "--num_res_blocks=1",
+                   "--attn_resolutions=4", "--dropout=0", "--clip_x0"]
+
+
+@pytest.mark.slow
+def test_next_free_version_reuses_the_same_weights_and_never_replaces_another_model(
+    main_module, unet, tmp_path, capsys):
+  from mmd_keras import checkpoints  # pylint: disable=g-import-not-at-top
+  other = randomize_weights(tiny_unet(attn_resolutions=(4,)), seed=2)
+  paths = {}
+  for name, model in (("a", unet), ("b", other)):
+    paths[name] = str(tmp_path / f"{name}.weights.h5")
+    checkpoints.save_weights_h5(model, paths[name])
+  out = tmp_path / "out"
+  main_module._parse_flags(["main.py", f"--export_dir={out}", f"--workdir={tmp_path / 'run'}",  # pylint: disable=protected-access
+                            "--model_name=m", f"--num_steps={NUM_STEPS}", *TINY_UNET_FLAGS])
+  export = lambda name: (main_module.run_export(init_checkpoint=paths[name],
+                                                next_free_version=True), capsys.readouterr().out)[1]
+
+  log = export("a")
+  assert sorted(os.listdir(out / "m")) == ["1"] and f"wrote TFLite {out}/m_k2_v1.tflite" in log
+  files = _sha256_of_files(out)
+  assert sorted(files) == ["m_k2_v1.tflite", "m_k2_v1.tflite.json"]
+
+  log = export("a")  # The quickstart rerun on the same finetuned weights.
+  assert f"reusing SavedModel {out}/m/1: exported from the same weights" in log
+  assert sorted(os.listdir(out / "m")) == ["1"] and _sha256_of_files(out) == files
+
+  # Another model's TFLite under the plain name, without a record (an older export).
+  (out / "m_k2.tflite").write_bytes(b"an older model")
+  files = _sha256_of_files(out)
+  log = export("b")  # New weights: a new version, with its own TFLite; nothing replaced.
+  assert sorted(os.listdir(out / "m")) == ["1", "2"] and "wrote SavedModel" in log
+  assert f"note: {out}/m_k2.tflite holds another model (no record)" in log
+  after = _sha256_of_files(out)
+  assert {name: after[name] for name in files} == files
+  assert sorted(set(after) - set(files)) == ["m_k2_v2.tflite", "m_k2_v2.tflite.json"]
+
+  # Each version's files hold its own weights: images against the in-process sampler of each.
+  noise = _noise(2, seed=11)
+  for version, model in ((1, unet), (2, other)):
+    record = json.loads((out / f"m_k2_v{version}.tflite.json").read_text())
+    saved = json.loads((out / "m" / str(version) / "assets" / "sampler.json").read_text())
+    assert record["saved_model_version"] == version
+    assert record["weights_sha256"] == saved["weights_sha256"]
+    reference = _reference(model, noise)
+    assert _max_abs_diff(_run_tflite(str(out / f"m_k2_v{version}.tflite"), noise), reference) <= 1
+    images = tf.saved_model.load(str(out / "m" / str(version))).signatures["from_noise"](
+        noise=tf.constant(noise))["images"].numpy()
+    assert _max_abs_diff(images, reference) <= 1
+  assert _max_abs_diff(_reference(unet, noise), _reference(other, noise)) > 1  # Distinguishable.
+
+
 def test_load_example_runs_in_a_process_without_project_code(exported, tmp_path):
   script = tmp_path / "load_example.py"
   shutil.copy(pathlib.Path(sampler_module.__file__).with_name("load_example.py"), script)
@@ -331,5 +402,8 @@ def test_main_export_writes_the_serving_layout(unet, repo_root, tmp_path):
   assert first.returncode == 0, first.stderr[-2000:]
   assert os.path.isdir(tmp_path / "out" / "mmd_ddm" / "1" / "variables")
   assert os.path.isfile(tmp_path / "out" / "mmd_ddm_k1.tflite")
+  record = writers.read_tflite_record(str(tmp_path / "out" / "mmd_ddm_k1.tflite"))
+  assert record["saved_model_version"] == 1 and record["num_steps"] == 1
+  assert record["weights_sha256"] == sampler_module.weights_sha256(unet.weights)
   second = run()
   assert second.returncode == 2 and "--overwrite" in second.stderr
