@@ -123,6 +123,38 @@ def test_eta_noise_comes_from_the_seed(unet):
   assert _max_abs_diff(first, _reference(unet, x_T)) > 1  # η really adds noise.
 
 
+@pytest.fixture(scope="module")
+def eta_sampler(unet, tmp_path_factory):
+  """An η = 0.5 sampler, in process and saved then loaded."""
+  sampler = _sampler(unet, eta=0.5)
+  path = writers.write_saved_model(sampler, export_dir=str(tmp_path_factory.mktemp("eta")),
+                                   model_name="m", version=1)
+  return sampler, tf.saved_model.load(path)
+
+
+def test_eta_saved_model_round_trip(unet, eta_sampler):
+  sampler, loaded = eta_sampler
+  assert float(loaded.eta) == 0.5
+  serve = lambda seed: loaded.signatures["serving_default"](
+      seed=tf.constant(seed, tf.int64), num_images=tf.constant(3))["images"].numpy()
+  first = serve(7)
+  np.testing.assert_array_equal(first, serve(7))
+  assert np.any(first != serve(8))
+  in_process = sampler.serving_default(tf.constant(7, tf.int64), tf.constant(3))["images"].numpy()
+  np.testing.assert_array_equal(first, in_process)
+  x_T = tf.random.stateless_normal([3, *IMAGE_SHAPE], seed=tf.constant([7, 0], tf.int64)).numpy()
+  expected = _reference(unet, x_T, seed=tf.constant([7, 1], tf.int64), eta=0.5)
+  assert _max_abs_diff(first, expected) <= 1
+  # from_noise draws its step noise from seed 0.
+  noise = _noise(2, seed=4)
+  images = loaded.signatures["from_noise"](noise=tf.constant(noise))["images"].numpy()
+  np.testing.assert_array_equal(
+      images, loaded.signatures["from_noise"](noise=tf.constant(noise))["images"].numpy())
+  assert _max_abs_diff(images, _reference(unet, noise, seed=tf.constant([0, 1], tf.int64),
+                                          eta=0.5)) <= 1
+  assert _max_abs_diff(images, _reference(unet, noise)) > 1  # η really adds noise.
+
+
 @pytest.mark.parametrize("num_images", [0, -1, MAX_IMAGES + 1])
 def test_num_images_out_of_range_is_rejected_in_the_graph(loaded, num_images):
   with pytest.raises(tf.errors.InvalidArgumentError, match=rf"num_images must be in \[1, {MAX_IMAGES}\]"):
@@ -138,8 +170,31 @@ def test_bad_noise_is_rejected_in_the_graph(loaded, shape):
 
 
 def test_noise_dtype_is_enforced_by_the_signature(loaded):
-  with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+  # Not one of the graph's checks: the signature's float32 input refuses a double before it runs.
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="expected to be a float tensor but is a double tensor"):
     loaded.signatures["from_noise"](noise=tf.zeros([1, *IMAGE_SHAPE], tf.float64))
+
+
+def test_each_signature_is_traced_once_for_any_batch(unet):
+  sampler = _sampler(unet)
+  for batch in (1, 3):
+    sampler.from_noise(tf.constant(_noise(batch)))
+    sampler.serving_default(tf.constant(batch, tf.int64), tf.constant(batch))
+  assert sampler.from_noise.experimental_get_tracing_count() == 1
+  assert sampler.serving_default.experimental_get_tracing_count() == 1
+
+
+def _conv_ops(sampler):
+  graph = sampler.from_noise.get_concrete_function().graph
+  return sum(op.type == "Conv2D" for op in graph.get_operations())
+
+
+def test_the_k_steps_unroll_into_one_graph(unet):
+  # K UNet forwards in the one traced graph: twice the convolutions of K = 1 at K = 2.
+  one_step = _conv_ops(sampler_module.Sampler.from_schedule(unet, schedule=SCHEDULE, num_steps=1))
+  assert one_step >= len([w for w in unet.weights if len(w.shape) == 4])  # Every conv kernel.
+  assert _conv_ops(_sampler(unet)) == NUM_STEPS * one_step
 
 
 def _run_tflite(path, noise):
@@ -376,7 +431,7 @@ def test_saved_model_cli_show_matches_the_documented_contract(exported):
   assert serve.count("inputs['") == 2
 
 
-def test_saved_model_cli_run(exported, tmp_path):
+def test_saved_model_cli_run(exported, loaded, tmp_path):
   # TF 2.21's saved_model_cli accepts only Python literals (not np.int64(3)); it casts to the
   # signature dtypes.
   text = _saved_model_cli("run", "--dir", exported["saved"], "--tag_set", "serve",
@@ -385,6 +440,11 @@ def test_saved_model_cli_run(exported, tmp_path):
   assert "images" in text
   images = np.load(tmp_path / "images.npy")
   assert images.dtype == np.uint8 and images.shape == (2, *IMAGE_SHAPE)
+  # Another process (without project code), the same seed: the same images, bit for bit.
+  in_process = loaded.signatures["serving_default"](seed=tf.constant(3, tf.int64),
+                                                    num_images=tf.constant(2))["images"].numpy()
+  assert in_process.std() > 5
+  np.testing.assert_array_equal(images, in_process)
 
 
 @pytest.mark.slow
