@@ -467,3 +467,29 @@ def test_main_export_writes_the_serving_layout(unet, repo_root, tmp_path):
   assert record["weights_sha256"] == sampler_module.weights_sha256(unet.weights)
   second = run()
   assert second.returncode == 2 and "--overwrite" in second.stderr
+
+
+@pytest.mark.slow
+def test_sampler_benchmark_smoke(repo_root, tmp_path):
+  json_out = tmp_path / "bench.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "mmd_keras.benchmarks", "sampler", "--unet=tiny", "--num_steps=1",
+       "--batch_sizes=2", "--min_seconds=0", "--tflite_threads=2", f"--json_out={json_out}"],
+      cwd=repo_root, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith("# command: python -m mmd_keras.benchmarks sampler --unet=tiny")
+  assert f"tensorflow: {tf.__version__}" in lines[0] and "weights: random" in lines[0]
+  assert "tflite_threads: 2" in lines[0]
+  variants = ["eager python loop", "tf.function", "tf.function dynamic batch",
+              "tf.function(jit_compile)", "SavedModel from_noise", "TFLite float32",
+              "TFLite float16"]
+  assert "| K | batch | bound | " + " | ".join(variants) + " |" in lines
+  row = next(line for line in lines if line.startswith("| 1 | 2 |"))
+  assert len(row.split("|")) == len(variants) + 5  # K, batch, bound, the variants, the ends.
+  report = json.loads(json_out.read_text())
+  assert report["tflite_threads"] == 2 and report["tensorflow"] == tf.__version__
+  [measured] = report["results"]
+  assert measured["num_steps"] == 1 and measured["batch"] == 2
+  for name in ["bound"] + variants:  # Images/s, not a "failed: ..." string.
+    assert isinstance(measured[name], float) and measured[name] > 0, (name, measured[name])
