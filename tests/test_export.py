@@ -110,6 +110,9 @@ def test_serving_default_is_deterministic_per_seed(unet, loaded):
   # x_T is stateless_normal(seed=(seed, 0)), written out here independently of the module.
   x_T = tf.random.stateless_normal([2, *IMAGE_SHAPE], seed=tf.constant([3, 0], tf.int64)).numpy()
   assert _max_abs_diff(first, _reference(unet, x_T)) <= 1
+  # The README's way to reproduce served images from the noise.
+  np.testing.assert_array_equal(
+      first, loaded.signatures["from_noise"](noise=tf.constant(x_T))["images"].numpy())
 
 
 def test_eta_noise_comes_from_the_seed(unet):
