@@ -419,7 +419,7 @@ def run_export(init_checkpoint=None, next_free_version=False):
     export_writers.check_version_free(export_writers.version_dir(
         export_dir=FLAGS.export_dir, model_name=FLAGS.model_name, version=FLAGS.model_version),
         overwrite=FLAGS.overwrite)
-    existing = [tflite_path(None, f16) for f16 in variants if os.path.exists(tflite_path(None, f16))]
+    existing = [p for p in (tflite_path(None, f16) for f16 in variants) if os.path.exists(p)]
     if existing and not FLAGS.overwrite:
       raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it")
   init_checkpoint = init_checkpoint or _init_checkpoint()

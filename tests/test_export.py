@@ -312,8 +312,8 @@ def test_model_name_and_version_that_leave_the_layout_are_refused(main_module, t
   assert code == 2 and len(errors) == 1, errors
   name, _, value = flag.partition("=")
   if name == "--model_name":
-    expected = ["--model_name", "letters, digits, '_', '-' and '.', starting with a letter or digit",
-                f"got {value!r}"]
+    expected = ["--model_name", f"got {value!r}",
+                "letters, digits, '_', '-' and '.', starting with a letter or digit"]
   else:
     expected = ["--model_version", ">= 1", f"got {value}"]
   assert all(part in errors[0] for part in expected), errors[0]
@@ -356,8 +356,9 @@ def test_next_free_version_reuses_the_same_weights_and_never_replaces_another_mo
     paths[name] = str(tmp_path / f"{name}.weights.h5")
     checkpoints.save_weights_h5(model, paths[name])
   out = tmp_path / "out"
-  main_module._parse_flags(["main.py", f"--export_dir={out}", f"--workdir={tmp_path / 'run'}",  # pylint: disable=protected-access
-                            "--model_name=m", f"--num_steps={NUM_STEPS}", *TINY_UNET_FLAGS])
+  argv = ["main.py", f"--export_dir={out}", f"--workdir={tmp_path / 'run'}", "--model_name=m",
+          f"--num_steps={NUM_STEPS}", *TINY_UNET_FLAGS]
+  main_module._parse_flags(argv)  # pylint: disable=protected-access
   export = lambda name: (main_module.run_export(init_checkpoint=paths[name],
                                                 next_free_version=True), capsys.readouterr().out)[1]
 
