@@ -400,48 +400,69 @@ def _check_export_flags():
     raise UserError(f"--model_version must be >= 1 (TF Serving versions), got {FLAGS.model_version}")
   if FLAGS.max_images < 1:
     raise UserError(f"--max_images must be >= 1, got {FLAGS.max_images}")
-  if not FLAGS.model_name or os.sep in FLAGS.model_name:
-    raise UserError(f"--model_name must be a non-empty directory name, got {FLAGS.model_name!r}")
+  export_writers.check_model_name(FLAGS.model_name)
 
 
 def run_export(init_checkpoint=None, next_free_version=False):
-  """Writes the K-step sampler; `next_free_version` picks the first unused version instead of
-  refusing (the quickstart re-exports on every run without touching earlier versions)."""
+  """Writes the K-step sampler to --model_version, refusing to replace files without --overwrite.
+
+  `next_free_version` (the quickstart, which re-exports on every run): reuse the latest version if
+  it holds the same weights and settings, else write the next free version, with TFLite files named
+  after it (<name>_k<K>_v<version>.tflite); nothing existing is replaced.
+  """
   _check_sampler_flags()
   _check_export_flags()
   _unet_factory()
-  version = FLAGS.model_version
-  while next_free_version and os.path.exists(export_writers.version_dir(
-      export_dir=FLAGS.export_dir, model_name=FLAGS.model_name, version=version)):
-    version += 1
-  target = export_writers.version_dir(export_dir=FLAGS.export_dir, model_name=FLAGS.model_name,
-                                      version=version)
-  export_writers.check_version_free(target, overwrite=FLAGS.overwrite)  # Before the slow part.
-  tflite_paths = {} if FLAGS.eta else {
-      export_writers.tflite_path(export_dir=FLAGS.export_dir, model_name=FLAGS.model_name,
-                                 num_steps=FLAGS.num_steps, float16=float16): float16
-      for float16 in ((False, True) if FLAGS.tflite_float16 else (False,))}
-  existing = [p for p in tflite_paths if os.path.exists(p)]
-  if existing and not FLAGS.overwrite and not next_free_version:
-    raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it")
+  variants = () if FLAGS.eta else ((False, True) if FLAGS.tflite_float16 else (False,))
+  tflite_path = lambda version, float16: export_writers.tflite_path(
+      export_dir=FLAGS.export_dir, model_name=FLAGS.model_name, num_steps=FLAGS.num_steps,
+      float16=float16, version=version)
+  if not next_free_version:  # Refused before the checkpoint is even read.
+    export_writers.check_version_free(export_writers.version_dir(
+        export_dir=FLAGS.export_dir, model_name=FLAGS.model_name, version=FLAGS.model_version),
+        overwrite=FLAGS.overwrite)
+    existing = [p for p in (tflite_path(None, f16) for f16 in variants) if os.path.exists(p)]
+    if existing and not FLAGS.overwrite:
+      raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it")
   init_checkpoint = init_checkpoint or _init_checkpoint()
   export_writers.make_model_dir(export_dir=FLAGS.export_dir, model_name=FLAGS.model_name)
   sampler = export_sampler.Sampler.from_schedule(
       _restored_unet(init_checkpoint), schedule=_schedule(), num_steps=FLAGS.num_steps,
       timestep_kind=FLAGS.timesteps, eta=FLAGS.eta, clip_x0=FLAGS.clip_x0,
       max_images=FLAGS.max_images)
-  path = export_writers.write_saved_model(sampler, export_dir=FLAGS.export_dir,
-                                   model_name=FLAGS.model_name, version=version,
-                                   overwrite=FLAGS.overwrite)
-  print(f"wrote SavedModel {path}")
+  metadata = sampler.metadata()
+  version, reused = FLAGS.model_version, False
+  if next_free_version:
+    version, reused = export_writers.next_free_version(
+        metadata, export_dir=FLAGS.export_dir, model_name=FLAGS.model_name,
+        first_version=FLAGS.model_version, num_steps=FLAGS.num_steps, tflite_variants=variants)
+  path = export_writers.version_dir(export_dir=FLAGS.export_dir, model_name=FLAGS.model_name,
+                                    version=version)
+  if reused:
+    print(f"reusing SavedModel {path}: exported from the same weights (sha256 "
+          f"{metadata['weights_sha256'][:12]}) and settings; no new version written")
+  else:
+    export_writers.write_saved_model(sampler, export_dir=FLAGS.export_dir,
+                                     model_name=FLAGS.model_name, version=version,
+                                     overwrite=FLAGS.overwrite)
+    print(f"wrote SavedModel {path}")
   if FLAGS.eta:
     print("skipped TFLite: it is the deterministic noise -> images sampler (needs --eta=0)")
     return
-  for path, float16 in tflite_paths.items():
-    if path in existing and not FLAGS.overwrite:
-      print(f"kept the existing {path} (pass --overwrite to replace it)")
-      continue
-    print(f"wrote TFLite {export_writers.write_tflite(sampler, path, float16=float16)}")
+  for float16 in variants:
+    path = tflite_path(version if next_free_version else None, float16)
+    if reused and os.path.exists(path):  # next_free_version checked it is the same model.
+      print(f"kept TFLite {path} (the same model)")
+    else:
+      export_writers.write_tflite(sampler, path, float16=float16, version=version)
+      print(f"wrote TFLite {path}")
+    plain = tflite_path(None, float16)
+    record = export_writers.read_tflite_record(plain)
+    if next_free_version and os.path.exists(plain) and not export_writers.same_model(record,
+                                                                                     metadata):
+      origin = (f"version {record.get('saved_model_version')}, weights sha256 "
+                f"{str(record.get('weights_sha256'))[:12]}") if record else "no record"
+      print(f"note: {plain} holds another model ({origin}); this export's TFLite is {path}")
 
 
 def _finetuned_checkpoints(steps):

@@ -12,7 +12,12 @@ for η > 0 its step noise uses seed 0.
 Bad requests fail inside the graph (so also under TF Serving, which does not check shapes against the
 signature): `num_images` outside [1, max_images], and noise that is not rank 4 with the exported
 H, W, C and 1 ≤ N ≤ max_images. `from_noise` therefore declares an unknown-rank `noise` input.
+
+The metadata records sha256 digests of the UNet weights and of ᾱ: with the settings they say which
+model an exported file holds, so a re-export can tell "the same model again" from "new weights".
 """
+
+import hashlib
 
 import numpy as np
 import tensorflow as tf
@@ -33,6 +38,19 @@ def seeded_noise(seed, num_images, image_shape):
 def step_noise_seed(seed):
   """The [2] seed `ddim.sample` folds the step index into for its η > 0 noise."""
   return tf.stack([tf.cast(seed, tf.int64), STEP_NOISE_STREAM])
+
+
+def weights_sha256(weights):
+  """sha256 over the dtypes, shapes and values of `weights` in order.
+
+  Names are left out: Keras numbers them per process, and they do not change what is computed.
+  """
+  digest = hashlib.sha256()
+  for weight in weights:
+    value = np.ascontiguousarray(weight.numpy())
+    digest.update(f"{value.dtype.str}{value.shape};".encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()
 
 
 def _constant(value, dtype=None):
@@ -61,6 +79,9 @@ class Sampler(tf.Module):
     self._max_images = int(max_images)
     self._image_shape = (unet.image_size, unet.image_size, unet.channels)
     self._alphas_cumprod = np.asarray(alphas_cumprod, np.float32)
+    # unet.weights, not unet.variables: the dropout layers' seed-generator states differ per build.
+    # Read when the metadata is written, so it describes the values that are saved.
+    self._unet_weights = lambda: unet.weights
     self.num_steps = _constant(len(self._timesteps), tf.int32)
     self.timesteps = _constant(self._timesteps, tf.int32)
     self.eta = _constant(self._eta, tf.float32)
@@ -86,6 +107,8 @@ class Sampler(tf.Module):
     return dict(num_steps=len(self._timesteps), timesteps=self._timesteps, eta=self._eta,
                 clip_x0=self._clip_x0, image_shape=[height, width, channels],
                 max_images=self._max_images, num_timesteps=len(self._alphas_cumprod),
+                weights_sha256=weights_sha256(self._unet_weights()),
+                alphas_cumprod_sha256=hashlib.sha256(self._alphas_cumprod.tobytes()).hexdigest(),
                 seed_streams=dict(x_T=X_T_STREAM, step_noise=STEP_NOISE_STREAM),
                 signatures=dict(serving_default=dict(inputs=["seed", "num_images"],
                                                      outputs=["images"]),

@@ -3,15 +3,21 @@
   <export_dir>/<model_name>/<version>/           saved_model.pb, variables/, assets/sampler.json
   <export_dir>/<model_name>_k<K>.tflite          noise -> images, float32 weights
   <export_dir>/<model_name>_k<K>_fp16.tflite     the same with float16 weights
+  <export_dir>/<model_name>_k<K>_v<version>.tflite   the same, named after its version (the
+                                                     quickstart's next-free-version exports)
 
-Every file appears whole or not at all: it is written beside its target under a hidden name (TF
-Serving only loads numeric version directories) and renamed into place.
+Every .tflite has a record `<file>.json`: the sampler's metadata (weights sha256, settings) and the
+SavedModel version it was exported with. Every file appears whole or not at all: it is written
+beside its target under a hidden name (TF Serving only loads numeric version directories) and
+renamed into place.
 """
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import uuid
 
 import tensorflow as tf
 
@@ -19,12 +25,102 @@ from mmd_keras import errors
 from mmd_keras.errors import UserError
 
 
+# A name TF Serving can key a model by, in a directory name and in its REST URL
+# (/v1/models/<name>): no path separators, and no leading dot ("." and ".." leave the export dir,
+# hidden names look like our staging files).
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_model_name(name):
+  """Raises UserError unless `name` is a plain model name (see MODEL_NAME_PATTERN)."""
+  if not MODEL_NAME_PATTERN.fullmatch(name or ""):
+    raise UserError(f"--model_name must be letters, digits, '_', '-' and '.', starting with a "
+                    f"letter or digit (a directory under --export_dir), got {name!r}")
+
+
 def version_dir(*, export_dir, model_name, version):
   return os.path.join(export_dir, model_name, str(version))
 
 
-def tflite_path(*, export_dir, model_name, num_steps, float16=False):
-  return os.path.join(export_dir, f"{model_name}_k{num_steps}{'_fp16' if float16 else ''}.tflite")
+# What decides the images a sampler makes from given noise (not max_images, not the signatures).
+MODEL_KEYS = ("weights_sha256", "alphas_cumprod_sha256", "num_steps", "timesteps", "eta", "clip_x0",
+              "image_shape", "num_timesteps")
+
+
+def tflite_path(*, export_dir, model_name, num_steps, float16=False, version=None):
+  version_part = "" if version is None else f"_v{version}"
+  return os.path.join(export_dir,
+                      f"{model_name}_k{num_steps}{version_part}{'_fp16' if float16 else ''}.tflite")
+
+
+def tflite_record_path(path):
+  return path + ".json"
+
+
+def _read_json(path):
+  """The JSON object in `path`, or None if it is missing or not JSON (a record we cannot trust)."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return value if isinstance(value, dict) else None
+
+
+def read_saved_metadata(path):
+  """assets/sampler.json of the SavedModel version `path`, or None."""
+  return _read_json(os.path.join(path, "assets", "sampler.json"))
+
+
+def read_tflite_record(path):
+  """The record of the TFLite file `path`, or None (no record: an unknown model)."""
+  return _read_json(tflite_record_path(path))
+
+
+def same_model(record, metadata):
+  """Whether `record` (a sampler.json or TFLite record) describes the sampler of `metadata`."""
+  metadata = json.loads(json.dumps(metadata))  # Tuples as lists, as read back from a file.
+  return record is not None and all(record.get(key) == metadata[key] for key in MODEL_KEYS)
+
+
+def versions(*, export_dir, model_name):
+  """The numeric version directories under <export_dir>/<model_name>, ascending."""
+  try:
+    names = os.listdir(os.path.join(export_dir, model_name))
+  except FileNotFoundError:
+    return []
+  return sorted(int(name) for name in names
+                if name.isdigit() and os.path.isdir(os.path.join(export_dir, model_name, name)))
+
+
+def next_free_version(metadata, *, export_dir, model_name, first_version, num_steps,
+                      tflite_variants):
+  """(version, reused) for an export of the sampler with `metadata` that never replaces a file.
+
+  Reuses the latest version (if >= `first_version`) when it holds the same metadata (weights and
+  settings) and each of its TFLite files of `tflite_variants` (float16 flags) is missing or the same
+  model. Otherwise the first version from `first_version` on above every existing one (TF Serving
+  serves the highest) whose directory and TFLite names are all free.
+  """
+  metadata = json.loads(json.dumps(metadata))  # Tuples as lists, as read back from the file.
+  existing = versions(export_dir=export_dir, model_name=model_name)
+  tflite = lambda version, float16: tflite_path(export_dir=export_dir, model_name=model_name,
+                                                num_steps=num_steps, float16=float16,
+                                                version=version)
+  same_tflite = lambda path: not os.path.exists(path) or same_model(read_tflite_record(path),
+                                                                    metadata)
+  if existing and existing[-1] >= first_version:
+    latest = existing[-1]
+    saved = read_saved_metadata(version_dir(export_dir=export_dir, model_name=model_name,
+                                            version=latest))
+    if saved == metadata and all(same_tflite(tflite(latest, f16)) for f16 in tflite_variants):
+      return latest, True
+  version = max([first_version] + [v + 1 for v in existing])
+  while any(os.path.exists(p) for p in (
+      version_dir(export_dir=export_dir, model_name=model_name, version=version),
+      tflite(version, False), tflite(version, True))):
+    version += 1
+  return version, False
 
 
 def check_version_free(path, *, overwrite):
@@ -42,10 +138,14 @@ def make_model_dir(*, export_dir, model_name):
 
 def write_saved_model(sampler, *, export_dir, model_name, version, overwrite=False):
   """Saves `sampler` with its two signatures to <export_dir>/<model_name>/<version>; returns it."""
+  check_model_name(model_name)
   target = version_dir(export_dir=export_dir, model_name=model_name, version=version)
   check_version_free(target, overwrite=overwrite)
   parent = make_model_dir(export_dir=export_dir, model_name=model_name)
-  staging = tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=parent)
+  # os.mkdir keeps the umask's permissions; mkdtemp's 0700 would survive the rename and hide the
+  # version from a server running as another user.
+  staging = os.path.join(parent, f".{version}.tmp-{uuid.uuid4().hex}")
+  os.mkdir(staging)
   try:
     with tempfile.TemporaryDirectory() as scratch:
       metadata_path = os.path.join(scratch, "sampler.json")
@@ -85,11 +185,33 @@ def tflite_bytes(sampler, *, float16=False):
   return converter.convert()
 
 
-def write_tflite(sampler, path, *, float16=False):
-  """Writes the TFLite sampler to `path` (replacing an older file of that name); returns `path`."""
+def write_tflite(sampler, path, *, float16=False, version=None):
+  """Writes the TFLite sampler to `path` (replacing an older file of that name) and its record
+  `<path>.json` (metadata, float16, the SavedModel `version` it goes with); returns `path`."""
   data = tflite_bytes(sampler, float16=float16)
-  staging = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
-  with open(staging, "wb") as f:
-    f.write(data)
-  os.replace(staging, path)
+  record = dict(sampler.metadata(), float16=bool(float16), saved_model_version=version)
+  for key in ("signatures", "max_images", "seed_streams"):  # The SavedModel's, not the TFLite's.
+    del record[key]
+  # The old record goes first: a crash in between leaves a file without a record (an unknown model),
+  # never a new file with the old model's record or the reverse.
+  if os.path.exists(tflite_record_path(path)):
+    os.remove(tflite_record_path(path))
+  _write_file_atomically(path, data)
+  _write_file_atomically(tflite_record_path(path), json.dumps(record, indent=2).encode())
   return path
+
+
+def _write_file_atomically(path, data):
+  """Writes bytes `data` to `path` through a staging file beside it, removed if anything fails."""
+  # A unique name: two exports into one directory never share (or delete) a staging file. open("xb")
+  # rather than mkstemp keeps the umask's permissions (mkstemp's 0600 would hide the file from a
+  # server running as another user).
+  staging = os.path.join(os.path.dirname(path) or ".",
+                         f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+  try:
+    with open(staging, "xb") as f:
+      f.write(data)
+    os.replace(staging, path)
+  finally:
+    if os.path.exists(staging):
+      os.remove(staging)

@@ -5,6 +5,7 @@ UNet has zero output convolutions (ε̂ = 0) and its x̂0 at t ≈ T divides by 
 tiny UNet here gets N(0, 0.1²) random weights everywhere and the sampler clips x̂0 (clip_x0=True).
 """
 
+import hashlib
 import json
 import os
 import pathlib
@@ -109,6 +110,9 @@ def test_serving_default_is_deterministic_per_seed(unet, loaded):
   # x_T is stateless_normal(seed=(seed, 0)), written out here independently of the module.
   x_T = tf.random.stateless_normal([2, *IMAGE_SHAPE], seed=tf.constant([3, 0], tf.int64)).numpy()
   assert _max_abs_diff(first, _reference(unet, x_T)) <= 1
+  # The README's way to reproduce served images from the noise.
+  np.testing.assert_array_equal(
+      first, loaded.signatures["from_noise"](noise=tf.constant(x_T))["images"].numpy())
 
 
 def test_eta_noise_comes_from_the_seed(unet):
@@ -120,6 +124,38 @@ def test_eta_noise_comes_from_the_seed(unet):
   expected = _reference(unet, x_T, seed=tf.constant([7, 1], tf.int64), eta=0.5)
   assert _max_abs_diff(first, expected) <= 1
   assert _max_abs_diff(first, _reference(unet, x_T)) > 1  # η really adds noise.
+
+
+@pytest.fixture(scope="module")
+def eta_sampler(unet, tmp_path_factory):
+  """An η = 0.5 sampler, in process and saved then loaded."""
+  sampler = _sampler(unet, eta=0.5)
+  path = writers.write_saved_model(sampler, export_dir=str(tmp_path_factory.mktemp("eta")),
+                                   model_name="m", version=1)
+  return sampler, tf.saved_model.load(path)
+
+
+def test_eta_saved_model_round_trip(unet, eta_sampler):
+  sampler, loaded = eta_sampler
+  assert float(loaded.eta) == 0.5
+  serve = lambda seed: loaded.signatures["serving_default"](
+      seed=tf.constant(seed, tf.int64), num_images=tf.constant(3))["images"].numpy()
+  first = serve(7)
+  np.testing.assert_array_equal(first, serve(7))
+  assert np.any(first != serve(8))
+  in_process = sampler.serving_default(tf.constant(7, tf.int64), tf.constant(3))["images"].numpy()
+  np.testing.assert_array_equal(first, in_process)
+  x_T = tf.random.stateless_normal([3, *IMAGE_SHAPE], seed=tf.constant([7, 0], tf.int64)).numpy()
+  expected = _reference(unet, x_T, seed=tf.constant([7, 1], tf.int64), eta=0.5)
+  assert _max_abs_diff(first, expected) <= 1
+  # from_noise draws its step noise from seed 0.
+  noise = _noise(2, seed=4)
+  images = loaded.signatures["from_noise"](noise=tf.constant(noise))["images"].numpy()
+  np.testing.assert_array_equal(
+      images, loaded.signatures["from_noise"](noise=tf.constant(noise))["images"].numpy())
+  assert _max_abs_diff(images, _reference(unet, noise, seed=tf.constant([0, 1], tf.int64),
+                                          eta=0.5)) <= 1
+  assert _max_abs_diff(images, _reference(unet, noise)) > 1  # η really adds noise.
 
 
 @pytest.mark.parametrize("num_images", [0, -1, MAX_IMAGES + 1])
@@ -137,8 +173,31 @@ def test_bad_noise_is_rejected_in_the_graph(loaded, shape):
 
 
 def test_noise_dtype_is_enforced_by_the_signature(loaded):
-  with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+  # Not one of the graph's checks: the signature's float32 input refuses a double before it runs.
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="expected to be a float tensor but is a double tensor"):
     loaded.signatures["from_noise"](noise=tf.zeros([1, *IMAGE_SHAPE], tf.float64))
+
+
+def test_each_signature_is_traced_once_for_any_batch(unet):
+  sampler = _sampler(unet)
+  for batch in (1, 3):
+    sampler.from_noise(tf.constant(_noise(batch)))
+    sampler.serving_default(tf.constant(batch, tf.int64), tf.constant(batch))
+  assert sampler.from_noise.experimental_get_tracing_count() == 1
+  assert sampler.serving_default.experimental_get_tracing_count() == 1
+
+
+def _conv_ops(sampler):
+  graph = sampler.from_noise.get_concrete_function().graph
+  return sum(op.type == "Conv2D" for op in graph.get_operations())
+
+
+def test_the_k_steps_unroll_into_one_graph(unet):
+  # K UNet forwards in the one traced graph: twice the convolutions of K = 1 at K = 2.
+  one_step = _conv_ops(sampler_module.Sampler.from_schedule(unet, schedule=SCHEDULE, num_steps=1))
+  assert one_step >= len([w for w in unet.weights if len(w.shape) == 4])  # Every conv kernel.
+  assert _conv_ops(_sampler(unet)) == NUM_STEPS * one_step
 
 
 def _run_tflite(path, noise):
@@ -191,6 +250,152 @@ def test_existing_version_is_not_overwritten(unet, exported, tmp_path):
   assert int(tf.saved_model.load(str(target)).num_steps) == 1
 
 
+def _failing(error):
+  def fail(*args, **kwargs):
+    raise error
+  return fail
+
+
+@pytest.mark.parametrize("step", ["converter", "rename"])
+def test_failed_tflite_write_leaves_no_staging_file(unet, tmp_path, monkeypatch, step):
+  path = str(tmp_path / "m_k2.tflite")
+  with open(path, "wb") as f:
+    f.write(b"an earlier model")
+  if step == "converter":
+    monkeypatch.setattr(writers, "tflite_bytes", _failing(RuntimeError("conversion failed")))
+  else:  # The staging file is written whole, then the rename fails (e.g. a full or read-only disk).
+    monkeypatch.setattr(writers, "tflite_bytes", lambda *args, **kwargs: b"new model" * 1000)
+    monkeypatch.setattr(writers.os, "replace", _failing(OSError(28, "No space left on device")))
+  with pytest.raises((RuntimeError, OSError)):
+    writers.write_tflite(_sampler(unet), path)
+  assert os.listdir(tmp_path) == ["m_k2.tflite"]
+  with open(path, "rb") as f:
+    assert f.read() == b"an earlier model"
+
+
+def test_written_files_keep_the_umask_permissions(exported):
+  # Not mkstemp/mkdtemp's 0600/0700: a server running as another user must read them.
+  umask = os.umask(0)
+  os.umask(umask)
+  for path in (exported["saved"], exported["tflite"][False]):
+    mode = os.stat(path).st_mode & 0o777
+    expected = (0o777 if os.path.isdir(path) else 0o666) & ~umask
+    assert mode == expected, (path, oct(mode))
+
+
+@pytest.fixture
+def main_module():
+  import main  # pylint: disable=g-import-not-at-top  # Defines main.py's flags in this process.
+  yield main
+  main.FLAGS.unparse_flags()
+
+
+def _run_main_in_process(main_module, *args):
+  """main.py's flag parsing and error handling: (exit code, stderr's `error:` lines)."""
+  with pytest.raises(SystemExit) as exit_info:
+    main_module._run_main(main_module._parse_flags(["main.py", *args]))  # pylint: disable=protected-access
+  return exit_info.value.code
+
+
+@pytest.mark.parametrize("flag", ["--model_name=.", "--model_name=..", "--model_name=.hidden",
+                                  "--model_name=a/b", "--model_name=../up", "--model_name=",
+                                  "--model_name=with space", "--model_version=0",
+                                  "--model_version=-3"])
+def test_model_name_and_version_that_leave_the_layout_are_refused(main_module, tmp_path, capsys,
+                                                                   flag):
+  export_dir = tmp_path / "export"
+  code = _run_main_in_process(
+      main_module, "--mode=export", f"--export_dir={export_dir}", f"--workdir={tmp_path / 'run'}",
+      f"--init_checkpoint={tmp_path / 'none.weights.h5'}", "--image_size=8", "--ch_mult=1,2",
+      "--num_steps=2", flag)
+  errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+  assert code == 2 and len(errors) == 1, errors
+  name, _, value = flag.partition("=")
+  if name == "--model_name":
+    expected = ["--model_name", f"got {value!r}",
+                "letters, digits, '_', '-' and '.', starting with a letter or digit"]
+  else:
+    expected = ["--model_version", ">= 1", f"got {value}"]
+  assert all(part in errors[0] for part in expected), errors[0]
+  assert os.listdir(tmp_path) == []  # Refused before anything was created.
+
+
+@pytest.mark.parametrize("name", ["mmd_ddm", "fmnist-k5", "model.v2", "A1"])
+def test_plain_model_names_are_accepted(name):
+  writers.check_model_name(name)
+
+
+def test_weights_sha256_follows_the_values_not_the_build():
+  first, second = tiny_unet(dropout=0.1), tiny_unet(dropout=0.1)  # Own seed-generator states.
+  randomize_weights(first, seed=3)
+  randomize_weights(second, seed=3)
+  digest = sampler_module.weights_sha256(first.weights)
+  assert digest == sampler_module.weights_sha256(second.weights)
+  assert len(digest) == 64 and int(digest, 16) >= 0
+  kernel = second.weights[0]
+  kernel.assign(kernel.numpy() + np.float32(1e-3) * np.eye(*kernel.shape[-2:], dtype=np.float32))
+  assert sampler_module.weights_sha256(second.weights) != digest
+
+
+def _sha256_of_files(folder):
+  return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+          for name in sorted(os.listdir(folder)) if (folder / name).is_file()}
+
+
+TINY_UNET_FLAGS = ["--image_size=8", "--ch=32", "--ch_mult=1,2", "--num_res_blocks=1",
+                   "--attn_resolutions=4", "--dropout=0", "--clip_x0"]
+
+
+@pytest.mark.slow
+def test_next_free_version_reuses_the_same_weights_and_never_replaces_another_model(
+    main_module, unet, tmp_path, capsys):
+  from mmd_keras import checkpoints  # pylint: disable=g-import-not-at-top
+  other = randomize_weights(tiny_unet(attn_resolutions=(4,)), seed=2)
+  paths = {}
+  for name, model in (("a", unet), ("b", other)):
+    paths[name] = str(tmp_path / f"{name}.weights.h5")
+    checkpoints.save_weights_h5(model, paths[name])
+  out = tmp_path / "out"
+  argv = ["main.py", f"--export_dir={out}", f"--workdir={tmp_path / 'run'}", "--model_name=m",
+          f"--num_steps={NUM_STEPS}", *TINY_UNET_FLAGS]
+  main_module._parse_flags(argv)  # pylint: disable=protected-access
+  export = lambda name: (main_module.run_export(init_checkpoint=paths[name],
+                                                next_free_version=True), capsys.readouterr().out)[1]
+
+  log = export("a")
+  assert sorted(os.listdir(out / "m")) == ["1"] and f"wrote TFLite {out}/m_k2_v1.tflite" in log
+  files = _sha256_of_files(out)
+  assert sorted(files) == ["m_k2_v1.tflite", "m_k2_v1.tflite.json"]
+
+  log = export("a")  # The quickstart rerun on the same finetuned weights.
+  assert f"reusing SavedModel {out}/m/1: exported from the same weights" in log
+  assert sorted(os.listdir(out / "m")) == ["1"] and _sha256_of_files(out) == files
+
+  # Another model's TFLite under the plain name, without a record (an older export).
+  (out / "m_k2.tflite").write_bytes(b"an older model")
+  files = _sha256_of_files(out)
+  log = export("b")  # New weights: a new version, with its own TFLite; nothing replaced.
+  assert sorted(os.listdir(out / "m")) == ["1", "2"] and "wrote SavedModel" in log
+  assert f"note: {out}/m_k2.tflite holds another model (no record)" in log
+  after = _sha256_of_files(out)
+  assert {name: after[name] for name in files} == files
+  assert sorted(set(after) - set(files)) == ["m_k2_v2.tflite", "m_k2_v2.tflite.json"]
+
+  # Each version's files hold its own weights: images against the in-process sampler of each.
+  noise = _noise(2, seed=11)
+  for version, model in ((1, unet), (2, other)):
+    record = json.loads((out / f"m_k2_v{version}.tflite.json").read_text())
+    saved = json.loads((out / "m" / str(version) / "assets" / "sampler.json").read_text())
+    assert record["saved_model_version"] == version
+    assert record["weights_sha256"] == saved["weights_sha256"]
+    reference = _reference(model, noise)
+    assert _max_abs_diff(_run_tflite(str(out / f"m_k2_v{version}.tflite"), noise), reference) <= 1
+    images = tf.saved_model.load(str(out / "m" / str(version))).signatures["from_noise"](
+        noise=tf.constant(noise))["images"].numpy()
+    assert _max_abs_diff(images, reference) <= 1
+  assert _max_abs_diff(_reference(unet, noise), _reference(other, noise)) > 1  # Distinguishable.
+
+
 def test_load_example_runs_in_a_process_without_project_code(exported, tmp_path):
   script = tmp_path / "load_example.py"
   shutil.copy(pathlib.Path(sampler_module.__file__).with_name("load_example.py"), script)
@@ -230,7 +435,7 @@ def test_saved_model_cli_show_matches_the_documented_contract(exported):
   assert serve.count("inputs['") == 2
 
 
-def test_saved_model_cli_run(exported, tmp_path):
+def test_saved_model_cli_run(exported, loaded, tmp_path):
   # TF 2.21's saved_model_cli accepts only Python literals (not np.int64(3)); it casts to the
   # signature dtypes.
   text = _saved_model_cli("run", "--dir", exported["saved"], "--tag_set", "serve",
@@ -239,6 +444,11 @@ def test_saved_model_cli_run(exported, tmp_path):
   assert "images" in text
   images = np.load(tmp_path / "images.npy")
   assert images.dtype == np.uint8 and images.shape == (2, *IMAGE_SHAPE)
+  # Another process (without project code), the same seed: the same images, bit for bit.
+  in_process = loaded.signatures["serving_default"](seed=tf.constant(3, tf.int64),
+                                                    num_images=tf.constant(2))["images"].numpy()
+  assert in_process.std() > 5
+  np.testing.assert_array_equal(images, in_process)
 
 
 @pytest.mark.slow
@@ -256,5 +466,34 @@ def test_main_export_writes_the_serving_layout(unet, repo_root, tmp_path):
   assert first.returncode == 0, first.stderr[-2000:]
   assert os.path.isdir(tmp_path / "out" / "mmd_ddm" / "1" / "variables")
   assert os.path.isfile(tmp_path / "out" / "mmd_ddm_k1.tflite")
+  record = writers.read_tflite_record(str(tmp_path / "out" / "mmd_ddm_k1.tflite"))
+  assert record["saved_model_version"] == 1 and record["num_steps"] == 1
+  assert record["weights_sha256"] == sampler_module.weights_sha256(unet.weights)
   second = run()
   assert second.returncode == 2 and "--overwrite" in second.stderr
+
+
+@pytest.mark.slow
+def test_sampler_benchmark_smoke(repo_root, tmp_path):
+  json_out = tmp_path / "bench.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "mmd_keras.benchmarks", "sampler", "--unet=tiny", "--num_steps=1",
+       "--batch_sizes=2", "--min_seconds=0", "--tflite_threads=2", f"--json_out={json_out}"],
+      cwd=repo_root, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith("# command: python -m mmd_keras.benchmarks sampler --unet=tiny")
+  assert f"tensorflow: {tf.__version__}" in lines[0] and "weights: random" in lines[0]
+  assert "tflite_threads: 2" in lines[0]
+  variants = ["eager python loop", "tf.function", "tf.function dynamic batch",
+              "tf.function(jit_compile)", "SavedModel from_noise", "TFLite float32",
+              "TFLite float16"]
+  assert "| K | batch | bound | " + " | ".join(variants) + " |" in lines
+  row = next(line for line in lines if line.startswith("| 1 | 2 |"))
+  assert len(row.split("|")) == len(variants) + 5  # K, batch, bound, the variants, the ends.
+  report = json.loads(json_out.read_text())
+  assert report["tflite_threads"] == 2 and report["tensorflow"] == tf.__version__
+  [measured] = report["results"]
+  assert measured["num_steps"] == 1 and measured["batch"] == 2
+  for name in ["bound"] + variants:  # Images/s, not a "failed: ..." string.
+    assert isinstance(measured[name], float) and measured[name] > 0, (name, measured[name])

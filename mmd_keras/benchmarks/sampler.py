@@ -4,12 +4,15 @@
 
 Variants: the eager Python loop of `ddim.sample`, tf.function (traced for the batch's static shape
 and, like the exported graphs, for a dynamic batch), tf.function(jit_compile=True), the loaded
-SavedModel (`from_noise`) and TFLite float32/float16 (LiteRT, one thread). The bound is a
-tf.function'd single UNet forward, timed in the same run, times K.
+SavedModel (`from_noise`) and TFLite float32/float16 (LiteRT, --tflite_threads threads). The bound
+is a tf.function'd single UNet forward, timed in the same run, times K. The output starts with a
+header line: the command, the TensorFlow version, the weights and the thread counts.
 """
 
 import json
 import os
+import shlex
+import sys
 import tempfile
 import time
 
@@ -29,15 +32,25 @@ from mmd_keras import unet as unet_lib
 
 flags.DEFINE_list("num_steps", ["5", "10"], "Step budgets K.")
 flags.DEFINE_list("batch_sizes", ["1", "64"], "Batch sizes.")
-flags.DEFINE_string("weights", None, "A fashion_mnist UNet .weights.h5 (default: random weights).")
+flags.DEFINE_enum("unet", "fashion_mnist", ["fashion_mnist", "tiny"],
+                  "The UNet: configs/fashion_mnist.cfg's, or a tiny 8x8 one (smoke tests).")
+flags.DEFINE_string("weights", None, "A .weights.h5 of that UNet (default: random weights).")
+flags.DEFINE_integer("tflite_threads", 1, "LiteRT interpreter threads (TF uses its default).",
+                     lower_bound=1)
 flags.DEFINE_float("min_seconds", 2.0, "Time each variant for at least this long (after a warm-up).")
 flags.DEFINE_string("json_out", None, "Also write the results here.")
 FLAGS = flags.FLAGS
 
 
-def _fashion_unet():
-  unet = unet_lib.UNet(image_size=28, channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
-                       attn_resolutions=(7,), dropout=0.1).build_for_inference()
+UNETS = dict(
+    fashion_mnist=dict(image_size=28, channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
+                       attn_resolutions=(7,), dropout=0.1),
+    tiny=dict(image_size=8, channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+              attn_resolutions=(4,), dropout=0.0))
+
+
+def _unet():
+  unet = unet_lib.UNet(**UNETS[FLAGS.unet]).build_for_inference()
   if FLAGS.weights:
     checkpoints.restore_unet(unet, FLAGS.weights)
   else:  # Zero-initialised output convs would make some kernels trivially cheap.
@@ -60,7 +73,7 @@ def _seconds_per_call(fn):
 
 def _tflite_runner(path, noise):
   from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
-  interpreter = Interpreter(model_path=path, num_threads=1)
+  interpreter = Interpreter(model_path=path, num_threads=FLAGS.tflite_threads)
   index = interpreter.get_input_details()[0]["index"]
   interpreter.resize_tensor_input(index, noise.shape)
   interpreter.allocate_tensors()
@@ -70,6 +83,7 @@ def _tflite_runner(path, noise):
 
 
 def _variants(unet, schedule, num_steps, workdir):
+  image_shape = [unet.image_size, unet.image_size, unet.channels]
   timesteps = schedule.timesteps(num_steps)
   run = lambda x: ddim.to_uint8(ddim.sample(lambda y, t: unet(y, t), x, timesteps=timesteps,
                                              alphas_cumprod=schedule.alphas_cumprod))
@@ -86,7 +100,7 @@ def _variants(unet, schedule, num_steps, workdir):
       "tf.function": lambda: tf.function(run),
       # The exported graphs take any batch: this isolates what a dynamic batch dimension costs.
       "tf.function dynamic batch": lambda: tf.function(
-          run, input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)]),
+          run, input_signature=[tf.TensorSpec([None, *image_shape], tf.float32)]),
       "tf.function(jit_compile)": lambda: tf.function(run, jit_compile=True),
       "SavedModel from_noise": lambda: lambda x: from_noise(noise=x)["images"],
       "TFLite float32": lambda: tflite[False],
@@ -110,9 +124,20 @@ def main():
   app.run(_main)
 
 
+def _header():
+  """What the numbers depend on: the command, TF's version, the weights, the thread counts."""
+  command = shlex.join(["python", "-m", "mmd_keras.benchmarks", "sampler", *sys.argv[1:]])
+  threads = tf.config.threading.get_intra_op_parallelism_threads() or "default"
+  return dict(command=command, tensorflow=tf.__version__, unet=FLAGS.unet,
+              weights=FLAGS.weights or "random N(0, 0.05^2)", tf_intra_op_threads=threads,
+              cpu_count=os.cpu_count(), tflite_threads=FLAGS.tflite_threads)
+
+
 def _main(argv):
   del argv
-  unet = _fashion_unet()
+  header = _header()
+  print("# " + " | ".join(f"{key}: {value}" for key, value in header.items()), flush=True)
+  unet = _unet()
   schedule = schedule_lib.NoiseSchedule.linear()
   forward = tf.function(lambda x: unet(x, tf.fill([tf.shape(x)[0]], 500)))
   results = []
@@ -120,7 +145,8 @@ def _main(argv):
     for num_steps in map(int, FLAGS.num_steps):
       variants = _variants(unet, schedule, num_steps, workdir)
       for batch in map(int, FLAGS.batch_sizes):
-        noise = tf.random.stateless_normal([batch, 28, 28, 1], seed=[0, batch])
+        noise = tf.random.stateless_normal([batch, unet.image_size, unet.image_size, unet.channels],
+                                           seed=[0, batch])
         bound = batch / (num_steps * _seconds_per_call(lambda: forward(noise).numpy()))
         row = dict(num_steps=num_steps, batch=batch, bound=bound)
         for name, make in variants.items():
@@ -139,4 +165,4 @@ def _main(argv):
   print(json.dumps(results))
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
-      json.dump(results, f, indent=2)
+      json.dump(dict(header, results=results), f, indent=2)
