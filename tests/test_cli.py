@@ -245,7 +245,8 @@ def test_quickstart_end_to_end(quickstart):
   weights = os.path.join(workdir, "finetune_k2", "unet.weights.h5")
   assert report["rows"][2]["weights"] == dict(path=weights, sha256=_sha256(weights))
   assert os.path.exists(os.path.join(export, "mmd_ddm", "1", "saved_model.pb"))
-  assert os.path.exists(os.path.join(export, "mmd_ddm_k2.tflite"))
+  # The quickstart names its TFLite after the version it belongs to.
+  assert os.path.exists(os.path.join(export, "mmd_ddm_k2_v1.tflite"))
 
 
 @pytest.mark.slow
@@ -254,13 +255,14 @@ def test_quickstart_rerun_reuses_only_its_own_finetune(quickstart):
   assert first.returncode == 0, first.stderr
   with open(os.path.join(workdir, "quickstart", "report.json")) as f:
     rows = json.load(f)["rows"]
-  # The same command again reuses the finetune and the scored rows, and exports a new version.
+  # The same command again reuses the finetune, the scored rows and the export of these weights.
   again = run_main(*command)
   assert again.returncode == 0, again.stderr
   assert "already finetuned" in again.stderr and again.stderr.count("reusing") == 3
+  assert "reusing SavedModel" in again.stdout
   with open(os.path.join(workdir, "quickstart", "report.json")) as f:
     assert json.load(f)["rows"] == rows
-  assert os.path.exists(os.path.join(export, "mmd_ddm", "2", "saved_model.pb"))
+  assert sorted(os.listdir(os.path.join(export, "mmd_ddm"))) == ["1"]
 
   # Another learning rate would reuse a finetune it did not make: refused before any work.
   weights = os.path.join(workdir, "finetune_k2", "unet.weights.h5")
@@ -269,4 +271,4 @@ def test_quickstart_rerun_reuses_only_its_own_finetune(quickstart):
   assert_user_error(changed, "--learning_rate")
   assert "--workdir" in changed.stderr and "0.0001 then, 0.0002 now" in changed.stderr
   assert (_sha256(weights), sorted(os.listdir(os.path.join(workdir, "quickstart")))) == before
-  assert not os.path.exists(os.path.join(export, "mmd_ddm", "3"))
+  assert sorted(os.listdir(os.path.join(export, "mmd_ddm"))) == ["1"]
