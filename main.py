@@ -248,6 +248,13 @@ def _init_checkpoint():
   return found
 
 
+def _check_resume(run_dir_name):
+  """The checkpoint a rerun in <workdir>/<run_dir_name> resumes from, if any, checked against the
+  UNet flags; after the strategy exists (it builds a UNet), before the data is read."""
+  checkpoints.check_resume(os.path.join(FLAGS.workdir, run_dir_name, "checkpoints"),
+                           unet_factory=_unet_factory())
+
+
 def _restored_unet(path=None):
   """The UNet of the flags with the weights of `path` (default: --init_checkpoint's)."""
   path = path or _init_checkpoint()
@@ -280,6 +287,7 @@ def run_pretrain():
   if FLAGS.init_checkpoint and "://" not in FLAGS.init_checkpoint:
     checkpoints.check_readable(FLAGS.init_checkpoint)
   strategy = _check_global_batch(FLAGS.batch_size, "--batch_size")
+  _check_resume("pretrain")
   run_dir = _mode_dir("pretrain")
   dataset_fn = _training_data(FLAGS.batch_size)
   if distribute.is_chief(strategy):  # Workers of a cluster share the workdir: one flags file.
@@ -363,7 +371,9 @@ def _check_finetune():
       inception_weights=FLAGS.inception_weights, inception_resolution=FLAGS.inception_resolution,
       classifier_path=_classifier_path())
   strategy = _check_global_batch(batch_size, batch_flag)
-  return batch_size, kernel, strategy, _init_checkpoint()
+  init_checkpoint = _init_checkpoint()
+  _check_resume(f"finetune_k{FLAGS.num_steps}")
+  return batch_size, kernel, strategy, init_checkpoint
 
 
 def run_finetune(checked=None):

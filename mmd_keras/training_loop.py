@@ -17,6 +17,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from mmd_keras import checkpoints
 from mmd_keras import grid
 from mmd_keras.errors import UserError
 
@@ -108,11 +109,14 @@ class Progress(keras.callbacks.Callback):
 
 def restore_or_initialize(manager, initialize, *, learning_rate, checkpoint_dir=None):
   """Restores the latest checkpoint in `checkpoint_dir` (default: `manager`'s; a resume), else
-  calls `initialize()`."""
+  calls `initialize()`. A checkpoint that does not restore is a `checkpoints.resume_error`."""
   latest = (tf.train.latest_checkpoint(checkpoint_dir) if checkpoint_dir
             else manager.latest_checkpoint)
   if latest:
-    manager.checkpoint.restore(latest).assert_existing_objects_matched()
+    try:
+      manager.checkpoint.restore(latest).assert_existing_objects_matched()
+    except checkpoints.RESTORE_ERRORS as e:
+      raise checkpoints.resume_error(latest, checkpoints.first_line(e)) from e
     optimizer = manager.checkpoint.optimizer
     logging.info("resumed from %s at step %d", latest, int(optimizer.iterations.numpy()))
     # The checkpoint holds the learning rate too; the flag wins, so that a run stopped by the

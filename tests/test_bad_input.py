@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import os
 
+import keras
 import pytest
 import tensorflow as tf
 
@@ -75,6 +76,13 @@ CASES = [
          ["--mode=export", "--num_steps=4", "--model_version=4",
           "--init_checkpoint={root}/run/pretrain", "--ch=64"],
          ["--init_checkpoint", "ckpt-4", "does not match the UNet flags"]),
+    # A rerun resumes from the workdir's own checkpoint: the tree's pretrain checkpoint has ch 32.
+    Case("resume_checkpoint_not_matching_unet_flags", ["--mode=pretrain", "--ch=64"],
+         ["cannot resume from", "pretrain/checkpoints/ckpt-4", "--ch", "--workdir"]),
+    Case("resume_checkpoint_truncated",
+         ["--mode=finetune", "--workdir={root}/truncated_resume"],
+         ["cannot resume from", "finetune_k5/checkpoints/ckpt-3", "cannot be read",
+          "complete checkpoint", "--workdir"]),
     Case("workdir_unwritable", ["--mode=finetune", "--workdir={root}/a_file/run"],
          ["--workdir", "a_file", "not writable"]),
     Case("export_version_exists", ["--mode=export"],
@@ -201,6 +209,17 @@ def tree(tmp_path_factory):
   _write(os.path.join(run, "export", "mmd_ddm", "1", "variables", "variables.index"), b"index")
   _write(os.path.join(run, "export", "mmd_ddm_k5.tflite"), b"an earlier tflite")
   _write(os.path.join(run, "evaluate", "report.md"), b"| model | K |\n")
+  # A finetune checkpoint whose data file lost its second half (a copy that stopped midway).
+  optimizer = keras.optimizers.Adam()
+  optimizer.build(unet.trainable_weights)
+  prefix = tf.train.CheckpointManager(
+      checkpoints.training_checkpoint(unet=unet, optimizer=optimizer),
+      os.path.join(root, "truncated_resume", "finetune_k5", "checkpoints"),
+      max_to_keep=1).save(checkpoint_number=3)
+  [data] = tf.io.gfile.glob(prefix + ".data-*")
+  with open(data, "rb") as f:
+    content = f.read()
+  _write(data, content[:len(content) // 2])
 
   os.makedirs(os.path.join(root, "data", "empty"))
   for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):

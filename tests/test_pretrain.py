@@ -6,6 +6,7 @@ runs in a fresh interpreter (`python tests/test_pretrain.py <out.npz>`); pytest 
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -117,6 +118,29 @@ def test_checkpoint_for_another_architecture_is_refused(trained):
   bigger = tiny_unet(image_size=8, channels=3)
   with pytest.raises(checkpoints.CheckpointError, match="--init_checkpoint"):
     checkpoints.restore_unet(bigger, str(folder), use_ema=True)
+
+
+def test_resume_check_accepts_the_runs_own_checkpoint(trained, tmp_path):
+  folder = trained[1]
+  factory = lambda: tiny_unet(image_size=8, channels=1)
+  found = checkpoints.check_resume(str(folder / "checkpoints"), unet_factory=factory)
+  assert found == str(folder / "checkpoints" / "ckpt-40")
+  assert checkpoints.check_resume(str(tmp_path / "none"), unet_factory=factory) is None
+
+
+def test_resume_check_refuses_another_unet_and_a_truncated_checkpoint(trained, tmp_path):
+  folder = trained[1]
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"^cannot resume from .*ckpt-40: it does not hold this UNet's weights "
+                           r".*--ch, .*--workdir"):
+    checkpoints.check_resume(str(folder / "checkpoints"),
+                             unet_factory=lambda: tiny_unet(image_size=8, channels=3))
+  copy = tmp_path / "checkpoints"
+  shutil.copytree(folder / "checkpoints", copy)
+  [data] = copy.glob("ckpt-40.data-*")
+  data.write_bytes(data.read_bytes()[:-4])  # Four bytes short: the last float32.
+  with pytest.raises(checkpoints.CheckpointError, match=r"ckpt-40: its tensor .* cannot be read .*complete checkpoint.*--workdir"):
+    checkpoints.check_resume(str(copy), unet_factory=lambda: tiny_unet(image_size=8, channels=1))
 
 
 def test_weights_h5_round_trip(trained, tmp_path):

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mmd_keras import checkpoints
 from mmd_keras import training_loop
 
 
 class _Trainer(keras.Model):
   """What the callback and the restore touch: an optimizer, metrics; no network needed."""
 
-  def __init__(self):
+  def __init__(self, size=2):
     super().__init__()
-    self.weight = keras.Variable(np.ones([2], np.float32))
+    self.weight = keras.Variable(np.ones([size], np.float32))
     self.loss_tracker = keras.metrics.Mean(name="loss")
 
   @property
@@ -24,8 +25,8 @@ class _Trainer(keras.Model):
     return [self.loss_tracker]
 
 
-def _trainer(learning_rate=1e-3):
-  trainer = _Trainer()
+def _trainer(learning_rate=1e-3, size=2):
+  trainer = _Trainer(size)
   trainer.compile(optimizer=keras.optimizers.Adam(learning_rate))
   trainer.optimizer.build([trainer.weight])
   trainer.loss_tracker.update_state(0.5)
@@ -108,3 +109,20 @@ def test_resume_restores_the_step_and_takes_the_flag_learning_rate(tmp_path):
   training_loop.restore_or_initialize(_manager(fresh, tmp_path / "empty"),
                                       lambda: initialized.append(True), learning_rate=1e-3)
   assert initialized == [True] and training_loop.step_of(fresh) == 0
+
+
+def test_a_checkpoint_that_does_not_restore_is_a_one_line_resume_error(tmp_path):
+  # Another run's checkpoint: its Adam slots have 2 entries, this run's weight has 3.
+  saved = _trainer()
+  saved.optimizer.iterations.assign(3)
+  _manager(saved, tmp_path).save(checkpoint_number=3)
+
+  def initialize():
+    raise AssertionError("a workdir with a checkpoint must not start over")
+
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    training_loop.restore_or_initialize(_manager(_trainer(size=3), tmp_path), initialize,
+                                        learning_rate=1e-3)
+  message = str(error.value)
+  assert message.startswith(f"cannot resume from {tmp_path / 'checkpoints' / 'ckpt-3'}: ")
+  assert "(3,)" in message and "--workdir" in message and "\n" not in message
