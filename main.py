@@ -586,10 +586,27 @@ def run_quickstart():
   run_export(init_checkpoint=finetuned, next_free_version=True)
 
 
+# Modes that train under --strategy; the others run on one device, and every worker of a cluster
+# would run them whole and race on the same files.
+DISTRIBUTED_MODES = ("pretrain", "finetune")
+
+
+def _check_strategy_mode():
+  if FLAGS.strategy not in ("multi_worker", "tpu") or FLAGS.mode in DISTRIBUTED_MODES:
+    return
+  hint = (f"; for the quickstart run --mode=finetune --strategy={FLAGS.strategy}, then "
+          f"--mode=evaluate and --mode=export on one machine" if FLAGS.mode == "quickstart"
+          else "")
+  raise UserError(f"--strategy={FLAGS.strategy} is only for --mode="
+                  f"{' and --mode='.join(DISTRIBUTED_MODES)}; --mode={FLAGS.mode} runs on one "
+                  f"device (use --strategy=default){hint}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}; every option is a --flag (flagfile lines "
                     f"too)")
+  _check_strategy_mode()
   if FLAGS.num_cpu_devices is not None:
     if FLAGS.strategy != "mirrored":
       raise UserError(f"--num_cpu_devices needs --strategy=mirrored, "
