@@ -203,10 +203,10 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
     if os.path.exists(final_weights):
       raise UserError(f"{final_weights} exists (a finished run); move it away or use another "
                       f"--workdir before finetuning further")
-    progress = training_loop.Progress(manager=manager, trainer=trainer, sample_fn=sample_fn,
-                                      workdir=out_dir, every=checkpoint_every,
-                                      log_every=log_every, global_batch=global_batch_size,
-                                      image_tag="samples")
+    progress = training_loop.Progress(manager=manager, trainer=trainer, weights=unet.weights,
+                                      sample_fn=sample_fn, workdir=out_dir,
+                                      every=checkpoint_every, log_every=log_every,
+                                      global_batch=global_batch_size, image_tag="samples")
     # Each worker takes its part of every global batch.
     sharded = lambda start_batch: distribute.shard_global_batches(dataset_fn(start_batch))
     training_loop.fit(trainer=trainer, dataset_fn=sharded, max_steps=finetune_steps,

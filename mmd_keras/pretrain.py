@@ -155,7 +155,8 @@ def train(*, unet_factory, dataset_fn, schedule, workdir, train_steps, learning_
     return ddim.sample(eps_fn, noise, timesteps=timesteps,
                        alphas_cumprod=schedule.alphas_cumprod, clip_x0=True)
 
-  progress = training_loop.Progress(manager=manager, trainer=trainer, sample_fn=sample_fn,
+  progress = training_loop.Progress(manager=manager, trainer=trainer,
+                                    weights=unet.weights + trainer.ema, sample_fn=sample_fn,
                                     workdir=out_dir, every=checkpoint_every, log_every=log_every,
                                     global_batch=global_batch_size, image_tag="ema_samples")
   # Each worker takes its part of every global batch.
