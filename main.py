@@ -395,6 +395,7 @@ def run_finetune(checked=None):
       timestep_kind=FLAGS.timesteps, eta=FLAGS.eta, clip_x0=FLAGS.clip_x0,
       finetune_steps=FLAGS.finetune_steps, learning_rate=FLAGS.learning_rate,
       grad_clip=FLAGS.grad_clip, global_batch_size=batch_size,
+      batch_flag=_finetune_batch_size()[1],
       checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every, seed=FLAGS.seed,
       strategy=strategy, init_checkpoint=init_checkpoint, use_ema=FLAGS.use_ema,
       recompute=FLAGS.recompute, dropout=FLAGS.finetune_dropout)
