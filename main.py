@@ -603,10 +603,20 @@ def _check_strategy_mode():
                   f"device (use --strategy=default){hint}")
 
 
+def _check_workdir():
+  # Our checks and writes (makedirs, os.replace, os.access) are POSIX calls: on gs://… they would
+  # act on a local folder named "gs:".
+  if "://" in FLAGS.workdir:
+    raise UserError(f"--workdir={FLAGS.workdir}: remote (scheme://) paths are not supported; "
+                    f"expected a local directory or a shared POSIX filesystem (e.g. NFS, or a "
+                    f"bucket mounted with gcsfuse)")
+
+
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}; every option is a --flag (flagfile lines "
                     f"too)")
+  _check_workdir()
   _check_strategy_mode()
   if FLAGS.num_cpu_devices is not None:
     if FLAGS.strategy != "mirrored":

@@ -137,6 +137,8 @@ IN_PROCESS_CASES = [
          ["--strategy=multi_worker", "--mode=sample runs on one device"]),
     Case("train_classifier_tpu", ["--mode=train_classifier", "--strategy=tpu"],
          ["--strategy=tpu", "--mode=train_classifier runs on one device"]),
+    Case("workdir_remote", ["--mode=finetune", "--workdir=gs://bucket/run"],
+         ["--workdir=gs://bucket/run", "not supported", "POSIX"]),
     Case("num_cpu_devices_without_mirrored", ["--mode=finetune", "--num_cpu_devices=2"],
          ["--num_cpu_devices", "--strategy=mirrored"]),
     Case("num_cpu_devices_zero", ["--mode=finetune", "--strategy=mirrored", "--num_cpu_devices=0"],
