@@ -187,8 +187,8 @@ def resume_error(prefix, detail, *, corrupt=False):
   if corrupt:
     expected = "expected a complete checkpoint:"
   else:
-    expected = (f"expected a checkpoint written by this command (the same UNet flags {UNET_FLAGS}): "
-                f"rerun with the flags of the run that wrote it (its flags_*.cfg),")
+    expected = (f"expected a checkpoint written by this command (the same UNet flags "
+                f"{UNET_FLAGS}): rerun with the flags of the run that wrote it (its flags_*.cfg),")
   return CheckpointError(f"cannot resume from {prefix}: {detail}; {expected} use another "
                          f"--workdir, or move {folder} away to start over")
 

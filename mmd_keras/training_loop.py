@@ -85,10 +85,10 @@ class Progress(keras.callbacks.Callback):
 
   def check_finite(self, step, logs):
     if logs["nonfinite"] != 0:
-      self.stop(step, f"non-finite loss or gradient (loss {logs['step_loss']:g}, gradient norm "
-                      f"{logs['step_grad_norm']:g})")
+      self.raise_nonfinite(step, f"non-finite loss or gradient (loss {logs['step_loss']:g}, "
+                                 f"gradient norm {logs['step_grad_norm']:g})")
 
-  def stop(self, step, what):
+  def raise_nonfinite(self, step, what):
     latest = self.manager.latest_checkpoint
     raise NonFiniteError(
         f"step {step}: {what}; stopped without saving this state, the last checkpoint is "
@@ -113,7 +113,7 @@ class Progress(keras.callbacks.Callback):
     # A finite step can still overflow a weight in its update; such a state is not saved.
     bad = first_nonfinite(self.weights)
     if bad is not None:
-      self.stop(step, f"non-finite weight {getattr(bad, 'path', bad.name)}")
+      self.raise_nonfinite(step, f"non-finite weight {getattr(bad, 'path', bad.name)}")
     path = self.manager.save(checkpoint_number=step)
     png = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
     canvas = grid.write_png(png, self.sample_fn(), scale=2)

@@ -139,7 +139,9 @@ def test_resume_check_refuses_another_unet_and_a_truncated_checkpoint(trained, t
   shutil.copytree(folder / "checkpoints", copy)
   [data] = copy.glob("ckpt-40.data-*")
   data.write_bytes(data.read_bytes()[:-4])  # Four bytes short: the last float32.
-  with pytest.raises(checkpoints.CheckpointError, match=r"ckpt-40: its tensor .* cannot be read .*complete checkpoint.*--workdir"):
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"ckpt-40: its tensor .* cannot be read .*complete checkpoint"
+                           r".*--workdir"):
     checkpoints.check_resume(str(copy), unet_factory=lambda: tiny_unet(image_size=8, channels=1))
 
 
