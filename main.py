@@ -250,6 +250,13 @@ def _init_checkpoint():
   return found
 
 
+def _check_resume(run_dir_name):
+  """The checkpoint a rerun in <workdir>/<run_dir_name> resumes from, if any, checked against the
+  UNet flags; after the strategy exists (it builds a UNet), before the data is read."""
+  checkpoints.check_resume(os.path.join(FLAGS.workdir, run_dir_name, "checkpoints"),
+                           unet_factory=_unet_factory())
+
+
 def _restored_unet(path=None):
   """The UNet of the flags with the weights of `path` (default: --init_checkpoint's)."""
   path = path or _init_checkpoint()
@@ -282,6 +289,7 @@ def run_pretrain():
   if FLAGS.init_checkpoint and "://" not in FLAGS.init_checkpoint:
     checkpoints.check_readable(FLAGS.init_checkpoint)
   strategy = _check_global_batch(FLAGS.batch_size, "--batch_size")
+  _check_resume("pretrain")
   run_dir = _mode_dir("pretrain")
   dataset_fn = _training_data(FLAGS.batch_size)
   if distribute.is_chief(strategy):  # Workers of a cluster share the workdir: one flags file.
@@ -365,7 +373,9 @@ def _check_finetune():
       inception_weights=FLAGS.inception_weights, inception_resolution=FLAGS.inception_resolution,
       classifier_path=_classifier_path())
   strategy = _check_global_batch(batch_size, batch_flag)
-  return batch_size, kernel, strategy, _init_checkpoint()
+  init_checkpoint = _init_checkpoint()
+  _check_resume(f"finetune_k{FLAGS.num_steps}")
+  return batch_size, kernel, strategy, init_checkpoint
 
 
 def run_finetune(checked=None):
@@ -387,6 +397,7 @@ def run_finetune(checked=None):
       timestep_kind=FLAGS.timesteps, eta=FLAGS.eta, clip_x0=FLAGS.clip_x0,
       finetune_steps=FLAGS.finetune_steps, learning_rate=FLAGS.learning_rate,
       grad_clip=FLAGS.grad_clip, global_batch_size=batch_size,
+      batch_flag=_finetune_batch_size()[1],
       checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every, seed=FLAGS.seed,
       strategy=strategy, init_checkpoint=init_checkpoint, use_ema=FLAGS.use_ema,
       recompute=FLAGS.recompute, dropout=FLAGS.finetune_dropout)
@@ -671,10 +682,37 @@ def run_quickstart():
   run_export(init_checkpoint=finetuned, next_free_version=True)
 
 
+# Modes that train under --strategy; the others run on one device, and every worker of a cluster
+# would run them whole and race on the same files.
+DISTRIBUTED_MODES = ("pretrain", "finetune")
+
+
+def _check_strategy_mode():
+  if FLAGS.strategy not in ("multi_worker", "tpu") or FLAGS.mode in DISTRIBUTED_MODES:
+    return
+  hint = (f"; for the quickstart run --mode=finetune --strategy={FLAGS.strategy}, then "
+          f"--mode=evaluate and --mode=export on one machine" if FLAGS.mode == "quickstart"
+          else "")
+  raise UserError(f"--strategy={FLAGS.strategy} is only for --mode="
+                  f"{' and --mode='.join(DISTRIBUTED_MODES)}; --mode={FLAGS.mode} runs on one "
+                  f"device (use --strategy=default){hint}")
+
+
+def _check_workdir():
+  # Our checks and writes (makedirs, os.replace, os.access) are POSIX calls: on gs://… they would
+  # act on a local folder named "gs:".
+  if "://" in FLAGS.workdir:
+    raise UserError(f"--workdir={FLAGS.workdir}: remote (scheme://) paths are not supported; "
+                    f"expected a local directory or a shared POSIX filesystem (e.g. NFS, or a "
+                    f"bucket mounted with gcsfuse)")
+
+
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}; every option is a --flag (flagfile lines "
                     f"too)")
+  _check_workdir()
+  _check_strategy_mode()
   if FLAGS.num_cpu_devices is not None:
     if FLAGS.strategy != "mirrored":
       raise UserError(f"--num_cpu_devices needs --strategy=mirrored, "

@@ -16,6 +16,10 @@ import tensorflow as tf
 from mmd_keras.errors import UserError
 
 
+# The flags that decide the UNet's weight shapes.
+UNET_FLAGS = "--image_size, --ch, --ch_mult, --num_res_blocks, --attn_resolutions"
+
+
 class CheckpointError(UserError):
   """A checkpoint that cannot be used; the message names the flag or file."""
 
@@ -157,14 +161,67 @@ def restore_unet(unet, path, *, use_ema=True, flag="--init_checkpoint"):
       # Keras' own message names no shape; the shapes say which flag differs.
       detail = _shape_difference(resolved, unet) or f"{type(e).__name__}: {str(e).splitlines()[0]}"
       raise CheckpointError(f"{flag}={path} cannot be loaded into the UNet built from the flags "
-                            f"(--image_size, --ch, --ch_mult, --num_res_blocks, "
-                            f"--attn_resolutions): {detail}") from e
+                            f"({UNET_FLAGS}): {detail}") from e
     return "weights.h5"
   names = _variable_shapes(resolved, flag=flag)
   if any(k.startswith("model/") for k in names):
     from mmd_keras import ddpm_import  # The released TF1 checkpoints of Ho et al.
     return ddpm_import.restore(unet, resolved, use_ema=use_ema, flag=flag)
   return _assign_from_reader(unet, resolved, use_ema=use_ema, flag=flag)
+
+
+# What restoring a corrupt or foreign training checkpoint raises (a short data file: IndexError).
+RESTORE_ERRORS = (AssertionError, ValueError, LookupError, tf.errors.OpError)
+
+
+def first_line(error):
+  """The first line of an exception's message (its type name if it has none)."""
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
+def resume_error(prefix, detail, *, corrupt=False):
+  """The error for a resume checkpoint (the one a rerun continues from) that cannot be used:
+  `corrupt` if its files are damaged, else it may be another run's."""
+  folder = os.path.dirname(prefix)
+  if corrupt:
+    expected = "expected a complete checkpoint:"
+  else:
+    expected = (f"expected a checkpoint written by this command (the same UNet flags "
+                f"{UNET_FLAGS}): rerun with the flags of the run that wrote it (its flags_*.cfg),")
+  return CheckpointError(f"cannot resume from {prefix}: {detail}; {expected} use another "
+                         f"--workdir, or move {folder} away to start over")
+
+
+def check_resume(checkpoint_dir, *, unet_factory):
+  """The checkpoint a rerun would resume from in `checkpoint_dir` (None if there is none), checked
+  before any data is read: every tensor readable, and the weights those of the UNet `unet_factory`
+  builds (built here once, outside any strategy). Raises `resume_error`s.
+  """
+  prefix = tf.train.latest_checkpoint(checkpoint_dir)
+  if prefix is None:
+    return None
+  try:
+    reader = tf.train.load_checkpoint(prefix)
+    names = sorted(reader.get_variable_to_shape_map())
+  except (tf.errors.OpError, ValueError) as e:
+    raise resume_error(prefix, f"its index is unreadable ({first_line(e)})",
+                       corrupt=True) from e
+  # Every tensor read once (the reader checks sizes and checksums): a data file cut short or
+  # damaged fails here rather than minutes later. One tensor at a time; the resume reads them again.
+  for name in names:
+    try:
+      reader.get_tensor(name)
+    except RESTORE_ERRORS as e:
+      raise resume_error(prefix, f"its tensor {name} cannot be read ({first_line(e)})",
+                         corrupt=True) from e
+  unet = unet_factory().build_for_inference()
+  try:
+    tf.train.Checkpoint(unet_weights=WeightList(unet.weights, "unet_weights")).restore(
+        prefix).expect_partial().assert_existing_objects_matched()
+  except RESTORE_ERRORS as e:
+    raise resume_error(prefix, f"it does not hold this UNet's weights ({first_line(e)})") from e
+  return prefix
 
 
 def save_weights_h5(unet, path, *, overwrite=False):

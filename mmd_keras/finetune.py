@@ -145,20 +145,23 @@ def _check_positive(flag, value):
 
 def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule, workdir, num_steps,
              finetune_steps, learning_rate, grad_clip, global_batch_size, checkpoint_every,
-             log_every, seed, strategy, init_checkpoint, use_ema=True, timestep_kind="uniform",
-             eta=0.0, clip_x0=False, recompute=True, dropout=False, num_sample_images=64):
+             log_every, seed, strategy, init_checkpoint, batch_flag="--finetune_batch_size",
+             use_ema=True, timestep_kind="uniform", eta=0.0, clip_x0=False, recompute=True,
+             dropout=False, num_sample_images=64):
   """MMD-finetunes (or resumes) the UNet in `workdir`; writes `<workdir>/unet.weights.h5` at the end.
 
   `dataset_fn(start_batch)` yields the global batches of real images from batch `start_batch` on;
-  Keras' fit splits them across replicas.
+  Keras' fit splits them across replicas. `batch_flag` is the flag that set `global_batch_size`
+  (--batch_size when --finetune_batch_size is not given), for the error messages.
   """
+  batch_flag = batch_flag.lstrip("-")
   for flag, value in (("learning_rate", learning_rate), ("finetune_steps", finetune_steps),
-                      ("batch_size", global_batch_size), ("checkpoint_every", checkpoint_every),
+                      (batch_flag, global_batch_size), ("checkpoint_every", checkpoint_every),
                       ("log_every", log_every)):
     _check_positive(flag, value)
   if grad_clip < 0:
     raise UserError(f"--grad_clip must be >= 0 (0 disables clipping), got {grad_clip}")
-  distribute.check_global_batch(global_batch_size, strategy)
+  distribute.check_global_batch(global_batch_size, strategy, flag=batch_flag)
   final_weights = os.path.join(workdir, "unet.weights.h5")
   out_dir = distribute.write_dir(workdir, strategy)  # `workdir` on the chief, else a throwaway.
   with strategy.scope():
@@ -203,10 +206,10 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
     if os.path.exists(final_weights):
       raise UserError(f"{final_weights} exists (a finished run); move it away or use another "
                       f"--workdir before finetuning further")
-    progress = training_loop.Progress(manager=manager, trainer=trainer, sample_fn=sample_fn,
-                                      workdir=out_dir, every=checkpoint_every,
-                                      log_every=log_every, global_batch=global_batch_size,
-                                      image_tag="samples")
+    progress = training_loop.Progress(manager=manager, trainer=trainer, weights=unet.weights,
+                                      sample_fn=sample_fn, workdir=out_dir,
+                                      every=checkpoint_every, log_every=log_every,
+                                      global_batch=global_batch_size, image_tag="samples")
     # Each worker takes its part of every global batch.
     sharded = lambda start_batch: distribute.shard_global_batches(dataset_fn(start_batch))
     training_loop.fit(trainer=trainer, dataset_fn=sharded, max_steps=finetune_steps,

@@ -1,7 +1,9 @@
 """Base DDPM training: ε-prediction MSE on uniformly drawn t, with an EMA of the weights.
 
-Randomness is stateless and keyed by (seed, step, replica): every replica draws its own t, ε and
-dropout masks, and a resumed run draws exactly what an uninterrupted one would.
+Randomness is stateless and keyed by (seed, step): t and ε are drawn for the whole global batch and
+each replica takes its slice, so N replicas take the steps of one device on the same global batch
+(dropout masks are keyed by (seed, step, replica)). A resumed run draws exactly what an
+uninterrupted one would.
 """
 
 import os
@@ -17,10 +19,11 @@ from mmd_keras import schedule as schedule_lib
 from mmd_keras import training_loop
 
 
-def step_seed(seed, step):
-  """[2] int32 seed for this step on this replica."""
-  replica = tf.distribute.get_replica_context()
-  replica_id = replica.replica_id_in_sync_group if replica is not None else 0
+def step_seed(seed, step, *, replica_id=None):
+  """[2] int32 seed for this step on this replica (or on replica `replica_id`)."""
+  if replica_id is None:
+    replica = tf.distribute.get_replica_context()
+    replica_id = replica.replica_id_in_sync_group if replica is not None else 0
   base = tf.random.experimental.stateless_fold_in(
       tf.constant([seed, 0], tf.int32), tf.cast(step, tf.int32))
   return tf.random.experimental.stateless_fold_in(base, tf.cast(replica_id, tf.int32))
@@ -41,9 +44,10 @@ def update_ema(ema, weights, decay):
 class DDPMTrainer(keras.Model):
   """Trains `unet` on L = E_{t, ε} ‖ε − ε_θ(sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε, t)‖²."""
 
-  def __init__(self, unet, *, schedule, ema_decay=0.9999, seed=0, **kwargs):
+  def __init__(self, unet, *, schedule, ema_decay=0.9999, grad_clip=None, seed=0, **kwargs):
     super().__init__(**kwargs)
     self.unet = unet
+    self.grad_clip = grad_clip
     self.alphas_cumprod = schedule.alphas_cumprod_tf()
     self.num_timesteps = schedule.num_timesteps
     self.ema_decay = ema_decay
@@ -61,23 +65,36 @@ class DDPMTrainer(keras.Model):
   def train_step(self, data):
     # fit() on a dataset of images passes the images; train_on_batch passes (x, None, None).
     x0, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+    replica = tf.distribute.get_replica_context()
+    num_replicas = replica.num_replicas_in_sync
     batch = tf.shape(x0)[0]
-    global_batch = tf.cast(batch * self.distribute_strategy.num_replicas_in_sync, tf.float32)
-    seeds = tf.random.experimental.stateless_split(
-        step_seed(self.seed, self.optimizer.iterations), 3)
-    t = tf.random.stateless_uniform([batch], seeds[0], 0, self.num_timesteps, dtype=tf.int32)
-    noise = tf.random.stateless_normal(tf.shape(x0), seeds[1])
+    global_batch = batch * num_replicas
+    step = self.optimizer.iterations
+    # t and ε of the whole global batch, the same on every replica; replica r holds examples
+    # r·b … r·b + b − 1 of it (how a global batch is split). With replica 0's seeds one device
+    # draws what it drew before t and ε were shared.
+    shared = tf.random.experimental.stateless_split(step_seed(self.seed, step, replica_id=0), 3)
+    first = tf.cast(replica.replica_id_in_sync_group, tf.int32) * batch
+    t = tf.random.stateless_uniform([global_batch], shared[0], 0, self.num_timesteps,
+                                    dtype=tf.int32)[first:first + batch]
+    noise = tf.random.stateless_normal(
+        tf.concat([[global_batch], tf.shape(x0)[1:]], axis=0), shared[1])[first:first + batch]
+    dropout_seed = tf.random.experimental.stateless_split(step_seed(self.seed, step), 3)[2]
     x_t = schedule_lib.q_sample(x0, t, noise, alphas_cumprod=self.alphas_cumprod)
     with tf.GradientTape() as tape:
-      eps = self.unet(x_t, t, training=True, dropout_seed=seeds[2])
+      eps = self.unet(x_t, t, training=True, dropout_seed=dropout_seed)
       per_example = tf.reduce_mean(tf.square(noise - eps), axis=[1, 2, 3])
-      # Summed over the replica, divided by the global batch: the all-reduce SUM of the
-      # optimizer makes this the global mean.
-      loss = tf.reduce_sum(per_example) / global_batch
-    grads = tape.gradient(loss, self.unet.trainable_weights)
-    # The norm of this replica's share, before the optimizer's clip: what the NaN guard needs.
+      # This replica's share of the global mean (the sum over replicas is the global mean).
+      loss = tf.reduce_sum(per_example) / tf.cast(global_batch, tf.float32)
+    weights = self.unet.trainable_weights
+    grads = replica.all_reduce(tf.distribute.ReduceOp.SUM, tape.gradient(loss, weights))
     grad_norm = tf.linalg.global_norm(grads)
-    self.optimizer.apply_gradients(zip(grads, self.unet.trainable_weights))
+    # Clipped here, on the global gradient: Keras' own `global_clipnorm` clips each replica's
+    # partial gradient before the all-reduce, which is not the single-device update.
+    if self.grad_clip:
+      grads, _ = tf.clip_by_global_norm(grads, self.grad_clip, use_norm=grad_norm)
+    # The optimizer all-reduces (SUM) once more: hand it 1/N of the global gradient.
+    self.optimizer.apply_gradients(zip([g / num_replicas for g in grads], weights))
     update_ema(self.ema, self.unet.weights, self.ema_decay)
     self.loss_tracker.update_state(tf.reduce_mean(per_example))
     return distribute.fit_logs({
@@ -101,8 +118,9 @@ def train(*, unet_factory, dataset_fn, schedule, workdir, train_steps, learning_
   """
   with strategy.scope():
     unet = unet_factory().build_for_inference()
-    trainer = DDPMTrainer(unet, schedule=schedule, ema_decay=ema_decay, seed=seed)
-    optimizer = keras.optimizers.Adam(learning_rate=learning_rate, global_clipnorm=grad_clip)
+    trainer = DDPMTrainer(unet, schedule=schedule, ema_decay=ema_decay, grad_clip=grad_clip,
+                          seed=seed)
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
     trainer.compile(optimizer=optimizer, jit_compile=jit_compile)
     optimizer.build(unet.trainable_weights)
   ckpt = checkpoints.training_checkpoint(unet=unet, ema=trainer.ema, optimizer=optimizer)
@@ -137,7 +155,8 @@ def train(*, unet_factory, dataset_fn, schedule, workdir, train_steps, learning_
     return ddim.sample(eps_fn, noise, timesteps=timesteps,
                        alphas_cumprod=schedule.alphas_cumprod, clip_x0=True)
 
-  progress = training_loop.Progress(manager=manager, trainer=trainer, sample_fn=sample_fn,
+  progress = training_loop.Progress(manager=manager, trainer=trainer,
+                                    weights=unet.weights + trainer.ema, sample_fn=sample_fn,
                                     workdir=out_dir, every=checkpoint_every, log_every=log_every,
                                     global_batch=global_batch_size, image_tag="ema_samples")
   # Each worker takes its part of every global batch.

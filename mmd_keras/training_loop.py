@@ -17,6 +17,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from mmd_keras import checkpoints
 from mmd_keras import grid
 from mmd_keras.errors import UserError
 
@@ -37,20 +38,30 @@ def step_of(trainer):
   return int(trainer.optimizer.iterations.numpy())
 
 
+def first_nonfinite(variables):
+  """The first of `variables` holding a NaN or Inf, or None."""
+  finite = [tf.reduce_all(tf.math.is_finite(v)) for v in variables]
+  if bool(tf.reduce_all(finite)):  # One check on the usual path.
+    return None
+  return next(v for v, ok in zip(variables, finite) if not ok)
+
+
 class Progress(keras.callbacks.Callback):
   """After every step: stop on a non-finite step before anything is saved. Every `log_every`
   steps a progress line and TensorBoard scalars (the trainer's metrics averaged since the last
-  line); every `every` steps a checkpoint and a sample grid.
+  line); every `every` steps a checkpoint and a sample grid, once `weights` (what the checkpoint
+  holds of the model: weights, EMA) are checked finite.
 
   The trainer's `train_step` returns `step_loss`, `step_grad_norm` and `nonfinite` (see
   `nonfinite_replicas`) besides its metrics.
   """
 
-  def __init__(self, *, manager, trainer, sample_fn, workdir, every, log_every, global_batch,
-               image_tag):
+  def __init__(self, *, manager, trainer, weights, sample_fn, workdir, every, log_every,
+               global_batch, image_tag):
     super().__init__()
     self.manager = manager
     self.trainer = trainer
+    self.weights = list(weights)
     self.sample_fn = sample_fn
     self.workdir = workdir
     self.every = every
@@ -73,13 +84,15 @@ class Progress(keras.callbacks.Callback):
       self.save(step)
 
   def check_finite(self, step, logs):
-    if logs["nonfinite"] == 0:
-      return
+    if logs["nonfinite"] != 0:
+      self.raise_nonfinite(step, f"non-finite loss or gradient (loss {logs['step_loss']:g}, "
+                                 f"gradient norm {logs['step_grad_norm']:g})")
+
+  def raise_nonfinite(self, step, what):
     latest = self.manager.latest_checkpoint
     raise NonFiniteError(
-        f"step {step}: non-finite loss or gradient (loss {logs['step_loss']:g}, gradient norm "
-        f"{logs['step_grad_norm']:g}); stopped without saving this state, the last checkpoint "
-        f"is {latest or 'none'} (a lower learning rate or a gradient clip may help)")
+        f"step {step}: {what}; stopped without saving this state, the last checkpoint is "
+        f"{latest or 'none'} (a lower learning rate or a gradient clip may help)")
 
   def log(self, step):
     now = time.time()
@@ -97,6 +110,10 @@ class Progress(keras.callbacks.Callback):
     self.last_time, self.last_step = now, step
 
   def save(self, step):
+    # A finite step can still overflow a weight in its update; such a state is not saved.
+    bad = first_nonfinite(self.weights)
+    if bad is not None:
+      self.raise_nonfinite(step, f"non-finite weight {getattr(bad, 'path', bad.name)}")
     path = self.manager.save(checkpoint_number=step)
     png = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
     canvas = grid.write_png(png, self.sample_fn(), scale=2)
@@ -108,11 +125,14 @@ class Progress(keras.callbacks.Callback):
 
 def restore_or_initialize(manager, initialize, *, learning_rate, checkpoint_dir=None):
   """Restores the latest checkpoint in `checkpoint_dir` (default: `manager`'s; a resume), else
-  calls `initialize()`."""
+  calls `initialize()`. A checkpoint that does not restore is a `checkpoints.resume_error`."""
   latest = (tf.train.latest_checkpoint(checkpoint_dir) if checkpoint_dir
             else manager.latest_checkpoint)
   if latest:
-    manager.checkpoint.restore(latest).assert_existing_objects_matched()
+    try:
+      manager.checkpoint.restore(latest).assert_existing_objects_matched()
+    except checkpoints.RESTORE_ERRORS as e:
+      raise checkpoints.resume_error(latest, checkpoints.first_line(e)) from e
     optimizer = manager.checkpoint.optimizer
     logging.info("resumed from %s at step %d", latest, int(optimizer.iterations.numpy()))
     # The checkpoint holds the learning rate too; the flag wins, so that a run stopped by the

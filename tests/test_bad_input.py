@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import os
 
+import keras
 import pytest
 import tensorflow as tf
 
@@ -75,6 +76,13 @@ CASES = [
          ["--mode=export", "--num_steps=4", "--model_version=4",
           "--init_checkpoint={root}/run/pretrain", "--ch=64"],
          ["--init_checkpoint", "ckpt-4", "does not match the UNet flags"]),
+    # A rerun resumes from the workdir's own checkpoint: the tree's pretrain checkpoint has ch 32.
+    Case("resume_checkpoint_not_matching_unet_flags", ["--mode=pretrain", "--ch=64"],
+         ["cannot resume from", "pretrain/checkpoints/ckpt-4", "--ch", "--workdir"]),
+    Case("resume_checkpoint_truncated",
+         ["--mode=finetune", "--workdir={root}/truncated_resume"],
+         ["cannot resume from", "finetune_k5/checkpoints/ckpt-3", "cannot be read",
+          "complete checkpoint", "--workdir"]),
     Case("workdir_unwritable", ["--mode=finetune", "--workdir={root}/a_file/run"],
          ["--workdir", "a_file", "not writable"]),
     Case("export_version_exists", ["--mode=export"],
@@ -117,6 +125,20 @@ IN_PROCESS_CASES = [
          ["--rbf_bandwidths", "numbers"]),
     Case("rbf_bandwidth_zero", ["--mode=finetune", "--kernel=rbf", "--rbf_bandwidths=1,0"],
          ["--rbf_bandwidths", "positive"]),
+    # One-device modes: every worker of a cluster would run them whole, on the same files.
+    Case("quickstart_multi_worker", ["--mode=quickstart", "--strategy=multi_worker"],
+         ["--strategy=multi_worker", "--mode=pretrain and --mode=finetune",
+          "--mode=finetune --strategy=multi_worker", "--mode=evaluate"]),
+    Case("evaluate_multi_worker", ["--mode=evaluate", "--strategy=multi_worker"],
+         ["--strategy=multi_worker", "--mode=evaluate runs on one device"]),
+    Case("export_tpu", ["--mode=export", "--strategy=tpu"],
+         ["--strategy=tpu", "--mode=export runs on one device"]),
+    Case("sample_multi_worker", ["--mode=sample", "--strategy=multi_worker"],
+         ["--strategy=multi_worker", "--mode=sample runs on one device"]),
+    Case("train_classifier_tpu", ["--mode=train_classifier", "--strategy=tpu"],
+         ["--strategy=tpu", "--mode=train_classifier runs on one device"]),
+    Case("workdir_remote", ["--mode=finetune", "--workdir=gs://bucket/run"],
+         ["--workdir=gs://bucket/run", "not supported", "POSIX"]),
     Case("num_cpu_devices_without_mirrored", ["--mode=finetune", "--num_cpu_devices=2"],
          ["--num_cpu_devices", "--strategy=mirrored"]),
     Case("num_cpu_devices_zero", ["--mode=finetune", "--strategy=mirrored", "--num_cpu_devices=0"],
@@ -201,6 +223,17 @@ def tree(tmp_path_factory):
   _write(os.path.join(run, "export", "mmd_ddm", "1", "variables", "variables.index"), b"index")
   _write(os.path.join(run, "export", "mmd_ddm_k5.tflite"), b"an earlier tflite")
   _write(os.path.join(run, "evaluate", "report.md"), b"| model | K |\n")
+  # A finetune checkpoint whose data file lost its second half (a copy that stopped midway).
+  optimizer = keras.optimizers.Adam()
+  optimizer.build(unet.trainable_weights)
+  prefix = tf.train.CheckpointManager(
+      checkpoints.training_checkpoint(unet=unet, optimizer=optimizer),
+      os.path.join(root, "truncated_resume", "finetune_k5", "checkpoints"),
+      max_to_keep=1).save(checkpoint_number=3)
+  [data] = tf.io.gfile.glob(prefix + ".data-*")
+  with open(data, "rb") as f:
+    content = f.read()
+  _write(data, content[:len(content) // 2])
 
   os.makedirs(os.path.join(root, "data", "empty"))
   for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):

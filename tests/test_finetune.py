@@ -209,3 +209,14 @@ def test_bad_driver_input_is_a_user_error(tmp_path):
         global_batch_size=real.shape[0], checkpoint_every=2, log_every=1, seed=0,
         strategy=tf.distribute.get_strategy(), init_checkpoint=None)
   assert distribute.check_global_batch(4, tf.distribute.get_strategy()) == 4
+
+
+@pytest.mark.parametrize("batch_flag", ["--batch_size", "--finetune_batch_size"])
+def test_driver_names_the_flag_that_set_the_batch(tmp_path, batch_flag):
+  # main.py passes --batch_size when --finetune_batch_size is not given.
+  with pytest.raises(UserError, match=f"^{batch_flag} must be > 0, got 0$"):
+    finetune.finetune(
+        unet_factory=None, feature_net_factory=None, kernel=None, dataset_fn=None, schedule=SCHEDULE,
+        workdir=str(tmp_path), num_steps=2, finetune_steps=3, learning_rate=1e-3, grad_clip=0.5,
+        global_batch_size=0, batch_flag=batch_flag, checkpoint_every=2, log_every=1, seed=0,
+        strategy=tf.distribute.get_strategy(), init_checkpoint=None)

@@ -1,10 +1,21 @@
-"""pretrain.py: the DDPM trainer learns, its EMA follows the formula, checkpoints round-trip."""
+"""pretrain.py: the DDPM trainer learns, its EMA follows the formula, checkpoints round-trip, and
+one step under MirroredStrategy on 2 logical CPUs is the single-device step.
+
+Logical devices must be configured before TensorFlow initialises its devices, so the mirrored step
+runs in a fresh interpreter (`python tests/test_pretrain.py <out.npz>`); pytest compares its output.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import randomize_weights
 from conftest import tiny_unet
 from mmd_keras import checkpoints
 from mmd_keras import pretrain
@@ -15,9 +26,9 @@ SCHEDULE = schedule_lib.NoiseSchedule.linear(num_timesteps=100)
 
 def _trainer(*, ema_decay, learning_rate=2e-3, seed=0):
   unet = tiny_unet(image_size=8, channels=1)
-  trainer = pretrain.DDPMTrainer(unet, schedule=SCHEDULE, ema_decay=ema_decay, seed=seed)
-  trainer.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate,
-                                                  global_clipnorm=1.0))
+  trainer = pretrain.DDPMTrainer(unet, schedule=SCHEDULE, ema_decay=ema_decay, grad_clip=1.0,
+                                 seed=seed)
+  trainer.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate))
   return trainer
 
 
@@ -109,6 +120,31 @@ def test_checkpoint_for_another_architecture_is_refused(trained):
     checkpoints.restore_unet(bigger, str(folder), use_ema=True)
 
 
+def test_resume_check_accepts_the_runs_own_checkpoint(trained, tmp_path):
+  folder = trained[1]
+  factory = lambda: tiny_unet(image_size=8, channels=1)
+  found = checkpoints.check_resume(str(folder / "checkpoints"), unet_factory=factory)
+  assert found == str(folder / "checkpoints" / "ckpt-40")
+  assert checkpoints.check_resume(str(tmp_path / "none"), unet_factory=factory) is None
+
+
+def test_resume_check_refuses_another_unet_and_a_truncated_checkpoint(trained, tmp_path):
+  folder = trained[1]
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"^cannot resume from .*ckpt-40: it does not hold this UNet's weights "
+                           r".*--ch, .*--workdir"):
+    checkpoints.check_resume(str(folder / "checkpoints"),
+                             unet_factory=lambda: tiny_unet(image_size=8, channels=3))
+  copy = tmp_path / "checkpoints"
+  shutil.copytree(folder / "checkpoints", copy)
+  [data] = copy.glob("ckpt-40.data-*")
+  data.write_bytes(data.read_bytes()[:-4])  # Four bytes short: the last float32.
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"ckpt-40: its tensor .* cannot be read .*complete checkpoint"
+                           r".*--workdir"):
+    checkpoints.check_resume(str(copy), unet_factory=lambda: tiny_unet(image_size=8, channels=1))
+
+
 def test_weights_h5_round_trip(trained, tmp_path):
   trainer = trained[0]
   path = str(tmp_path / "base.weights.h5")
@@ -127,3 +163,103 @@ def test_checkpoint_without_the_weight_list_is_refused(tmp_path):
       str(tmp_path / "partial"))
   with pytest.raises(checkpoints.CheckpointError, match="--init_checkpoint"):
     checkpoints.restore_unet(tiny_unet(image_size=8, channels=1), prefix, use_ema=False)
+
+
+# The mirrored step. SGD keeps the update linear in the clipped gradient (Adam's first step is
+# ±lr whatever the scale, which would hide a wrong clip); the clip is far below the gradient norm.
+CLIP = 1e-2
+LEARNING_RATE = 1.0
+EMA_DECAY = 0.5
+
+
+def _one_step(strategy, init, *, grad_clip, keras_clip=None):
+  """Weights, EMA and logs after one fit() step of a DDPMTrainer under `strategy` on the global
+  batch `_fixed_batch()`: clipped by the trainer (`grad_clip`) or by Keras (`keras_clip`)."""
+  with strategy.scope():
+    unet = tiny_unet(image_size=8, channels=1)
+    for w, value in zip(unet.weights, init):
+      w.assign(value)
+    trainer = pretrain.DDPMTrainer(unet, schedule=SCHEDULE, ema_decay=EMA_DECAY,
+                                   grad_clip=grad_clip, seed=3)
+    trainer.compile(optimizer=keras.optimizers.SGD(learning_rate=LEARNING_RATE,
+                                                   global_clipnorm=keras_clip))
+  history = trainer.fit(tf.data.Dataset.from_tensors(_fixed_batch()), epochs=1, verbose=0,
+                        shuffle=False)
+  return dict(weights=[w.numpy() for w in unet.weights], ema=[e.numpy() for e in trainer.ema],
+              loss=np.array(history.history["step_loss"][-1]),
+              grad_norm=np.array(history.history["step_grad_norm"][-1]))
+
+
+def _compute_mirrored_step(out_path):
+  cpus = tf.config.list_physical_devices("CPU")
+  tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+  init = [w.numpy() for w in randomize_weights(tiny_unet(image_size=8), seed=4, scale=0.05).weights]
+  one = tf.distribute.OneDeviceStrategy("/cpu:0")
+  mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  assert mirrored.num_replicas_in_sync == 2
+  runs = dict(single=_one_step(one, init, grad_clip=CLIP),
+              single_keras=_one_step(one, init, grad_clip=None, keras_clip=CLIP),
+              mirrored=_one_step(mirrored, init, grad_clip=CLIP),
+              mirrored_keras=_one_step(mirrored, init, grad_clip=None, keras_clip=CLIP))
+  arrays = {f"init_{i}": w for i, w in enumerate(init)}
+  for name, run in runs.items():
+    arrays[f"{name}_loss"], arrays[f"{name}_grad_norm"] = run["loss"], run["grad_norm"]
+    for i, (w, e) in enumerate(zip(run["weights"], run["ema"])):
+      arrays[f"{name}_weight_{i}"], arrays[f"{name}_ema_{i}"] = w, e
+  np.savez(out_path, num_weights=np.array(len(init)), **arrays)
+
+
+@pytest.fixture(scope="module")
+def mirrored_step(tmp_path_factory):
+  out = tmp_path_factory.mktemp("mirrored") / "step.npz"
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(tests_dir), tests_dir, os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = dict(np.load(out))
+  count = int(results["num_weights"])
+  init = [results[f"init_{i}"].astype(np.float64) for i in range(count)]
+  updates = {name: [results[f"{name}_weight_{i}"] - init[i] for i in range(count)]
+             for name in ("single", "single_keras", "mirrored", "mirrored_keras")}
+  emas = {name: [results[f"{name}_ema_{i}"] for i in range(count)]
+          for name in ("single", "mirrored")}
+  return results, updates, emas
+
+
+def _norm(update):
+  return np.sqrt(sum(np.sum(u ** 2) for u in update))
+
+
+def test_one_device_clip_is_keras_global_clipnorm(mirrored_step):
+  # On one device Keras' global_clipnorm is the textbook clip: an independent reference for ours.
+  results, updates, _ = mirrored_step
+  assert results["single_grad_norm"] > 10 * CLIP
+  np.testing.assert_allclose(_norm(updates["single"]), LEARNING_RATE * CLIP, rtol=1e-4)
+  for ours, reference in zip(updates["single"], updates["single_keras"]):
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-5 * LEARNING_RATE * CLIP)
+
+
+def test_mirrored_step_is_the_single_device_step(mirrored_step):
+  results, updates, emas = mirrored_step
+  np.testing.assert_allclose(results["mirrored_loss"], results["single_loss"], rtol=1e-5)
+  np.testing.assert_allclose(results["mirrored_grad_norm"], results["single_grad_norm"],
+                             rtol=1e-5)
+  for mirrored, single in zip(updates["mirrored"], updates["single"]):
+    np.testing.assert_allclose(mirrored, single, rtol=0, atol=1e-5 * LEARNING_RATE * CLIP)
+  # ema = d·w0 + (1 − d)·w1, and the EMA of the first replica is the one kept.
+  for mirrored, single in zip(emas["mirrored"], emas["single"]):
+    np.testing.assert_allclose(mirrored, single, rtol=0, atol=1e-5 * LEARNING_RATE * CLIP)
+
+
+def test_per_replica_clipping_would_differ(mirrored_step):
+  # Keras' global_clipnorm clips each replica's half of the gradient before the sum: the update
+  # is neither lr·clip long nor along the global gradient.
+  _, updates, _ = mirrored_step
+  difference = _norm([k - s for k, s in zip(updates["mirrored_keras"], updates["single"])])
+  assert difference > 0.1 * LEARNING_RATE * CLIP
+
+
+if __name__ == "__main__":
+  _compute_mirrored_step(sys.argv[1])

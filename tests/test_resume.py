@@ -1,8 +1,9 @@
 """Crash-safe resume and the NaN guard, through main.py as a user runs it.
 
-A run killed with SIGKILL after a checkpoint and rerun with the same command ends with the weights,
-EMA and optimizer state of an uninterrupted run (same data batches, noise and dropout); a diverging
-run stops with one line naming the step and leaves its last checkpoint intact.
+A run killed with SIGKILL after a checkpoint, or in the middle of saving one, and rerun with the
+same command ends with the weights, EMA and optimizer state of an uninterrupted run (same data
+batches, noise and dropout); a diverging run stops with one line naming the step and leaves its
+last checkpoint intact.
 """
 
 import glob
@@ -28,12 +29,63 @@ from test_cli import run_main
 FINETUNE_IMAGE_SIZE = 28  # The committed Fashion-MNIST classifier's input size.
 
 
+def _env():
+  return dict(os.environ, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1",
+              TF_CPP_MIN_LOG_LEVEL="2")
+
+
 def _start_main(*args):
-  env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1",
-             TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO_ROOT, env=env,
+  return subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO_ROOT, env=_env(),
                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
+
+
+# main.py with a SIGKILL at one point of a save, chosen by MMD_TEST_KILL=<point>:<name suffix>:
+#   files  a checkpoint's shards are written (<prefix>_temp/), not yet merged under its name;
+#   state  its .index and .data files are written, the `checkpoint` state file does not list it;
+#   h5     unet.tmp.weights.h5 is written, not yet renamed to unet.weights.h5.
+_KILLING_MAIN = """
+import os, runpy, signal, sys
+point, _, suffix = os.environ["MMD_TEST_KILL"].partition(":")
+
+def kill_if(name):
+  if name.endswith(suffix):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if point == "files":
+  from tensorflow.python.ops import gen_io_ops
+  merge = gen_io_ops.merge_v2_checkpoints
+  def merge_or_die(checkpoint_prefixes, destination_prefix, *args, **kwargs):
+    kill_if(destination_prefix.numpy().decode())
+    return merge(checkpoint_prefixes, destination_prefix, *args, **kwargs)
+  gen_io_ops.merge_v2_checkpoints = merge_or_die
+elif point == "state":
+  from tensorflow.python.checkpoint import checkpoint_management
+  update = checkpoint_management.update_checkpoint_state_internal
+  def update_or_die(save_dir, model_checkpoint_path, *args, **kwargs):
+    kill_if(model_checkpoint_path)
+    return update(save_dir, model_checkpoint_path, *args, **kwargs)
+  checkpoint_management.update_checkpoint_state_internal = update_or_die
+elif point == "h5":
+  replace = os.replace
+  def replace_or_die(source, target, *args, **kwargs):
+    kill_if(os.fspath(target))
+    return replace(source, target, *args, **kwargs)
+  os.replace = replace_or_die
+else:
+  raise ValueError(point)
+sys.argv[0] = "main.py"
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+def _run_killed_in_save(kill, *args):
+  """Runs main.py `args`, SIGKILLed at the save point `kill` (see _KILLING_MAIN); its stderr."""
+  result = subprocess.run([sys.executable, "-c", _KILLING_MAIN, *args], cwd=REPO_ROOT,
+                          env=dict(_env(), MMD_TEST_KILL=kill), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == -signal.SIGKILL, (kill, result.stderr[-3000:])
+  return result.stderr
 
 
 def _kill_after_first_checkpoint(proc, checkpoint_dir, *, timeout=300):
@@ -77,35 +129,28 @@ def _assert_same_state(got, want, *, before_resume):
              if name.startswith("optimizer/_trainable_variables/"))
 
 
-def _kill_resume_and_compare(tmp_path, args, mode_dir, final_step):
-  straight = run_main(f"--workdir={tmp_path / 'straight'}", *args)
-  assert straight.returncode == 0, straight.stderr
-  want = _checkpoint_tensors(str(tmp_path / "straight" / mode_dir / "checkpoints" /
-                                 f"ckpt-{final_step}"))
+PRETRAIN_ARGS = [
+    # Dropout, random flips and a fast EMA make every random stream and the EMA matter.
+    "--mode=pretrain", "--dataset=fashion_mnist", *TINY_UNET, "--dropout=0.1", "--random_flip",
+    "--batch_size=8", "--train_steps=13", "--checkpoint_every=2", "--log_every=5",
+    "--ema_decay=0.9", "--init_checkpoint=", "--deterministic"]
+FINETUNE_ARGS = [
+    "--mode=finetune", "--dataset=fashion_mnist", *TINY_UNET,
+    f"--image_size={FINETUNE_IMAGE_SIZE}", "--dropout=0.1", "--finetune_dropout", "--random_flip",
+    "--num_steps=2", "--batch_size=4", "--finetune_steps=9", "--checkpoint_every=2",
+    "--log_every=5", "--learning_rate=1e-3", "--feature_net=classifier", "--deterministic"]
 
-  workdir = tmp_path / "killed"
-  checkpoint_dir = str(workdir / mode_dir / "checkpoints")
-  _kill_after_first_checkpoint(_start_main(f"--workdir={workdir}", *args), checkpoint_dir)
-  # What the state file names after the kill is complete (saves write, then rename).
-  latest = tf.train.latest_checkpoint(checkpoint_dir)
-  before_resume = _assert_intact(latest)
-  assert 0 < _step_of(latest) < final_step
 
-  resumed = run_main(f"--workdir={workdir}", *args)
-  assert resumed.returncode == 0, resumed.stderr
-  assert f"resumed from {latest} at step {_step_of(latest)}" in resumed.stderr
-  got = _checkpoint_tensors(os.path.join(checkpoint_dir, f"ckpt-{final_step}"))
-  _assert_same_state(got, want, before_resume=before_resume)
+def _straight_run(workdir, args):
+  result = run_main(f"--workdir={workdir}", *args)
+  assert result.returncode == 0, result.stderr
   return workdir
 
 
-@pytest.mark.slow
-def test_pretrain_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path):
-  # Dropout, random flips and a fast EMA make every random stream and the EMA matter.
-  args = ["--mode=pretrain", "--dataset=fashion_mnist", *TINY_UNET, "--dropout=0.1",
-          "--random_flip", "--batch_size=8", "--train_steps=13", "--checkpoint_every=2",
-          "--log_every=5", "--ema_decay=0.9", "--init_checkpoint=", "--deterministic"]
-  _kill_resume_and_compare(tmp_path, args, "pretrain", final_step=13)
+@pytest.fixture(scope="module")
+def pretrain_straight(tmp_path_factory):
+  """The workdir of an uninterrupted pretraining run (13 steps)."""
+  return _straight_run(tmp_path_factory.mktemp("pretrain_straight"), PRETRAIN_ARGS)
 
 
 def _finetune_init(tmp_path):
@@ -115,20 +160,118 @@ def _finetune_init(tmp_path):
   return path
 
 
-@pytest.mark.slow
-def test_finetune_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path):
-  args = ["--mode=finetune", "--dataset=fashion_mnist", *TINY_UNET,
-          f"--image_size={FINETUNE_IMAGE_SIZE}", "--dropout=0.1", "--finetune_dropout",
-          "--random_flip", "--num_steps=2", "--batch_size=4", "--finetune_steps=9",
-          "--checkpoint_every=2", "--log_every=5", "--learning_rate=1e-3",
-          "--feature_net=classifier", f"--init_checkpoint={_finetune_init(tmp_path)}",
-          "--deterministic"]
-  workdir = _kill_resume_and_compare(tmp_path, args, "finetune_k2", final_step=9)
+@pytest.fixture(scope="module")
+def finetune_args(tmp_path_factory):
+  return [*FINETUNE_ARGS, f"--init_checkpoint={_finetune_init(tmp_path_factory.mktemp('init'))}"]
+
+
+@pytest.fixture(scope="module")
+def finetune_straight(tmp_path_factory, finetune_args):
+  """The workdir of an uninterrupted finetuning run (9 steps)."""
+  return _straight_run(tmp_path_factory.mktemp("finetune_straight"), finetune_args)
+
+
+def _resume_and_compare(workdir, args, *, straight, mode_dir, final_step):
+  """Reruns the killed run in `workdir`: it must resume from the checkpoint the state file names
+  and end with the state of `straight`'s run. Returns the rerun's stderr."""
+  checkpoint_dir = str(workdir / mode_dir / "checkpoints")
+  # What the state file names after the kill is complete (saves write, then rename).
+  latest = tf.train.latest_checkpoint(checkpoint_dir)
+  before_resume = _assert_intact(latest)
+  assert 0 < _step_of(latest) < final_step
+
+  resumed = run_main(f"--workdir={workdir}", *args)
+  assert resumed.returncode == 0, resumed.stderr
+  assert f"resumed from {latest} at step {_step_of(latest)}" in resumed.stderr
+  want = _checkpoint_tensors(str(straight / mode_dir / "checkpoints" / f"ckpt-{final_step}"))
+  got = _checkpoint_tensors(os.path.join(checkpoint_dir, f"ckpt-{final_step}"))
+  _assert_same_state(got, want, before_resume=before_resume)
+  return resumed.stderr
+
+
+def _assert_same_final_weights(workdir, straight, mode_dir):
   got, want = (tiny_unet(image_size=FINETUNE_IMAGE_SIZE) for _ in range(2))
-  checkpoints.restore_unet(got, str(workdir / "finetune_k2" / "unet.weights.h5"))
-  checkpoints.restore_unet(want, str(tmp_path / "straight" / "finetune_k2" / "unet.weights.h5"))
+  checkpoints.restore_unet(got, str(workdir / mode_dir / "unet.weights.h5"))
+  checkpoints.restore_unet(want, str(straight / mode_dir / "unet.weights.h5"))
   for a, b in zip(got.weights, want.weights):
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-12, err_msg=a.path)
+
+
+def _files(folder):
+  """The names in `folder`, each run's timestamped flags record left out."""
+  return sorted(name for name in os.listdir(folder) if not name.startswith("flags_"))
+
+
+@pytest.mark.slow
+def test_pretrain_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, pretrain_straight):
+  workdir = tmp_path / "killed"
+  _kill_after_first_checkpoint(_start_main(f"--workdir={workdir}", *PRETRAIN_ARGS),
+                               str(workdir / "pretrain" / "checkpoints"))
+  _resume_and_compare(workdir, PRETRAIN_ARGS, straight=pretrain_straight, mode_dir="pretrain",
+                      final_step=13)
+
+
+@pytest.mark.slow
+def test_pretrain_killed_while_writing_a_checkpoint_resumes_from_the_one_before(
+    tmp_path, pretrain_straight):
+  workdir = tmp_path / "killed"
+  checkpoint_dir = workdir / "pretrain" / "checkpoints"
+  _run_killed_in_save("files:/ckpt-4", f"--workdir={workdir}", *PRETRAIN_ARGS)
+  # Killed with ckpt-4's shards on disk but not yet under its name: ckpt-2 is the latest.
+  assert "ckpt-4_temp" in _files(checkpoint_dir)
+  assert not glob.glob(str(checkpoint_dir / "ckpt-4.*"))
+  assert tf.train.latest_checkpoint(str(checkpoint_dir)) == str(checkpoint_dir / "ckpt-2")
+  _resume_and_compare(workdir, PRETRAIN_ARGS, straight=pretrain_straight, mode_dir="pretrain",
+                      final_step=13)
+  # The rerun's save of ckpt-4 took over the orphaned shards: nothing of the kill is left.
+  assert _files(checkpoint_dir) == _files(pretrain_straight / "pretrain" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_finetune_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, finetune_args,
+                                                                    finetune_straight):
+  workdir = tmp_path / "killed"
+  _kill_after_first_checkpoint(_start_main(f"--workdir={workdir}", *finetune_args),
+                               str(workdir / "finetune_k2" / "checkpoints"))
+  _resume_and_compare(workdir, finetune_args, straight=finetune_straight, mode_dir="finetune_k2",
+                      final_step=9)
+  _assert_same_final_weights(workdir, finetune_straight, "finetune_k2")
+
+
+@pytest.mark.slow
+def test_finetune_killed_while_saving_resumes_and_writes_the_final_weights(
+    tmp_path, finetune_args, finetune_straight):
+  workdir = tmp_path / "killed"
+  run_dir = workdir / "finetune_k2"
+  checkpoint_dir = run_dir / "checkpoints"
+  _run_killed_in_save("state:/ckpt-4", f"--workdir={workdir}", *finetune_args)
+  # Killed with ckpt-4's files written under its name, before the state file lists it.
+  assert glob.glob(str(checkpoint_dir / "ckpt-4.index"))
+  latest = tf.train.latest_checkpoint(str(checkpoint_dir))
+  assert latest == str(checkpoint_dir / "ckpt-2")
+  before_resume = _assert_intact(latest)
+
+  # The rerun resumes from ckpt-2, trains to the end, and is killed between writing the final
+  # weights to their temporary name and renaming them.
+  stderr = _run_killed_in_save("h5:/unet.weights.h5", f"--workdir={workdir}", *finetune_args)
+  assert f"resumed from {latest} at step 2" in stderr
+  assert not os.path.exists(run_dir / "unet.weights.h5")
+  assert os.path.exists(run_dir / "unet.tmp.weights.h5")
+  straight_checkpoints = finetune_straight / "finetune_k2" / "checkpoints"
+  _assert_same_state(_checkpoint_tensors(str(checkpoint_dir / "ckpt-9")),
+                     _checkpoint_tensors(str(straight_checkpoints / "ckpt-9")),
+                     before_resume=before_resume)
+
+  # The third run finds the finished ckpt-9 and writes the weights the uninterrupted run wrote.
+  third = run_main(f"--workdir={workdir}", *finetune_args)
+  assert third.returncode == 0, third.stderr
+  assert f"resumed from {checkpoint_dir / 'ckpt-9'} at step 9" in third.stderr
+  assert "already finetuned for 9" in third.stderr
+  _assert_same_final_weights(workdir, finetune_straight, "finetune_k2")
+  # Nothing of the kills is left: the orphaned ckpt-4 was saved again and swept, the temporary
+  # weights file renamed.
+  assert _files(run_dir) == _files(finetune_straight / "finetune_k2")
+  assert _files(checkpoint_dir) == _files(straight_checkpoints)
 
 
 def _assert_stopped_at_nonfinite_step(result, checkpoint_dir):

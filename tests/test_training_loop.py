@@ -8,15 +8,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mmd_keras import checkpoints
 from mmd_keras import training_loop
 
 
 class _Trainer(keras.Model):
   """What the callback and the restore touch: an optimizer, metrics; no network needed."""
 
-  def __init__(self):
+  def __init__(self, size=2):
     super().__init__()
-    self.weight = keras.Variable(np.ones([2], np.float32))
+    self.weight = keras.Variable(np.ones([size], np.float32), name="weight")
+    self.ema = keras.Variable(np.ones([size], np.float32), trainable=False, name="weight_ema")
     self.loss_tracker = keras.metrics.Mean(name="loss")
 
   @property
@@ -24,8 +26,8 @@ class _Trainer(keras.Model):
     return [self.loss_tracker]
 
 
-def _trainer(learning_rate=1e-3):
-  trainer = _Trainer()
+def _trainer(learning_rate=1e-3, size=2):
+  trainer = _Trainer(size)
   trainer.compile(optimizer=keras.optimizers.Adam(learning_rate))
   trainer.optimizer.build([trainer.weight])
   trainer.loss_tracker.update_state(0.5)
@@ -39,6 +41,7 @@ def _manager(trainer, folder):
 
 def _progress(trainer, manager, folder, *, every=2, log_every=1):
   return training_loop.Progress(manager=manager, trainer=trainer,
+                                weights=[trainer.weight, trainer.ema],
                                 sample_fn=lambda: tf.zeros([4, 8, 8, 1]), workdir=str(folder),
                                 every=every, log_every=log_every, global_batch=4,
                                 image_tag="samples")
@@ -67,6 +70,36 @@ def test_nonfinite_step_raises_before_its_checkpoint(tmp_path, bad):
   assert manager.latest_checkpoint.endswith("ckpt-2")
   assert not os.path.exists(tmp_path / "checkpoints" / "ckpt-4.index")
   assert not os.path.exists(tmp_path / "samples" / "step_0000004.png")
+
+
+@pytest.mark.parametrize("name, value", [("weight", np.nan), ("weight_ema", np.inf)])
+def test_nonfinite_weight_stops_before_its_checkpoint(tmp_path, name, value):
+  # A finite step whose update overflowed a weight (or its EMA): the state is not saved.
+  trainer = _trainer()
+  manager = _manager(trainer, tmp_path)
+  progress = _progress(trainer, manager, tmp_path, every=2)
+  progress.on_train_begin()
+  trainer.optimizer.iterations.assign(2)
+  progress.on_train_batch_end(0, _healthy())
+  variable = trainer.weight if name == "weight" else trainer.ema
+  variable.assign([1.0, value])
+  trainer.optimizer.iterations.assign(3)
+  progress.on_train_batch_end(0, _healthy())  # Not a checkpoint step: nothing to check yet.
+  trainer.optimizer.iterations.assign(4)
+  with pytest.raises(training_loop.NonFiniteError,
+                     match=rf"^step 4: non-finite weight {name}; .*ckpt-2") as error:
+    progress.on_train_batch_end(0, _healthy())
+  assert "\n" not in str(error.value)
+  assert manager.latest_checkpoint.endswith("ckpt-2")
+  assert not os.path.exists(tmp_path / "checkpoints" / "ckpt-4.index")
+  assert not os.path.exists(tmp_path / "samples" / "step_0000004.png")
+
+
+def test_first_nonfinite_names_the_first_bad_variable():
+  variables = [tf.Variable([1.0, 2.0]), tf.Variable([np.inf]), tf.Variable([np.nan])]
+  assert training_loop.first_nonfinite(variables[:1]) is None
+  assert training_loop.first_nonfinite(variables) is variables[1]
+  assert training_loop.first_nonfinite(variables[2:]) is variables[2]
 
 
 def test_nonfinite_replicas_counts_inf_and_nan():
@@ -108,3 +141,20 @@ def test_resume_restores_the_step_and_takes_the_flag_learning_rate(tmp_path):
   training_loop.restore_or_initialize(_manager(fresh, tmp_path / "empty"),
                                       lambda: initialized.append(True), learning_rate=1e-3)
   assert initialized == [True] and training_loop.step_of(fresh) == 0
+
+
+def test_a_checkpoint_that_does_not_restore_is_a_one_line_resume_error(tmp_path):
+  # Another run's checkpoint: its Adam slots have 2 entries, this run's weight has 3.
+  saved = _trainer()
+  saved.optimizer.iterations.assign(3)
+  _manager(saved, tmp_path).save(checkpoint_number=3)
+
+  def initialize():
+    raise AssertionError("a workdir with a checkpoint must not start over")
+
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    training_loop.restore_or_initialize(_manager(_trainer(size=3), tmp_path), initialize,
+                                        learning_rate=1e-3)
+  message = str(error.value)
+  assert message.startswith(f"cannot resume from {tmp_path / 'checkpoints' / 'ckpt-3'}: ")
+  assert "(3,)" in message and "--workdir" in message and "\n" not in message
