@@ -60,3 +60,17 @@ def main_module():
   import main
   yield main
   main.FLAGS.unparse_flags()
+
+
+def run_test_file_as_script(test_file, out_path, *, timeout=600):
+  """Runs `test_file`'s `__main__` (a computation that needs its own process, e.g. logical CPU
+  devices) with `out_path` as its argument; returns the .npz it writes there as a dict."""
+  import subprocess
+  import sys
+  tests_dir = os.path.dirname(os.path.abspath(test_file))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(tests_dir), tests_dir, os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run([sys.executable, os.path.abspath(test_file), str(out_path)], env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return dict(np.load(out_path))

@@ -12,7 +12,6 @@ from scipy import linalg
 
 from mmd_keras import checkpoints
 from mmd_keras import evaluate
-from mmd_keras import metrics
 from mmd_keras import schedule as schedule_lib
 from mmd_keras import unet as unet_lib
 from mmd_keras.errors import UserError

@@ -5,8 +5,6 @@ in a fresh interpreter (`python tests/test_finetune_distributed.py <out.npz>`) t
 single-device and mirrored losses, gradients and updated weights; pytest compares them.
 """
 
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -86,14 +84,8 @@ def _compute(out_path):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-  out = tmp_path_factory.mktemp("mirrored") / "results.npz"
-  tests_dir = os.path.dirname(os.path.abspath(__file__))
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [os.path.dirname(tests_dir), tests_dir, os.environ.get("PYTHONPATH", "")]))
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return dict(np.load(out))
+  from conftest import run_test_file_as_script  # Here: the script mode configures TF first.
+  return run_test_file_as_script(__file__, tmp_path_factory.mktemp("mirrored") / "results.npz")
 
 
 def test_every_replica_computes_the_global_loss(results):

@@ -18,10 +18,10 @@ import time
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from conftest import REPO_ROOT
 from conftest import randomize_weights
+from conftest import tensorboard_summaries
 from conftest import tiny_unet
 from mmd_keras import classifier as classifier_lib
 from mmd_keras import distribute
@@ -99,18 +99,6 @@ def run_cluster(*args, log_dir, num_workers=NUM_WORKERS, worker_args=None):
   return results
 
 
-def event_scalars(logdir, tag):
-  """{step: value} of the TensorBoard scalar `tag` in `logdir`."""
-  values = {}
-  for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
-    for record in tf.data.TFRecordDataset(path):
-      event = tf.compat.v1.Event.FromString(record.numpy())
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = float(tf.make_ndarray(value.tensor))
-  return values
-
-
 def load_unet(path):
   unet = tiny_unet(image_size=8)
   unet.load_weights(path)
@@ -174,7 +162,7 @@ def test_two_workers_take_the_steps_of_one_process(inputs, finetuned, reference)
     np.testing.assert_allclose(c, s, atol=1e-5)
 
   # --log_every=1: each logged MMD² is the loss of that one step, over the global batch.
-  losses = {name: event_scalars(str(finetuned[name] / "tensorboard"), "mmd2")
+  losses = {name: tensorboard_summaries(finetuned[name] / "tensorboard")["mmd2"]
             for name in (reference, "cluster")}
   assert sorted(losses[reference]) == list(range(1, FINETUNE_STEPS + 1))
   assert sorted(losses["cluster"]) == sorted(losses[reference])
@@ -239,7 +227,7 @@ def test_pretraining_runs_on_two_workers(tmp_path):
   run = tmp_path / "run" / "pretrain"
   assert glob.glob(str(run / "checkpoints" / "ckpt-2.index"))
   assert glob.glob(str(run / "samples" / "step_0000002.png"))
-  losses = event_scalars(str(run / "tensorboard"), "loss")
+  losses = tensorboard_summaries(run / "tensorboard")["loss"]
   assert sorted(losses) == [1, 2] and all(np.isfinite(v) for v in losses.values())
   assert os.listdir(tmp_path / "logs" / "tmp") == []
 

@@ -5,9 +5,7 @@ Logical devices must be configured before TensorFlow initialises its devices, so
 runs in a fresh interpreter (`python tests/test_pretrain.py <out.npz>`); pytest compares its output.
 """
 
-import os
 import shutil
-import subprocess
 import sys
 
 import keras
@@ -16,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import randomize_weights
+from conftest import run_test_file_as_script
 from conftest import tiny_unet
 from mmd_keras import checkpoints
 from mmd_keras import pretrain
@@ -211,14 +210,7 @@ def _compute_mirrored_step(out_path):
 
 @pytest.fixture(scope="module")
 def mirrored_step(tmp_path_factory):
-  out = tmp_path_factory.mktemp("mirrored") / "step.npz"
-  tests_dir = os.path.dirname(os.path.abspath(__file__))
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [os.path.dirname(tests_dir), tests_dir, os.environ.get("PYTHONPATH", "")]))
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)], env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  results = dict(np.load(out))
+  results = run_test_file_as_script(__file__, tmp_path_factory.mktemp("mirrored") / "step.npz")
   count = int(results["num_weights"])
   init = [results[f"init_{i}"].astype(np.float64) for i in range(count)]
   updates = {name: [results[f"{name}_weight_{i}"] - init[i] for i in range(count)]

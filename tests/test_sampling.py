@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from conftest import randomize_weights, tiny_unet
 from mmd_keras import sampling
