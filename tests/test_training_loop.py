@@ -51,14 +51,20 @@ def _healthy(loss=0.5):
   return {"step_loss": loss, "step_grad_norm": 1.0, "nonfinite": 0.0}
 
 
-@pytest.mark.parametrize("bad", [{"step_loss": float("nan")}, {"step_grad_norm": float("inf")}])
-def test_nonfinite_step_raises_before_its_checkpoint(tmp_path, bad):
+def _checkpointed_at_step_2(tmp_path):
+  """(trainer, manager, progress) after a healthy step 2, which wrote ckpt-2 (checkpoints every 2)."""
   trainer = _trainer()
   manager = _manager(trainer, tmp_path)
   progress = _progress(trainer, manager, tmp_path, every=2)
   progress.on_train_begin()
   trainer.optimizer.iterations.assign(2)
   progress.on_train_batch_end(0, _healthy())
+  return trainer, manager, progress
+
+
+@pytest.mark.parametrize("bad", [{"step_loss": float("nan")}, {"step_grad_norm": float("inf")}])
+def test_nonfinite_step_raises_before_its_checkpoint(tmp_path, bad):
+  trainer, manager, progress = _checkpointed_at_step_2(tmp_path)
   assert manager.latest_checkpoint.endswith("ckpt-2")
   trainer.optimizer.iterations.assign(4)  # A checkpoint step: the guard must come first.
   logs = dict(_healthy(), **bad)
@@ -75,12 +81,7 @@ def test_nonfinite_step_raises_before_its_checkpoint(tmp_path, bad):
 @pytest.mark.parametrize("name, value", [("weight", np.nan), ("weight_ema", np.inf)])
 def test_nonfinite_weight_stops_before_its_checkpoint(tmp_path, name, value):
   # A finite step whose update overflowed a weight (or its EMA): the state is not saved.
-  trainer = _trainer()
-  manager = _manager(trainer, tmp_path)
-  progress = _progress(trainer, manager, tmp_path, every=2)
-  progress.on_train_begin()
-  trainer.optimizer.iterations.assign(2)
-  progress.on_train_batch_end(0, _healthy())
+  trainer, manager, progress = _checkpointed_at_step_2(tmp_path)
   variable = trainer.weight if name == "weight" else trainer.ema
   variable.assign([1.0, value])
   trainer.optimizer.iterations.assign(3)
