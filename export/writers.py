@@ -22,6 +22,7 @@ import uuid
 import tensorflow as tf
 
 from mmd_keras import errors
+from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 
 
@@ -32,10 +33,10 @@ MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def check_model_name(name):
-  """Raises UserError unless `name` is a plain model name (see MODEL_NAME_PATTERN)."""
+  """Raises a ParameterError unless `name` is a plain model name (see MODEL_NAME_PATTERN)."""
   if not MODEL_NAME_PATTERN.fullmatch(name or ""):
-    raise UserError(f"--model_name must be letters, digits, '_', '-' and '.', starting with a "
-                    f"letter or digit (a directory under --export_dir), got {name!r}")
+    raise ParameterError("model_name", "must be letters, digits, '_', '-' and '.', starting with "
+                         "a letter or digit (a directory under the export directory)", value=name)
 
 
 def version_dir(*, export_dir, model_name, version):
@@ -124,15 +125,17 @@ def next_free_version(metadata, *, export_dir, model_name, first_version, num_st
 
 
 def check_version_free(path, *, overwrite):
-  """Raises UserError if the export version `path` exists and `overwrite` is off."""
+  """Raises a ParameterError if the export version `path` exists and `overwrite` is off."""
   if os.path.exists(path) and not overwrite:
-    raise UserError(f"export version {path} already exists (--export_dir/<--model_name>/"
-                    f"<--model_version>); choose another --model_version or pass --overwrite")
+    raise ParameterError("overwrite", f"is off and export version {path} already exists "
+                         f"({{export_dir}}/<{{model_name}}>/<{{model_version}}>); choose another "
+                         f"{{model_version}} or pass {{overwrite}}",
+                         refs=("export_dir", "model_name", "model_version", "overwrite"))
 
 
 def make_model_dir(*, export_dir, model_name):
   """Creates <export_dir>/<model_name>, the parent of the versions; UserError if that fails."""
-  return errors.writable_dir(os.path.join(export_dir, model_name), flag="export_dir",
+  return errors.writable_dir(os.path.join(export_dir, model_name), parameter="export_dir",
                              value=export_dir)
 
 

@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 
 from mmd_keras import data as data_lib
-from mmd_keras.errors import UserError
+from mmd_keras.errors import ParameterError
 
 ARCHITECTURES = ("classifier", "classifier_heldout")
 FEATURE_LAYER = "features"
@@ -58,8 +58,8 @@ NUM_CLASSES = 10
 
 def _check_arch(arch):
   if arch not in _BODIES:
-    raise UserError(f"--feature_net={arch} is not a trainable classifier; choose one of "
-                    f"{', '.join(ARCHITECTURES)}")
+    raise ParameterError("arch", f"is not a trainable classifier; choose one of "
+                         f"{', '.join(ARCHITECTURES)}", value=arch)
 
 
 def build_classifier(arch, *, image_size, channels, num_classes=NUM_CLASSES):
@@ -85,7 +85,8 @@ def read_metadata(weights_path):
     with open(path) as f:
       return json.load(f)
   except (OSError, ValueError) as e:
-    raise UserError(f"--classifier_path={weights_path}: its metadata {path} is unreadable: {e}") from e
+    raise ParameterError("classifier_path", f"has unreadable metadata {path}: {e}",
+                         value=weights_path) from e
 
 
 def _atomic_write_json(path, value):
@@ -98,10 +99,10 @@ def _atomic_write_json(path, value):
 
 def _check_out_path(out_path, overwrite):
   if not out_path.endswith(".weights.h5"):
-    raise UserError(f"--classifier_path={out_path} must end in .weights.h5")
+    raise ParameterError("out_path", "must end in .weights.h5", value=out_path)
   if os.path.exists(out_path) and not overwrite:
-    raise UserError(f"--classifier_path={out_path} exists; refusing to overwrite it (delete it or "
-                    f"pass another --classifier_path)")
+    raise ParameterError("out_path", "exists; refusing to overwrite it (delete it or pass another "
+                         "{out_path})", value=out_path, refs=("out_path",))
 
 
 def train_classifier(*, arch, dataset, data_dir, image_size, epochs, batch_size, seed, out_path,
@@ -113,7 +114,7 @@ def train_classifier(*, arch, dataset, data_dir, image_size, epochs, batch_size,
   """
   _check_out_path(out_path, overwrite)
   if epochs < 1:
-    raise UserError(f"--classifier_epochs must be >= 1, got {epochs}")
+    raise ParameterError("epochs", "must be >= 1", value=epochs)
   native_size, channels = data_lib.dataset_shape(dataset)
   image_size = image_size or native_size
   _check_arch(arch)

@@ -15,6 +15,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -48,9 +49,8 @@ def dataset_shape(dataset):
     if name in TFDS_DATASETS:
       return TFDS_DATASETS[name][:2]
     return None, 3
-  raise DataError(
-      f"--dataset must be 'fashion_mnist' or 'tfds:<name>' (e.g. tfds:cifar10, tfds:celeb_a, "
-      f"tfds:lsun/church_outdoor), got {dataset!r}")
+  raise ParameterError("dataset", "must be 'fashion_mnist' or 'tfds:<name>' (e.g. tfds:cifar10, "
+                       "tfds:celeb_a, tfds:lsun/church_outdoor)", value=dataset)
 
 
 def _read_idx(path, expected_dims):
@@ -72,15 +72,16 @@ def _read_idx(path, expected_dims):
 def _fashion_mnist_paths(split, data_dir):
   """(images file, labels file) of a split, checked to exist."""
   if split not in FASHION_MNIST_FILES:
-    raise DataError(f"Fashion-MNIST split must be one of {list(FASHION_MNIST_FILES)}, got {split!r}")
+    raise ParameterError("split", f"must be one of {' or '.join(FASHION_MNIST_FILES)} for "
+                         f"Fashion-MNIST", value=split)
   data_dir = data_dir or FASHION_MNIST_DIR
   paths = [os.path.join(data_dir, name) for name in FASHION_MNIST_FILES[split]]
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
-    raise DataError(
-        f"Fashion-MNIST file {missing[0]} not found (--data_dir={data_dir}); install the data with "
-        f"'apt-get install -y dataset-fashion-mnist' or point --data_dir at a folder with "
-        f"{', '.join(FASHION_MNIST_FILES[split])}")
+    raise ParameterError(
+        "data_dir", f"lacks the Fashion-MNIST file {missing[0]}; install the data with 'apt-get "
+        f"install -y dataset-fashion-mnist' or point {{data_dir}} at a folder with "
+        f"{', '.join(FASHION_MNIST_FILES[split])}", value=data_dir, refs=("data_dir",))
   return paths
 
 
@@ -144,9 +145,10 @@ def _tfds_source(name, *, split, data_dir, seed):
     ds = tfds.load(name, split=split, data_dir=data_dir, shuffle_files=True,
                    read_config=tfds.ReadConfig(shuffle_seed=seed))
   except Exception as e:  # TFDS raises many types (download, not-found, registry); name them all.
-    raise DataError(
-        f"--dataset=tfds:{name}: tensorflow-datasets could not load split {split!r} "
-        f"(--data_dir={data_dir}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    raise ParameterError(
+        "dataset", f"could not be loaded by tensorflow-datasets (split {split!r}, "
+        f"{{data_dir}}={data_dir or ''}): {type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}", value=f"tfds:{name}", refs=("data_dir",)
     ) from e
   crop = TFDS_DATASETS.get(name, (None, None, None))[2]
   return ds.map(lambda ex: (center_crop(ex["image"], crop), ex.get("label", tf.constant(-1, tf.int64))),
@@ -182,7 +184,7 @@ def make_dataset(*, dataset, split="train", global_batch_size, image_size=None, 
   native_size, _ = dataset_shape(dataset)
   image_size = image_size or native_size
   if global_batch_size < 1:
-    raise DataError(f"--batch_size must be >= 1, got {global_batch_size}")
+    raise ParameterError("global_batch_size", "must be >= 1", value=global_batch_size)
   start = start_batch * global_batch_size
   if dataset == "fashion_mnist":
     images, labels = load_fashion_mnist(split=split, data_dir=data_dir)

@@ -14,6 +14,7 @@ import tempfile
 import tensorflow as tf
 from absl import logging
 
+from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
@@ -31,8 +32,8 @@ def check_tf_config(value):
   expected = (f"expected JSON like {TF_CONFIG_EXAMPLE} (the same cluster on every worker, its "
               f"own task index on each)")
   if not value:
-    raise UserError(f"--strategy=multi_worker needs the TF_CONFIG environment variable; "
-                    f"{expected}; on one machine use --strategy=mirrored")
+    raise ParameterError("name", f"needs the TF_CONFIG environment variable; {expected}; on one "
+                         f"machine use {{name}}=mirrored", value="multi_worker", refs=("name",))
   try:
     config = json.loads(value)
   except json.JSONDecodeError as e:
@@ -67,7 +68,7 @@ def split_cpu(num_devices):
   """Splits the CPU into `num_devices` logical devices (before TF initialises its devices), so
   `--strategy=mirrored` can be tried on a machine without GPUs."""
   if num_devices < 1:
-    raise UserError(f"--num_cpu_devices must be >= 1, got {num_devices}")
+    raise ParameterError("num_devices", "must be >= 1", value=num_devices)
   cpus = tf.config.list_physical_devices("CPU")
   tf.config.set_logical_device_configuration(
       cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_devices)
@@ -96,19 +97,19 @@ def make_strategy(name, *, tpu=None):
       tf.config.experimental_connect_to_cluster(resolver)
       tf.tpu.experimental.initialize_tpu_system(resolver)
     except (ValueError, RuntimeError, tf.errors.OpError) as e:
-      raise UserError(f"--strategy=tpu cannot reach the TPU --tpu={tpu or ''!r} (a TPU name, "
-                      f"grpc://host:port, or local on a TPU VM): "
-                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+      raise ParameterError("tpu", f"cannot be reached (expected a TPU name, grpc://host:port, or "
+                           f"empty for the local TPU of a TPU VM): {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}", value=tpu) from e
     return tf.distribute.TPUStrategy(resolver)
-  raise UserError(f"--strategy must be one of {'|'.join(STRATEGIES)}, got {name!r}")
+  raise ParameterError("name", f"must be one of {'|'.join(STRATEGIES)}", value=name)
 
 
-def check_global_batch(global_batch, strategy, *, flag="batch_size"):
-  """The per-replica batch of a `--<flag>` global batch; it must split evenly."""
+def check_global_batch(global_batch, strategy):
+  """The per-replica batch of a global batch; it must split evenly."""
   replicas = strategy.num_replicas_in_sync
   if global_batch % replicas:
-    raise UserError(f"--{flag}={global_batch} must be divisible by the number of replicas "
-                     f"({replicas})")
+    raise ParameterError("global_batch", f"must be divisible by the number of replicas "
+                         f"({replicas})", value=global_batch)
   return global_batch // replicas
 
 
@@ -144,8 +145,8 @@ def check_same_start(step, strategy, *, workdir):
   steps = strategy.gather(strategy.run(lambda: tf.constant([step], tf.int64)), axis=0).numpy()
   if len(set(steps.tolist())) > 1:
     raise UserError(f"the workers start at different steps {sorted(set(steps.tolist()))}: every "
-                    f"worker must read the chief's checkpoints, so put --workdir={workdir} on a "
-                    f"filesystem all workers share")
+                    f"worker must read the chief's checkpoints, so put the work directory "
+                    f"{workdir} on a filesystem all workers share")
 
 
 def shard_global_batches(dataset):

@@ -21,6 +21,7 @@ from absl import logging
 from mmd_keras import grid
 from mmd_keras import metrics
 from mmd_keras import sampling
+from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 
 GRID_IMAGES = 100
@@ -51,24 +52,26 @@ class FeatureSpace:
   settings: str = ""
 
 
-def parse_steps(value, *, flag="--eval_steps"):
-  """'5,10,20' (or a list of strings) -> (5, 10, 20); empty or non-positive -> UserError."""
-  items = value.split(",") if isinstance(value, str) else list(value)
+def parse_steps(steps):
+  """'5,10,20' (or a list of strings or ints) -> (5, 10, 20); a ParameterError on `steps` if it is
+  empty, not integers, not positive or repeats a K."""
+  items = steps.split(",") if isinstance(steps, str) else list(steps)
   items = [str(v).strip() for v in items if str(v).strip()]
   if not items:
-    raise UserError(f"{flag} is empty; expected a comma-separated list of step budgets like 5,10,20")
+    raise ParameterError("steps", "is empty; expected a comma-separated list of step budgets like "
+                         "5,10,20")
   try:
-    steps = tuple(int(v) for v in items)
+    parsed = tuple(int(v) for v in items)
   except ValueError:
-    raise UserError(f"{flag} must be a comma-separated list of integers, got {','.join(items)}"
-                    ) from None
-  if any(k < 1 for k in steps):
-    raise UserError(f"{flag} entries must be >= 1, got {','.join(items)}")
-  repeated = sorted({k for k in steps if steps.count(k) > 1})
+    raise ParameterError("steps", "must be a comma-separated list of integers",
+                         value=items) from None
+  if any(k < 1 for k in parsed):
+    raise ParameterError("steps", "entries must be >= 1", value=items)
+  repeated = sorted({k for k in parsed if parsed.count(k) > 1})
   if repeated:
-    raise UserError(f"{flag} lists K={repeated[0]} more than once, got {','.join(items)}; expected "
-                    f"distinct step budgets")
-  return steps
+    raise ParameterError("steps", f"lists K={repeated[0]} more than once; expected distinct step "
+                         f"budgets", value=items)
+  return parsed
 
 
 def score(real_features, fake_features, *, real_stats=None, kid_subset_size=1000, nearest_k=5):
@@ -173,8 +176,8 @@ def reference_features(spaces, real_images, *, num_images, batch_size, digests, 
     if count >= num_images:
       break
   if count < num_images:
-    raise UserError(f"--num_eval_images={num_images} exceeds the {count} real images available "
-                    f"for the reference statistics")
+    raise ParameterError("num_images", f"exceeds the {count} real images available for the "
+                         f"reference statistics", value=num_images)
   for space in missing:
     features[space.name] = np.concatenate(chunks[space.name], axis=0)
     path = paths[space.name]
@@ -200,8 +203,8 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
   cache_dir: where the real set's features are cached (see `reference_features`).
   """
   if not callable(real_images) and len(real_images) < num_images:
-    raise UserError(f"--num_eval_images={num_images} exceeds the {len(real_images)} real images "
-                    f"available for the reference statistics")
+    raise ParameterError("num_images", f"exceeds the {len(real_images)} real images available "
+                         f"for the reference statistics", value=num_images)
   for space in feature_spaces:
     metrics.check_enough_samples(num_images, space.network.dim)
   os.makedirs(out_dir, exist_ok=True)

@@ -23,21 +23,22 @@ import keras
 import tensorflow as tf
 
 from mmd_keras import classifier as classifier_lib
+from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 
 FEATURE_NETS = ("inception_v3", "classifier", "classifier_heldout")
 INCEPTION_DIM = 2048
 INCEPTION_MIN_RESOLUTION = 75  # Keras InceptionV3's smallest input.
 INCEPTION_HELP = (
-    "--inception_weights must point to a local copy of the Keras InceptionV3 ImageNet weights "
+    "{inception_weights} must point to a local copy of the Keras InceptionV3 ImageNet weights "
     "'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5' (keras-applications release: "
     "https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/) or to a TF-GAN FID "
     "Inception SavedModel directory, downloaded beforehand: nothing is downloaded at run time")
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class FeatureError(UserError):
-  """A feature network that cannot be built; the message names the flag or file."""
+class FeatureError(ParameterError):
+  """A feature network that cannot be built because of a parameter or its file."""
 
 
 def default_classifier_path(dataset, feature_net):
@@ -100,8 +101,9 @@ def _keras_inception(path, resolution):
     if include_top:
       model = keras.Model(model.input, model.get_layer("avg_pool").output)
     return _frozen(model)
-  raise FeatureError(f"--inception_weights={path} cannot be loaded into Keras InceptionV3 "
-                     f"({errors[0]}); {INCEPTION_HELP}")
+  raise FeatureError("inception_weights", f"cannot be loaded into Keras InceptionV3 "
+                     f"({errors[0]}); {INCEPTION_HELP}", value=path,
+                     refs=("inception_weights",))
 
 
 def _pick_pool3(outputs, path):
@@ -111,12 +113,12 @@ def _pick_pool3(outputs, path):
         return outputs[key]
     if len(outputs) == 1:
       return next(iter(outputs.values()))
-    raise FeatureError(f"--inception_weights={path}: the SavedModel returns {sorted(outputs)}; "
-                       f"expected a single output or one named 'pool_3'")
+    raise FeatureError("inception_weights", f"the SavedModel returns {sorted(outputs)}; "
+                       f"expected a single output or one named 'pool_3'", value=path)
   if isinstance(outputs, (list, tuple)):
     if len(outputs) != 1:
-      raise FeatureError(f"--inception_weights={path}: the SavedModel returns {len(outputs)} "
-                         f"outputs; expected the pool3 activations only")
+      raise FeatureError("inception_weights", f"the SavedModel returns {len(outputs)} "
+                         f"outputs; expected the pool3 activations only", value=path)
     return outputs[0]
   return outputs
 
@@ -126,8 +128,9 @@ def _saved_model_inception(path, resolution):
   try:
     loaded = tf.saved_model.load(path)
   except Exception as e:  # TF raises many types for a broken SavedModel.
-    raise FeatureError(f"--inception_weights={path} is not a loadable SavedModel "
-                       f"({type(e).__name__}); {INCEPTION_HELP}") from e
+    raise FeatureError("inception_weights", f"is not a loadable SavedModel "
+                       f"({type(e).__name__}); {INCEPTION_HELP}", value=path,
+                     refs=("inception_weights",)) from e
   signatures = getattr(loaded, "signatures", {})
   if callable(loaded):
     call = loaded
@@ -136,37 +139,45 @@ def _saved_model_inception(path, resolution):
         iter(signatures.values()))
     args, kwargs = signature.structured_input_signature
     if args or len(kwargs) != 1:
-      raise FeatureError(f"--inception_weights={path}: its signature takes {len(args) + len(kwargs)} "
-                         f"inputs; expected one image tensor")
+      raise FeatureError("inception_weights", f"its signature takes {len(args) + len(kwargs)} "
+                         f"inputs; expected one image tensor", value=path)
     (input_name, spec), = kwargs.items()
     if not spec.dtype.is_floating:
-      raise FeatureError(f"--inception_weights={path}: its signature takes {spec.dtype.name} images; "
-                         f"expected float images in [-1, 1] (a uint8 input cannot be differentiated)")
+      raise FeatureError("inception_weights", f"its signature takes {spec.dtype.name} images; "
+                         f"expected float images in [-1, 1] (a uint8 input cannot be "
+                         f"differentiated)", value=path)
     size = spec.shape[1:3] if spec.shape.rank == 4 else None
     if size is not None and size.is_fully_defined() and tuple(size) != (resolution, resolution):
       # TF-GAN's FID Inception takes 299x299 only.
-      raise FeatureError(f"--inception_weights={path} takes {size[0]}x{size[1]} images; set "
-                         f"--inception_resolution={size[0]} (got {resolution})")
+      raise FeatureError("inception_weights", f"takes {size[0]}x{size[1]} images; set "
+                         f"{{inception_resolution}}={size[0]} (got {resolution})", value=path,
+                         refs=("inception_resolution",))
     call = lambda x: signature(**{input_name: x})
   else:
-    raise FeatureError(f"--inception_weights={path}: the SavedModel is neither callable nor has a "
-                       f"signature; {INCEPTION_HELP}")
+    raise FeatureError("inception_weights", f"the SavedModel is neither callable nor has a "
+                       f"signature; {INCEPTION_HELP}", value=path,
+                     refs=("inception_weights",))
   # Holding `loaded` in the FeatureNetwork keeps a signature's variables alive.
   return loaded, lambda x: _pick_pool3(call(x), path)
 
 
 def _check_inception(*, channels, weights, resolution):
   if not weights:
-    raise FeatureError(f"--feature_net=inception_v3 needs --inception_weights; {INCEPTION_HELP}")
+    raise FeatureError("feature_net", f"needs {{inception_weights}}; {INCEPTION_HELP}",
+                       value="inception_v3", refs=("inception_weights",))
   if not os.path.exists(weights):
-    raise FeatureError(f"--inception_weights={weights} does not exist; {INCEPTION_HELP}")
+    raise FeatureError("inception_weights", f"does not exist; {INCEPTION_HELP}", value=weights,
+                       refs=("inception_weights",))
   if not (os.path.isdir(weights) or weights.endswith((".h5", ".keras"))):
-    raise FeatureError(f"--inception_weights={weights} is neither a .h5/.keras file nor a SavedModel "
-                       f"directory; {INCEPTION_HELP}")
+    raise FeatureError("inception_weights", f"is neither a .h5/.keras file nor a SavedModel "
+                       f"directory; {INCEPTION_HELP}", value=weights,
+                       refs=("inception_weights",))
   if resolution < INCEPTION_MIN_RESOLUTION:
-    raise FeatureError(f"--inception_resolution must be >= {INCEPTION_MIN_RESOLUTION}, got {resolution}")
+    raise FeatureError("inception_resolution", f"must be >= {INCEPTION_MIN_RESOLUTION}",
+                       value=resolution)
   if channels not in (1, 3):
-    raise FeatureError(f"--feature_net=inception_v3 needs 1 or 3 image channels, got {channels}")
+    raise FeatureError("feature_net", f"needs 1 or 3 image channels, got {channels}",
+                       value="inception_v3")
 
 
 def _inception(*, channels, weights, resolution):
@@ -181,12 +192,13 @@ def _inception(*, channels, weights, resolution):
   except UserError:
     raise
   except (TypeError, ValueError, tf.errors.OpError) as e:  # E.g. a callable traced for one size.
-    raise FeatureError(f"--inception_weights={weights} cannot embed {resolution}x{resolution}x3 "
-                       f"images (--inception_resolution): {type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    raise FeatureError("inception_weights", f"cannot embed {resolution}x{resolution}x3 "
+                       f"images ({{inception_resolution}}): {type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}", value=weights,
+                       refs=("inception_resolution",)) from e
   if probe.shape.num_elements() != INCEPTION_DIM:
-    raise FeatureError(f"--inception_weights={weights} gives {probe.shape} activations per image; "
-                       f"expected pool3 with {INCEPTION_DIM} values")
+    raise FeatureError("inception_weights", f"gives {probe.shape} activations per image; "
+                       f"expected pool3 with {INCEPTION_DIM} values", value=weights)
   return FeatureNetwork(name="inception_v3", dim=INCEPTION_DIM, model=model, call=call,
                         preprocess=preprocess, channels=channels)
 
@@ -195,16 +207,19 @@ def _inception(*, channels, weights, resolution):
 
 def _check_classifier(name, *, image_size, channels, path):
   if not path:
-    raise FeatureError(f"--feature_net={name} needs --classifier_path (a .weights.h5 file written by "
-                       f"--mode=train_classifier --feature_net={name})")
+    raise FeatureError("feature_net", f"needs {{classifier_path}} (a .weights.h5 file written by "
+                       f"{{mode}}=train_classifier {{feature_net}}={name})", value=name,
+                       refs=("classifier_path", "feature_net", "mode"))
   if not os.path.exists(path):
-    raise FeatureError(f"--classifier_path={path} does not exist; train it with "
-                       f"--mode=train_classifier --feature_net={name}")
+    raise FeatureError("classifier_path", f"does not exist; train it with "
+                       f"{{mode}}=train_classifier {{feature_net}}={name}", value=path,
+                       refs=("feature_net", "mode"))
   meta = classifier_lib.read_metadata(path) or {}
   for key, want in (("arch", name), ("image_size", image_size), ("channels", channels)):
     if key in meta and meta[key] != want:
-      raise FeatureError(f"--classifier_path={path} holds a classifier with {key}={meta[key]}, but "
-                         f"--feature_net/--image_size/--dataset ask for {key}={want}")
+      raise FeatureError("classifier_path", f"holds a classifier with {key}={meta[key]}, but "
+                         f"{{feature_net}}/{{image_size}}/{{dataset}} ask for {key}={want}",
+                         value=path, refs=("dataset", "feature_net", "image_size"))
 
 
 def _classifier(name, *, image_size, channels, path):
@@ -213,9 +228,9 @@ def _classifier(name, *, image_size, channels, path):
   try:
     model.load_weights(path)
   except Exception as e:  # Keras/h5py raise many types for a mismatched or corrupt file.
-    raise FeatureError(f"--classifier_path={path} cannot be loaded into the {name} architecture at "
+    raise FeatureError("classifier_path", f"cannot be loaded into the {name} architecture at "
                        f"{image_size}x{image_size}x{channels}: {type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}") from e
+                       f"{str(e).splitlines()[0] if str(e) else ''}", value=path) from e
   layer = model.get_layer(classifier_lib.FEATURE_LAYER)
   features = keras.Model(model.input, layer.output, name=f"{name}_features")
   model, call = _frozen(features)
@@ -228,7 +243,7 @@ def check_feature_network(name, *, image_size, channels, inception_weights=None,
   """Raises FeatureError for a feature network `make_feature_network` cannot build because a flag or
   file is missing; cheap (nothing is loaded), so runs call it before their data."""
   if name not in FEATURE_NETS:
-    raise FeatureError(f"--feature_net must be one of {', '.join(FEATURE_NETS)}, got {name!r}")
+    raise FeatureError("feature_net", f"must be one of {', '.join(FEATURE_NETS)}", value=name)
   if name == "inception_v3":
     _check_inception(channels=channels, weights=inception_weights, resolution=inception_resolution)
   else:
@@ -239,7 +254,7 @@ def make_feature_network(name, *, image_size, channels, inception_weights=None,
                          inception_resolution=299, classifier_path=None):
   """The frozen φ named by `--feature_net` for images [N, image_size, image_size, channels]."""
   if name not in FEATURE_NETS:
-    raise FeatureError(f"--feature_net must be one of {', '.join(FEATURE_NETS)}, got {name!r}")
+    raise FeatureError("feature_net", f"must be one of {', '.join(FEATURE_NETS)}", value=name)
   if name == "inception_v3":
     return _inception(channels=channels, weights=inception_weights, resolution=inception_resolution)
   return _classifier(name, image_size=image_size, channels=channels, path=classifier_path)

@@ -19,9 +19,11 @@ from absl import logging
 from mmd_keras import checkpoints
 from mmd_keras import ddim
 from mmd_keras import distribute
+from mmd_keras import errors
 from mmd_keras import mmd
 from mmd_keras import pretrain
 from mmd_keras import training_loop
+from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 
 
@@ -138,30 +140,28 @@ class MMDFinetuner(keras.Model):
         "nonfinite": training_loop.nonfinite_replicas(loss, grad_norm)})
 
 
-def _check_positive(flag, value):
+def _check_positive(parameter, value):
   if not value > 0:
-    raise UserError(f"--{flag} must be > 0, got {value}")
+    raise ParameterError(parameter, "must be > 0", value=value)
 
 
 def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule, workdir, num_steps,
              finetune_steps, learning_rate, grad_clip, global_batch_size, checkpoint_every,
-             log_every, seed, strategy, init_checkpoint, batch_flag="--finetune_batch_size",
-             use_ema=True, timestep_kind="uniform", eta=0.0, clip_x0=False, recompute=True,
+             log_every, seed, strategy, init_checkpoint, use_ema=True, timestep_kind="uniform", eta=0.0, clip_x0=False, recompute=True,
              dropout=False, num_sample_images=64):
   """MMD-finetunes (or resumes) the UNet in `workdir`; writes `<workdir>/unet.weights.h5` at the end.
 
   `dataset_fn(start_batch)` yields the global batches of real images from batch `start_batch` on;
-  Keras' fit splits them across replicas. `batch_flag` is the flag that set `global_batch_size`
-  (--batch_size when --finetune_batch_size is not given), for the error messages.
+  Keras' fit splits them across replicas.
   """
-  batch_flag = batch_flag.lstrip("-")
-  for flag, value in (("learning_rate", learning_rate), ("finetune_steps", finetune_steps),
-                      (batch_flag, global_batch_size), ("checkpoint_every", checkpoint_every),
-                      ("log_every", log_every)):
-    _check_positive(flag, value)
-  if grad_clip < 0:
-    raise UserError(f"--grad_clip must be >= 0 (0 disables clipping), got {grad_clip}")
-  distribute.check_global_batch(global_batch_size, strategy, flag=batch_flag)
+  for parameter, value in (("learning_rate", learning_rate), ("finetune_steps", finetune_steps),
+                           ("global_batch_size", global_batch_size),
+                           ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
+    _check_positive(parameter, value)
+  if not grad_clip >= 0:
+    raise ParameterError("grad_clip", "must be >= 0 (0 disables clipping)", value=grad_clip)
+  with errors.renamed(global_batch="global_batch_size"):
+    distribute.check_global_batch(global_batch_size, strategy)
   final_weights = os.path.join(workdir, "unet.weights.h5")
   out_dir = distribute.write_dir(workdir, strategy)  # `workdir` on the chief, else a throwaway.
   with strategy.scope():
@@ -205,7 +205,7 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
   if start < finetune_steps:
     if os.path.exists(final_weights):
       raise UserError(f"{final_weights} exists (a finished run); move it away or use another "
-                      f"--workdir before finetuning further")
+                      f"work directory before finetuning further")
     progress = training_loop.Progress(manager=manager, trainer=trainer, weights=unet.weights,
                                       sample_fn=sample_fn, workdir=out_dir,
                                       every=checkpoint_every, log_every=log_every,
@@ -215,7 +215,7 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
     training_loop.fit(trainer=trainer, dataset_fn=sharded, max_steps=finetune_steps,
                       progress=progress)
   else:
-    logging.info("already finetuned for %d >= --finetune_steps=%d steps", start, finetune_steps)
+    logging.info("already finetuned for %d >= %d steps", start, finetune_steps)
   if not os.path.exists(final_weights):
     checkpoints.save_weights_h5(sync_sampler(), os.path.join(out_dir, "unet.weights.h5"))
     logging.info("wrote %s", final_weights)

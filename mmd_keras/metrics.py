@@ -8,18 +8,18 @@ import numpy as np
 import tensorflow as tf
 
 from mmd_keras import mmd
+from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 
 # Rows per block of a pairwise-distance matrix: 1000 × 5000 float64 is 40 MB.
 _CHUNK = 1000
 
 
-def check_enough_samples(count, dim, *, flag="--num_eval_images"):
+def check_enough_samples(num_images, dim):
   """FID needs N > d: with N ≤ d samples the d × d covariance is singular and FID is meaningless."""
-  if count <= dim:
-    raise UserError(
-        f"{flag}={count} is smaller than the feature dimension needs: a {dim}-d "
-        f"covariance for FID needs more than {dim} samples")
+  if num_images <= dim:
+    raise ParameterError("num_images", f"is smaller than the feature dimension needs: a {dim}-d "
+                         f"covariance for FID needs more than {dim} samples", value=num_images)
 
 
 class StreamingStats:
@@ -79,8 +79,8 @@ class StreamingStats:
 
   def _check_count(self, minimum):
     if self.count < minimum:
-      raise UserError(f"--num_eval_images: statistics need at least {minimum} sample(s), "
-                      f"got {self.count}")
+      raise ParameterError("num_images", f"is too small: statistics need at least {minimum} "
+                           f"sample(s)", value=self.count)
 
 
 def psd_sqrt(sigma):
@@ -111,8 +111,8 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2, *, counts=None, sqrt_sigma1=None):
   sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
     raise UserError(f"FID statistics come from different feature spaces: μ {mu1.shape} vs "
-                    f"{mu2.shape}, Σ {sigma1.shape} vs {sigma2.shape}; both sets must be embedded by the "
-                    f"same network (--feature_net / --eval_feature_nets)")
+                    f"{mu2.shape}, Σ {sigma1.shape} vs {sigma2.shape}; both sets must be embedded "
+                    f"by the same feature network")
   for count in counts or ():
     check_enough_samples(count, mu1.shape[0])
   diff = mu1 - mu2
@@ -141,8 +141,8 @@ def kid(acts1, acts2, *, num_subsets=100, subset_size=1000, seed=0):
   acts1, acts2 = np.asarray(acts1, np.float64), np.asarray(acts2, np.float64)
   size = min(subset_size, len(acts1), len(acts2))
   if size < 2:
-    raise UserError(f"--num_eval_images: KID needs at least 2 samples per set, got "
-                    f"{len(acts1)} and {len(acts2)}")
+    raise ParameterError("num_images", f"is too small: KID needs at least 2 samples per set, "
+                         f"got {len(acts1)} and {len(acts2)}")
   rng = np.random.default_rng(seed)
   kernel = mmd.make_kernel("polynomial")
   estimate = tf.function(lambda x, y: mmd.mmd2_unbiased(x, y, kernel=kernel))
@@ -162,8 +162,8 @@ def _sq_distances(a, b):
 def _knn_sq_radii(x, k):
   """Squared distance from each x_i to its k-th nearest neighbour in x, itself excluded."""
   if len(x) <= k:
-    raise UserError(f"--num_eval_images={len(x)}: k-NN manifolds with k={k} need more than {k} "
-                    "samples")
+    raise ParameterError("num_images", f"is too small: k-NN manifolds with k={k} need more than "
+                         f"{k} samples", value=len(x))
   # Column 0 of each sorted row is x_i itself (distance 0), so index k is the k-th neighbour.
   return np.concatenate([np.partition(_sq_distances(x[i:i + _CHUNK], x), k, axis=1)[:, k]
                          for i in range(0, len(x), _CHUNK)])

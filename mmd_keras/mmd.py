@@ -9,6 +9,7 @@ as is): a cubic kernel in float16 would overflow.
 
 import tensorflow as tf
 
+from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 
 KERNELS = ("polynomial", "rbf")
@@ -44,7 +45,7 @@ def rbf_kernel(x, y, *, bandwidths=(1.0,)):
   """k(x, y) = Σ_σ exp(−‖x − y‖² / (2σ²)) over the bandwidths σ."""
   x, y = _check_pair(x, y)
   if not bandwidths:
-    raise UserError("--rbf_bandwidths must list at least one RBF bandwidth")
+    raise ParameterError("bandwidths", "must list at least one RBF bandwidth", value=bandwidths)
   # ‖x‖² + ‖y‖² − 2xᵀy can dip below 0 by rounding when x ≈ y; exp of a positive would exceed 1.
   sq_dist = tf.maximum(
       tf.reduce_sum(x * x, axis=1)[:, None] + tf.reduce_sum(y * y, axis=1)[None, :]
@@ -59,17 +60,17 @@ def make_kernel(name, *, gamma=None, coef0=1.0, degree=3, bandwidths=(1.0,)):
   if name == "rbf":
     bandwidths = tuple(float(b) for b in bandwidths)
     if not bandwidths or min(bandwidths) <= 0:
-      raise UserError(f"--rbf_bandwidths must be positive numbers (RBF bandwidths σ > 0), got "
-                      f"{','.join(f'{b:g}' for b in bandwidths)}")
+      raise ParameterError("bandwidths", "must be positive numbers (RBF bandwidths σ > 0)",
+                           value=[f"{b:g}" for b in bandwidths])
     return lambda x, y: rbf_kernel(x, y, bandwidths=bandwidths)
-  raise UserError(f"--kernel must be one of {'|'.join(KERNELS)}, got {name!r}")
+  raise ParameterError("kernel", f"must be one of {'|'.join(KERNELS)}", value=name)
 
 
 def _check_sizes(x, y, minimum):
   for name, t in (("first", x), ("second", y)):
     if t.shape[0] is not None and t.shape[0] < minimum:
       raise UserError(f"MMD² needs at least {minimum} samples per set; the {name} set has "
-                      f"{t.shape[0]} (raise --batch_size)")
+                      f"{t.shape[0]} (raise the batch size)")
 
 
 def _off_diagonal_mean(k):

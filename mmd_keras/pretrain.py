@@ -140,7 +140,7 @@ def train(*, unet_factory, dataset_fn, schedule, workdir, train_steps, learning_
   start = training_loop.step_of(trainer)
   distribute.check_same_start(start, strategy, workdir=workdir)
   if start >= train_steps:
-    logging.info("already trained for %d >= --train_steps=%d steps", start, train_steps)
+    logging.info("already trained for %d >= %d steps", start, train_steps)
     return trainer
 
   sampler_unet = unet_factory().build_for_inference()

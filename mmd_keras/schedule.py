@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from mmd_keras.errors import UserError
+from mmd_keras.errors import ParameterError
 
 TIMESTEP_KINDS = ("uniform", "quadratic")
 
@@ -17,34 +17,34 @@ TIMESTEP_KINDS = ("uniform", "quadratic")
 def linear_betas(*, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
   """β_t linearly spaced from beta_start to beta_end, t = 0 … T−1 (Ho et al. 2020)."""
   if num_timesteps < 1:
-    raise UserError(f"--num_timesteps must be >= 1, got {num_timesteps}")
+    raise ParameterError("num_timesteps", "must be >= 1", value=num_timesteps)
   if not 0.0 < beta_start <= beta_end < 1.0:
-    raise UserError(
-        f"--beta_start/--beta_end must satisfy 0 < start <= end < 1, got {beta_start}, {beta_end}")
+    raise ParameterError("beta_start", f"and {{beta_end}}={beta_end} must satisfy "
+                         f"0 < beta_start <= beta_end < 1", value=beta_start, refs=("beta_end",))
   return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
 
 
-def timestep_subsequence(*, num_timesteps, num_steps, kind="uniform", flag="--num_steps"):
-  """The K timesteps a K-step DDIM sampler visits, in increasing order (`flag` names K in errors).
+def timestep_subsequence(*, num_timesteps, num_steps, kind="uniform"):
+  """The K timesteps a K-step DDIM sampler visits, in increasing order.
 
   uniform:   i · ⌊T/K⌋ for i = 0 … K−1                 (the official MMD-DDM code)
   quadratic: ⌊(i · sqrt(0.8·T) / (K−1))²⌋ for i = 0 … K−1  (the DDIM paper, CIFAR-10)
   """
   if kind not in TIMESTEP_KINDS:
-    raise UserError(f"--timesteps must be one of {'|'.join(TIMESTEP_KINDS)}, got {kind!r}")
+    raise ParameterError("kind", f"must be one of {'|'.join(TIMESTEP_KINDS)}", value=kind)
   if not 1 <= num_steps <= num_timesteps:
-    raise UserError(
-        f"{flag} (K) must be in [1, {num_timesteps}] (the number of diffusion timesteps T), "
-        f"got {num_steps}")
+    raise ParameterError("num_steps", f"(K) must be in [1, {num_timesteps}] (the number of "
+                         f"diffusion timesteps T, {{num_timesteps}})", value=num_steps,
+                         refs=("num_timesteps",))
   if kind == "uniform":
     skip = num_timesteps // num_steps
     seq = np.arange(0, num_timesteps, skip)[:num_steps]
   else:
     seq = (np.linspace(0, np.sqrt(num_timesteps * 0.8), num_steps) ** 2).astype(np.int64)
     if len(np.unique(seq)) != num_steps:
-      raise UserError(
-          f"--timesteps=quadratic gives repeated timesteps for {flag}={num_steps} with "
-          f"T={num_timesteps}; use --timesteps=uniform")
+      raise ParameterError("num_steps", f"repeats timesteps with {{kind}}=quadratic and "
+                           f"T={num_timesteps}; use {{kind}}=uniform", value=num_steps,
+                           refs=("kind",))
   return seq.astype(np.int64)
 
 

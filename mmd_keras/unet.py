@@ -15,7 +15,7 @@ import math
 import keras
 import tensorflow as tf
 
-from mmd_keras.errors import UserError
+from mmd_keras.errors import ParameterError
 
 
 def timestep_embedding(t, dim):
@@ -270,19 +270,20 @@ class UNet(keras.Model):
 
 
 def check_architecture(*, image_size, ch, ch_mult):
-  """Raises ValueError (naming the flag) for shapes the UNet cannot take."""
+  """Raises a ParameterError for shapes the UNet cannot take."""
   if not ch_mult or min(ch_mult) < 1:
-    raise UserError(f"--ch_mult must list positive multipliers, e.g. 1,2,2, got "
-                    f"{','.join(map(str, ch_mult))!r}")
+    raise ParameterError("ch_mult", "must list positive multipliers, e.g. 1,2,2", value=ch_mult)
   if ch < 1:
-    raise UserError(f"--ch must be a positive multiple of 32 (GroupNorm uses 32 groups), got {ch}")
+    raise ParameterError("ch", "must be a positive multiple of 32 (GroupNorm uses 32 groups)",
+                         value=ch)
   factor = 2 ** (len(ch_mult) - 1)
   if image_size < 1 or image_size % factor:
-    raise UserError(
-        f"--image_size={image_size} must be divisible by {factor} "
-        f"(the UNet halves it {len(ch_mult) - 1} times for --ch_mult={','.join(map(str, ch_mult))})")
+    raise ParameterError(
+        "image_size", f"must be divisible by {factor} (the UNet halves it {len(ch_mult) - 1} "
+        f"times for {{ch_mult}}={','.join(map(str, ch_mult))})", value=image_size,
+        refs=("ch_mult",))
   for mult in ch_mult:
     if (ch * mult) % 32:
-      raise UserError(
-          f"--ch={ch} times every --ch_mult entry must be divisible by 32 (GroupNorm uses 32 "
-          f"groups), got {ch}*{mult}")
+      raise ParameterError(
+          "ch", f"times every {{ch_mult}} entry must be divisible by 32 (GroupNorm uses 32 "
+          f"groups), got {ch}*{mult}", value=ch, refs=("ch_mult",))

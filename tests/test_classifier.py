@@ -61,8 +61,8 @@ def test_the_two_architectures_differ():
   assert kernels == {"classifier": (3, 3), "classifier_heldout": (5, 5)}
 
 
-def test_unknown_architecture_names_the_flag():
-  with pytest.raises(UserError, match="--feature_net=inception_v3.*classifier, classifier_heldout"):
+def test_unknown_architecture_names_the_parameter():
+  with pytest.raises(UserError, match="arch=inception_v3.*classifier, classifier_heldout"):
     classifier_lib.build_classifier("inception_v3", image_size=28, channels=1)
 
 
@@ -93,7 +93,7 @@ def test_train_save_reload_and_refuse_overwrite(tmp_path, tiny_fashion_mnist, ca
   assert network(images[:5].astype(np.float32) / 127.5 - 1.0).shape == (5, 96)
 
   before = os.path.getmtime(out_path)
-  with pytest.raises(UserError, match="--classifier_path.*exists"):
+  with pytest.raises(UserError, match="out_path=.*exists"):
     classifier_lib.train_classifier(**kwargs)
   assert os.path.getmtime(out_path) == before
 
@@ -101,9 +101,9 @@ def test_train_save_reload_and_refuse_overwrite(tmp_path, tiny_fashion_mnist, ca
 def test_bad_output_path_and_epochs(tmp_path):
   kwargs = dict(arch="classifier", dataset="fashion_mnist", data_dir=None, image_size=28,
                 batch_size=32, seed=0)
-  with pytest.raises(UserError, match="--classifier_path.*weights.h5"):
+  with pytest.raises(UserError, match="out_path=.*weights.h5"):
     classifier_lib.train_classifier(epochs=1, out_path=str(tmp_path / "c.h5"), **kwargs)
-  with pytest.raises(UserError, match="--classifier_epochs"):
+  with pytest.raises(UserError, match="^epochs=0 must be >= 1$"):
     classifier_lib.train_classifier(epochs=0, out_path=str(tmp_path / "c.weights.h5"), **kwargs)
 
 

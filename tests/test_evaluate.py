@@ -126,11 +126,11 @@ def test_interrupted_run_leaves_no_report(setup, tmp_path):
 
 def test_too_few_images_for_covariance(setup, tmp_path):
   schedule, real = setup
-  with pytest.raises(UserError, match="--num_eval_images=6 .*8-d"):
+  with pytest.raises(UserError, match="^num_images=6 .*8-d"):
     evaluate.run(models=[evaluate.ModelSpec("DDIM", _tiny_unet(0), (2,))],
                  feature_spaces=_spaces(8), real_images=real, schedule=schedule, num_images=6,
                  seed=0, out_dir=str(tmp_path))
-  with pytest.raises(UserError, match="--num_eval_images=100 exceeds"):
+  with pytest.raises(UserError, match="^num_images=100 exceeds"):
     evaluate.run(models=[], feature_spaces=_spaces(8), real_images=real, schedule=schedule,
                  num_images=100, seed=0, out_dir=str(tmp_path))
 
@@ -362,7 +362,7 @@ def test_samples_and_real_images_are_embedded_batch_by_batch(setup, tmp_path, mo
   assert [kind for kind, _ in events] == ["sample", "embed"] * 3
 
   too_few = dict(common, real_images=lambda: iter([real[:8]]), cache_dir=None)
-  with pytest.raises(UserError, match="--num_eval_images=20 exceeds the 8 real images"):
+  with pytest.raises(UserError, match="^num_images=20 exceeds the 8 real images"):
     evaluate.run(out_dir=str(tmp_path / "c"), **too_few)
 
 

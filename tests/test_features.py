@@ -118,26 +118,26 @@ def test_saved_model_with_a_wrong_output_size_is_refused(tmp_path):
                              input_signature=[tf.TensorSpec([None, RESOLUTION, RESOLUTION, 3])])
   path = str(tmp_path / "wrong")
   tf.saved_model.save(module, path, signatures=dict(serving_default=module.serve))
-  with pytest.raises(UserError, match="--inception_weights.*2048"):
+  with pytest.raises(UserError, match="^inception_weights=.*2048"):
     features.make_feature_network("inception_v3", image_size=16, channels=1,
                                   inception_weights=path, inception_resolution=RESOLUTION)
 
 
-def test_inception_errors_name_the_flag_and_the_file(tmp_path):
-  with pytest.raises(UserError, match="--inception_weights.*notop.h5"):
+def test_inception_errors_name_the_parameter_and_the_file(tmp_path):
+  with pytest.raises(UserError, match="^feature_net=inception_v3 needs inception_weights.*notop.h5"):
     features.make_feature_network("inception_v3", image_size=28, channels=1)
   with pytest.raises(UserError, match="does not exist.*notop.h5"):
     features.make_feature_network("inception_v3", image_size=28, channels=1,
                                   inception_weights=str(tmp_path / "missing.h5"))
   corrupt = tmp_path / "corrupt.weights.h5"
   corrupt.write_bytes(b"not an h5 file")
-  with pytest.raises(UserError, match="--inception_weights.*cannot be loaded"):
+  with pytest.raises(UserError, match="^inception_weights=.*cannot be loaded"):
     features.make_feature_network("inception_v3", image_size=28, channels=1,
                                   inception_weights=str(corrupt), inception_resolution=RESOLUTION)
 
 
-def test_unknown_feature_net_names_the_flag_and_the_choices():
-  with pytest.raises(UserError, match="--feature_net.*inception_v3, classifier, classifier_heldout"):
+def test_unknown_feature_net_names_the_parameter_and_the_choices():
+  with pytest.raises(UserError, match="^feature_net=vgg .*inception_v3, classifier, classifier_heldout"):
     features.make_feature_network("vgg", image_size=28, channels=1)
 
 
@@ -175,14 +175,14 @@ def test_classifier_features_are_the_frozen_penultimate_layer(classifier_weights
   assert network.model.weights and not network.model.trainable_weights
 
 
-def test_classifier_errors_name_the_flag(tmp_path, classifier_weights):
-  with pytest.raises(UserError, match="--classifier_path"):
+def test_classifier_errors_name_the_parameter(tmp_path, classifier_weights):
+  with pytest.raises(UserError, match="^feature_net=classifier needs classifier_path"):
     features.make_feature_network("classifier", image_size=12, channels=1)
-  with pytest.raises(UserError, match="--classifier_path.*does not exist"):
+  with pytest.raises(UserError, match="^classifier_path=.*does not exist"):
     features.make_feature_network("classifier", image_size=12, channels=1,
                                   classifier_path=str(tmp_path / "missing.weights.h5"))
   path, _ = classifier_weights
-  with pytest.raises(UserError, match="--classifier_path.*cannot be loaded.*classifier_heldout"):
+  with pytest.raises(UserError, match="^classifier_path=.*cannot be loaded.*classifier_heldout"):
     features.make_feature_network("classifier_heldout", image_size=12, channels=1,
                                   classifier_path=path)
 
@@ -193,7 +193,7 @@ def test_metadata_mismatch_is_refused(tmp_path, classifier_weights):
   model.save_weights(copy)
   with open(classifier_lib.metadata_path(copy), "w") as f:
     f.write('{"arch": "classifier", "image_size": 28, "channels": 1}')
-  with pytest.raises(UserError, match="--classifier_path.*image_size=28"):
+  with pytest.raises(UserError, match="^classifier_path=.*image_size=28"):
     features.make_feature_network("classifier", image_size=12, channels=1, classifier_path=copy)
 
 
@@ -223,24 +223,24 @@ def test_inception_from_legacy_weights_only_notop_h5(tmp_path):
   np.testing.assert_allclose(network(images).numpy(), pool3.numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_saved_model_of_another_resolution_names_the_flag(tmp_path):
+def test_saved_model_of_another_resolution_names_the_parameter(tmp_path):
   module = _FakeInception(as_dict=True)
   path = str(tmp_path / "fid_inception")
   tf.saved_model.save(module, path, signatures=dict(serving_default=module.serve))
-  with pytest.raises(UserError, match=f"--inception_resolution={RESOLUTION} .got 80"):
+  with pytest.raises(UserError, match=f"inception_resolution={RESOLUTION} .got 80"):
     features.make_feature_network("inception_v3", image_size=16, channels=1,
                                   inception_weights=path, inception_resolution=80)
   # Only its traced function, no signature: the probe's failure is a one-line error too.
   callable_only = str(tmp_path / "callable_only")
   module.__call__ = module.serve
   tf.saved_model.save(module, callable_only, signatures={})
-  with pytest.raises(UserError, match="cannot embed 80x80x3 images .--inception_resolution"):
+  with pytest.raises(UserError, match="cannot embed 80x80x3 images .inception_resolution"):
     features.make_feature_network("inception_v3", image_size=16, channels=1,
                                   inception_weights=callable_only, inception_resolution=80)
 
 
 def test_keras_weights_of_another_network_are_refused(classifier_weights):
   path, _ = classifier_weights  # A valid .weights.h5, of the classifier's layers and shapes.
-  with pytest.raises(UserError, match="--inception_weights=.*cannot be loaded into Keras InceptionV3"):
+  with pytest.raises(UserError, match="^inception_weights=.*cannot be loaded into Keras InceptionV3"):
     features.make_feature_network("inception_v3", image_size=12, channels=1,
                                   inception_weights=path, inception_resolution=RESOLUTION)

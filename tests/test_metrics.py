@@ -100,14 +100,14 @@ def test_too_few_samples_for_the_dimension_is_a_one_line_user_error():
   with pytest.raises(UserError) as err:
     metrics.fid(a, b)
   message = str(err.value)
-  assert "--num_eval_images" in message and "16" in message and "\n" not in message
+  assert "num_images" in message and "16" in message and "\n" not in message
   metrics.check_enough_samples(17, 16)
   with pytest.raises(UserError):
     metrics.check_enough_samples(16, 16)
 
 
 def test_fid_rejects_statistics_of_different_dimensions():
-  with pytest.raises(UserError, match="--feature_net / --eval_feature_nets"):
+  with pytest.raises(UserError, match="different feature spaces.*same feature network"):
     metrics.fid_from_stats(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
@@ -201,5 +201,5 @@ def test_mode_collapse_lowers_recall_and_coverage_but_not_precision():
 
 
 def test_knn_needs_more_samples_than_k():
-  with pytest.raises(UserError, match="--num_eval_images"):
+  with pytest.raises(UserError, match="^num_images=3 is too small: k-NN"):
     metrics.precision_recall(np.zeros((3, 2)), np.ones((10, 2)), k=3)

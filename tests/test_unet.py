@@ -79,16 +79,16 @@ def test_inference_ignores_dropout(dropout_unet):
   assert np.abs(trained - a).max() > 1e-3
 
 
-def test_image_size_not_divisible_names_the_flag():
-  with pytest.raises(UserError, match="--image_size"):
+def test_image_size_not_divisible_names_the_parameter():
+  with pytest.raises(UserError, match="^image_size=30 must be divisible by 4"):
     unet_lib.UNet(image_size=30, channels=1, ch=32, ch_mult=(1, 2, 2))
 
 
-def test_channels_not_divisible_by_groups_names_the_flag():
-  with pytest.raises(UserError, match="--ch"):
+def test_channels_not_divisible_by_groups_names_the_parameter():
+  with pytest.raises(UserError, match="^ch=48 times every ch_mult entry"):
     unet_lib.UNet(image_size=32, channels=1, ch=48, ch_mult=(1, 2))
 
 
-def test_empty_ch_mult_names_the_flag():
-  with pytest.raises(UserError, match="--ch_mult"):
+def test_empty_ch_mult_names_the_parameter():
+  with pytest.raises(UserError, match="^ch_mult= must list positive"):
     unet_lib.check_architecture(image_size=32, ch=32, ch_mult=())

@@ -1,0 +1,56 @@
+"""--mode=evaluate: the base model with DDIM at every K of eval.steps and each MMD-DDM model at
+its own K, scored in every feature space; report.json/.md, fid_vs_steps.png and sample grids."""
+
+import os
+
+from mmd_keras import checkpoints
+from mmd_keras import errors
+from mmd_keras import evaluate as evaluate_lib
+from mmd_keras.app import inputs
+from mmd_keras.app import runs
+
+
+def check_steps(cfg, steps, *, field):
+  """Every K of `steps` fits T and the spacing; errors name `field`."""
+  with errors.renamed(num_steps=field):
+    for k in steps:
+      cfg.timesteps(k)
+
+
+def sweep(cfg, *, ddim_steps, finetuned, spaces, num_images, out_dir, init_checkpoint):
+  """Samples and scores every (model, K); prints the table; returns the report."""
+  base = runs.restored_unet(cfg, init_checkpoint)
+  # A directory stands for its latest checkpoint: the report names (and hashes) that one.
+  models = [evaluate_lib.ModelSpec("DDIM", base, tuple(ddim_steps),
+                                   path=checkpoints.latest(init_checkpoint))]
+  for k, path in sorted(finetuned.items()):
+    unet = cfg.unet.factory()().build_for_inference()
+    checkpoints.restore_unet(unet, path, use_ema=False, flag="--finetuned_checkpoints")
+    models.append(evaluate_lib.ModelSpec("MMD-DDM", unet, (k,), path=path))
+  real_set, real_batches = inputs.real_set(cfg)
+  runs.write_flags(cfg.run, out_dir)
+  s = cfg.sampler
+  report = evaluate_lib.run(
+      models=models, feature_spaces=spaces, real_images=real_batches,
+      schedule=cfg.diffusion.schedule(), num_images=num_images, seed=cfg.run.seed,
+      out_dir=out_dir, timestep_kind=s.timesteps, eta=s.eta, clip_x0=s.clip_x0,
+      batch_size=s.batch_size, real_set=real_set,
+      cache_dir=os.path.join(cfg.run.workdir, "reference"))
+  print(evaluate_lib.markdown_table(report), end="")
+  print(f"report: {os.path.join(out_dir, 'report.md')}")
+  return report
+
+
+def run(cfg):
+  steps = cfg.eval.steps
+  check_steps(cfg, steps, field="eval.steps")
+  inputs.check_eval_split(cfg, num_images=cfg.eval.num_images, images_field="eval.num_images")
+  finetuned = runs.finetuned_checkpoints(cfg, steps)
+  inputs.check_feature_spaces(cfg)
+  init_checkpoint = runs.init_checkpoint(cfg)
+  out_dir = runs.mode_dir(cfg.run, "evaluate")
+  spaces = inputs.feature_spaces(cfg, num_images=cfg.eval.num_images,
+                                 images_field="eval.num_images")
+  with errors.renamed(num_images="eval.num_images"):
+    sweep(cfg, ddim_steps=steps, finetuned=finetuned, spaces=spaces,
+          num_images=cfg.eval.num_images, out_dir=out_dir, init_checkpoint=init_checkpoint)

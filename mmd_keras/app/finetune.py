@@ -1,0 +1,58 @@
+"""--mode=finetune: MMD finetuning of the base model at K = sampler.num_steps in
+<workdir>/finetune_k<K>."""
+
+import dataclasses
+import os
+
+from mmd_keras import distribute
+from mmd_keras import errors
+from mmd_keras import finetune as finetune_lib
+from mmd_keras.app import inputs
+from mmd_keras.app import runs
+from mmd_keras.app import runtime
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What the checks of a finetune found: the strategy it runs under and its starting weights."""
+  strategy: object
+  init_checkpoint: str
+
+
+def run_dir_name(cfg):
+  return f"finetune_k{cfg.sampler.num_steps}"
+
+
+def check(cfg):
+  """Every setting and input file of the finetune, before any data is read."""
+  inputs.check_feature_network(cfg, cfg.features.feature_net)
+  strategy = runtime.strategy_for(cfg, batch_size=cfg.finetune.batch_size,
+                                  batch_field="finetune.batch_size")
+  init_checkpoint = runs.init_checkpoint(cfg)
+  runs.check_resume(cfg, run_dir_name(cfg))
+  return Plan(strategy=strategy, init_checkpoint=init_checkpoint)
+
+
+def run(cfg, plan=None):
+  """Finetunes; `plan` is what `check` returned, if it ran. Returns the finetuned weights' path."""
+  plan = plan or check(cfg)
+  run_dir = runs.mode_dir(cfg.run, run_dir_name(cfg))
+  f, s = cfg.finetune, cfg.sampler
+  dataset_fn = inputs.training_data(cfg, batch_size=f.batch_size,
+                                    batch_field="finetune.batch_size")
+  if distribute.is_chief(plan.strategy):  # Workers of a cluster share the workdir: one flags file.
+    runs.write_flags(cfg.run, run_dir)
+  with errors.renamed(global_batch_size="finetune.batch_size"):
+    finetune_lib.finetune(
+        unet_factory=cfg.unet.factory(),
+        feature_net_factory=lambda: inputs.feature_network(cfg, cfg.features.feature_net),
+        kernel=f.make_kernel(), dataset_fn=dataset_fn, schedule=cfg.diffusion.schedule(),
+        workdir=run_dir, num_steps=s.num_steps, timestep_kind=s.timesteps, eta=s.eta,
+        clip_x0=s.clip_x0, finetune_steps=f.steps, learning_rate=f.learning_rate,
+        grad_clip=f.grad_clip, global_batch_size=f.batch_size,
+        checkpoint_every=cfg.run.checkpoint_every, log_every=cfg.run.log_every,
+        seed=cfg.run.seed, strategy=plan.strategy, init_checkpoint=plan.init_checkpoint,
+        use_ema=cfg.run.use_ema, recompute=f.recompute, dropout=f.dropout)
+  weights = os.path.join(run_dir, "unet.weights.h5")
+  print(f"finetuned weights: {weights}")
+  return weights

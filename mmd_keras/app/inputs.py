@@ -1,0 +1,100 @@
+"""What a mode reads: the training stream, the reference images and the feature spaces."""
+
+from mmd_keras import data as data_lib
+from mmd_keras import errors
+from mmd_keras import evaluate as evaluate_lib
+from mmd_keras import features as features_lib
+from mmd_keras import metrics
+from mmd_keras.errors import ParameterError
+
+
+def training_data(cfg, *, batch_size, batch_field):
+  """start_batch -> the shuffled, repeated training stream from that batch on; the data is read
+  now, so a missing file fails before any model is built."""
+  make = lambda start_batch: data_lib.make_dataset(
+      dataset=cfg.data.dataset, split="train", global_batch_size=batch_size,
+      image_size=cfg.data.image_size, data_dir=cfg.data.data_dir,
+      random_flip=cfg.data.random_flip, seed=cfg.run.seed, start_batch=start_batch)
+  with errors.renamed(global_batch_size=batch_field, data_dir="data.data_dir",
+                      dataset="data.dataset"):
+    make(0)
+  return make
+
+
+def check_eval_split(cfg, *, num_images, images_field):
+  """`eval.split` names a split with at least `num_images` images (when its size is known without
+  reading it)."""
+  with errors.renamed(split="eval.split", data_dir="data.data_dir", dataset="data.dataset"):
+    available = data_lib.num_examples(dataset=cfg.data.dataset, split=cfg.eval.split,
+                                      data_dir=cfg.data.data_dir)
+  if available is not None and num_images > available:
+    raise ParameterError(images_field, f"exceeds the {available} images of {{eval.split}}="
+                         f"{cfg.eval.split} (the reference set is as many real images as samples)",
+                         value=num_images, refs=("eval.split",))
+
+
+def real_set(cfg):
+  """(a name of the reference images for the report and cache files, a function returning their
+  batches); the data is opened now, so a missing file fails before any sampling."""
+  with errors.renamed(split="eval.split", data_dir="data.data_dir", dataset="data.dataset"):
+    dataset = data_lib.make_dataset(
+        dataset=cfg.data.dataset, split=cfg.eval.split, global_batch_size=cfg.sampler.batch_size,
+        image_size=cfg.data.image_size, data_dir=cfg.data.data_dir, shuffle=False, repeat=False,
+        drop_remainder=False)
+  name = "".join(c if c.isalnum() or c in "-_." else "_"
+                 for c in f"{cfg.data.dataset}_{cfg.eval.split}_{cfg.data.image_size}px")
+  return name, lambda: (batch.numpy() for batch in dataset)
+
+
+def _feature_fields(cfg, name):
+  """The configuration fields behind the feature network parameters of `name`."""
+  return dict(feature_net=("features.feature_net" if name == cfg.features.feature_net
+                           else "eval.feature_nets"),
+              classifier_path="features.classifier_path",
+              inception_weights="features.inception_weights",
+              inception_resolution="features.inception_resolution", mode="run.mode",
+              image_size="data.image_size", dataset="data.dataset")
+
+
+def _network_args(cfg, name):
+  return dict(image_size=cfg.data.image_size, channels=cfg.data.channels,
+              inception_weights=cfg.features.inception_weights,
+              inception_resolution=cfg.features.inception_resolution,
+              classifier_path=cfg.features.classifier_path_of(name))
+
+
+def check_feature_network(cfg, name):
+  """The files of feature network `name` exist and fit; nothing is loaded."""
+  with errors.renamed(**_feature_fields(cfg, name)):
+    features_lib.check_feature_network(name, **_network_args(cfg, name))
+
+
+def feature_network(cfg, name):
+  """The frozen feature network `name` (loaded)."""
+  with errors.renamed(**_feature_fields(cfg, name)):
+    return features_lib.make_feature_network(name, **_network_args(cfg, name))
+
+
+def check_feature_spaces(cfg):
+  """The report's feature spaces (`eval.feature_nets`, the trained one first), their files checked;
+  nothing is loaded."""
+  for name in cfg.eval.feature_nets:
+    check_feature_network(cfg, name)
+  return cfg.eval.feature_nets
+
+
+def feature_spaces(cfg, *, num_images, images_field):
+  """The report's feature networks, loaded, each with fewer dimensions than `num_images` (FID's
+  covariance needs N > d)."""
+  spaces = []
+  for name in cfg.eval.feature_nets:
+    network = feature_network(cfg, name)
+    with errors.renamed(num_images=images_field):
+      metrics.check_enough_samples(num_images, network.dim)
+    # What the weights do not show: the input size, and Inception's resize.
+    settings = repr(dict(image_size=cfg.data.image_size, channels=cfg.data.channels,
+                         inception_resolution=cfg.features.inception_resolution
+                         if name == "inception_v3" else None))
+    spaces.append(evaluate_lib.FeatureSpace(name, network, trained=name == cfg.features.feature_net,
+                                            settings=settings))
+  return spaces

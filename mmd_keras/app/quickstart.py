@@ -1,0 +1,103 @@
+"""--mode=quickstart: finetune at K from the base model, compare DDIM-K / MMD-DDM-K / DDIM-100 on a
+small evaluation, export the finetuned sampler. A rerun reuses the finetune only if the settings it
+was made with (recorded beside it) are the same."""
+
+import dataclasses
+import json
+import os
+import glob
+
+from mmd_keras import checkpoints
+from mmd_keras import distribute
+from mmd_keras import errors
+from mmd_keras import evaluate as evaluate_lib
+from mmd_keras.app import evaluate
+from mmd_keras.app import export
+from mmd_keras.app import finetune
+from mmd_keras.app import inputs
+from mmd_keras.app import runs
+from mmd_keras.errors import ParameterError
+
+REFERENCE_STEPS = 100  # The many-step DDIM row.
+RECORD = "quickstart_settings.json"
+
+# Fields of the configuration that change how a finetune is computed or logged, not its weights.
+_NOT_DETERMINING = {"run.mode", "run.workdir", "run.init_checkpoint", "run.deterministic",
+                    "run.checkpoint_every", "run.log_every", "run.flags_text", "data.data_dir",
+                    "data.batch_size", "sampler.num_images", "sampler.batch_size",
+                    "features.classifier_path", "features.inception_weights",
+                    "features.classifier_epochs", "finetune.recompute"}
+
+
+def finetune_settings(cfg, *, init_checkpoint):
+  """{field: value} of everything a finetune's weights depend on; files by their sha256."""
+  settings = {}
+  for section in ("run", "data", "diffusion", "unet", "sampler", "features", "finetune"):
+    for field, value in dataclasses.asdict(getattr(cfg, section)).items():
+      name = f"{section}.{field}"
+      if name not in _NOT_DETERMINING:
+        settings[name] = list(value) if isinstance(value, tuple) else value
+  sha = lambda path: f"sha256:{(evaluate_lib.weights_sha256(path) or 'none')[:16]}"
+  feature_field, feature_file = (
+      ("features.inception_weights", cfg.features.inception_weights)
+      if cfg.features.feature_net == "inception_v3"
+      else ("features.classifier_path", cfg.features.classifier_path))
+  settings[feature_field] = sha(feature_file)
+  settings["run.init_checkpoint"] = sha(checkpoints.latest(init_checkpoint))
+  return settings
+
+
+def check_reuse(cfg, settings):
+  """The path of the record of the finetune's settings; a ParameterError if the workdir holds a
+  finetune at this K that other (or unrecorded) settings made, since it would be reused."""
+  run_dir = os.path.join(cfg.run.workdir, finetune.run_dir_name(cfg))
+  record = os.path.join(run_dir, RECORD)
+  if not any(os.path.exists(os.path.join(run_dir, name))
+             for name in ("unet.weights.h5", "checkpoints")):
+    return record
+  k = cfg.sampler.num_steps
+  retry = f"pass another {{run.workdir}} (or delete {run_dir})"
+  if glob.glob(os.path.join(run_dir, "flags_finetune_*.cfg")) or not os.path.exists(record):
+    raise ParameterError("run.workdir", f"holds a finetune at K={k} whose settings the quickstart "
+                         f"did not record (made or resumed by {{run.mode}}=finetune or older "
+                         f"code); {retry}", value=cfg.run.workdir,
+                         refs=("run.workdir", "run.mode"))
+  with open(record) as f:
+    saved = json.load(f)
+  for name, value in settings.items():
+    if saved.get(name) != value:
+      raise ParameterError("run.workdir", f"holds a finetune at K={k} made with another {{{name}}} "
+                           f"({saved.get(name)} then, {value} now), which this run would reuse; "
+                           f"{retry}", value=cfg.run.workdir, refs=(name, "run.workdir"))
+  return record
+
+
+def run(cfg):
+  k = cfg.sampler.num_steps
+  reference_k = min(REFERENCE_STEPS, cfg.diffusion.num_timesteps)
+  num_images = cfg.eval.quickstart_images
+  # The evaluation's and export's settings are checked before minutes of finetuning.
+  plan = finetune.check(cfg)
+  evaluate.check_steps(cfg, (reference_k,), field="diffusion.num_timesteps")
+  export.check(cfg)
+  inputs.check_eval_split(cfg, num_images=num_images, images_field="eval.quickstart_images")
+  inputs.check_feature_spaces(cfg)
+  spaces = inputs.feature_spaces(cfg, num_images=num_images, images_field="eval.quickstart_images")
+  settings = finetune_settings(cfg, init_checkpoint=plan.init_checkpoint)
+  record = check_reuse(cfg, settings)
+  print(f"[1/3] MMD finetuning at K={k} ({cfg.finetune.steps} steps)")
+  if distribute.is_chief(plan.strategy):  # Workers of a cluster share the workdir: one record.
+    runs.mode_dir(cfg.run, finetune.run_dir_name(cfg))
+    with open(record + ".tmp", "w") as f:
+      json.dump(settings, f, indent=2)
+    os.replace(record + ".tmp", record)
+  finetuned = finetune.run(cfg, plan)
+  print(f"[2/3] evaluating DDIM K={k}, MMD-DDM K={k} and DDIM K={reference_k} on {num_images} "
+        f"images")
+  out_dir = runs.mode_dir(cfg.run, "quickstart")
+  with errors.renamed(num_images="eval.quickstart_images"):
+    evaluate.sweep(cfg, ddim_steps=sorted({k, reference_k}), finetuned={k: finetuned},
+                   spaces=spaces, num_images=num_images, out_dir=out_dir,
+                   init_checkpoint=plan.init_checkpoint)
+  print(f"[3/3] exporting the MMD-DDM K={k} sampler")
+  export.run(cfg, init_checkpoint=finetuned, next_free_version=True)

@@ -1,0 +1,83 @@
+"""Run directories, flags records and the weights a mode starts from."""
+
+import datetime
+import os
+
+from absl import logging
+
+from mmd_keras import checkpoints
+from mmd_keras import errors
+from mmd_keras.errors import ParameterError
+
+
+def mode_dir(run, name):
+  """<workdir>/<name> of the RunConfig `run`, created and checked writable."""
+  return errors.writable_dir(os.path.join(run.workdir, name), parameter="run.workdir",
+                             value=run.workdir)
+
+
+def write_flags(run, run_dir):
+  """Writes the run's flags to <run_dir>/flags_<mode>_<time>.cfg; returns its path."""
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  path = os.path.join(run_dir, f"flags_{run.mode}_{stamp}.cfg")
+  try:
+    with open(path, "w") as f:
+      f.write(run.flags_text)
+  except OSError as e:
+    raise ParameterError("run.workdir", f"is not writable: {path}: {e.strerror}",
+                         value=run.workdir) from None
+  return path
+
+
+def init_checkpoint(cfg):
+  """The weights a mode starts from: `run.init_checkpoint` (checked readable), else the workdir's
+  latest pretrain checkpoint."""
+  path = cfg.run.init_checkpoint
+  if path:
+    if "://" not in path:  # Remote (gs://…) paths are left to TF.
+      checkpoints.check_readable(path)
+    return path
+  found = checkpoints.latest(os.path.join(cfg.run.workdir, "pretrain"))
+  if not found:
+    raise ParameterError("run.init_checkpoint", f"is not set and {cfg.run.workdir}/pretrain holds "
+                         f"no checkpoint; pass {{run.init_checkpoint}}=<.weights.h5 or checkpoint>",
+                         refs=("run.init_checkpoint",))
+  checkpoints.check_readable(found)
+  return found
+
+
+def check_resume(cfg, run_dir_name):
+  """The checkpoint a rerun in <workdir>/<run_dir_name> resumes from, if any, checked against the
+  UNet settings; after the strategy exists (it builds a UNet), before the data is read."""
+  checkpoints.check_resume(os.path.join(cfg.run.workdir, run_dir_name, "checkpoints"),
+                           unet_factory=cfg.unet.factory())
+
+
+def restored_unet(cfg, path):
+  """The UNet of the configuration with the weights of `path`."""
+  unet = cfg.unet.factory()().build_for_inference()
+  source = checkpoints.restore_unet(unet, path, use_ema=cfg.run.use_ema)
+  logging.info("loaded %s (%s)", path, source)
+  return unet
+
+
+def finetuned_checkpoints(cfg, steps):
+  """{K: path} of `eval.finetuned_checkpoints` (checked readable), else the workdir's
+  finetune_k<K>/unet.weights.h5 for every K of `steps` that has one."""
+  found = {}
+  for k, path in cfg.eval.finetuned_checkpoints:
+    with errors.renamed(num_steps="eval.finetuned_checkpoints"):
+      cfg.timesteps(k)
+    if k in found:
+      raise ParameterError("eval.finetuned_checkpoints", f"gives K={k} twice ({found[k]} and "
+                           f"{path}); expected one model per K")
+    checkpoints.check_readable(path, flag="--finetuned_checkpoints")
+    found[k] = path
+  if cfg.eval.finetuned_checkpoints:
+    return found
+  for k in steps:
+    path = os.path.join(cfg.run.workdir, f"finetune_k{k}", "unet.weights.h5")
+    if os.path.exists(path):
+      found[k] = path
+  return found
+

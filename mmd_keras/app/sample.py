@@ -1,0 +1,28 @@
+"""--mode=sample: images of the K-step sampler, as a grid (.png) and an array (.npz)."""
+
+import os
+
+import numpy as np
+
+from mmd_keras import ddim
+from mmd_keras import grid
+from mmd_keras import sampling
+from mmd_keras.app import runs
+
+
+def run(cfg):
+  init_checkpoint = runs.init_checkpoint(cfg)
+  run_dir = runs.mode_dir(cfg.run, "sample")
+  unet = runs.restored_unet(cfg, init_checkpoint)
+  runs.write_flags(cfg.run, run_dir)
+  s = cfg.sampler
+  images = sampling.generate(unet, num_images=s.num_images, num_steps=s.num_steps,
+                             schedule=cfg.diffusion.schedule(), timestep_kind=s.timesteps,
+                             eta=s.eta, clip_x0=s.clip_x0, seed=cfg.run.seed,
+                             batch_size=s.batch_size)
+  name = f"samples_k{s.num_steps}_eta{s.eta:g}_seed{cfg.run.seed}"
+  grid.write_png(os.path.join(run_dir, name + ".png"), images[:256],
+                 scale=max(1, 64 // images.shape[1]))
+  np.savez_compressed(os.path.join(run_dir, name + ".npz"),
+                      images=np.asarray(ddim.to_uint8(images)))
+  print(f"wrote {s.num_images} samples to {os.path.join(run_dir, name)}.png/.npz")

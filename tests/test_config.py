@@ -1,0 +1,145 @@
+"""The typed configuration and how its errors reach the user: library parameters renamed to the
+configuration's fields, fields spelled as the flag the user actually set."""
+
+import dataclasses
+
+import pytest
+
+from mmd_keras import config as config_lib
+from mmd_keras import data as data_lib
+from mmd_keras import errors
+from mmd_keras import metrics
+from mmd_keras.app import inputs
+from mmd_keras.errors import ParameterError
+
+FASHION = ["--flagfile=configs/fashion_mnist.cfg"]
+
+
+def _values(**overrides):
+  """The {field: value} mapping of the Fashion-MNIST flagfile, as main.py builds it."""
+  import main
+  main.FLAGS.unparse_flags()
+  main.FLAGS(["main.py", "--flagfile=configs/fashion_mnist.cfg"])
+  values = {field: main.FLAGS[names if isinstance(names, str) else names[0]].value
+            for field, names in main.PARAMETERS.items()}
+  main.FLAGS.unparse_flags()
+  values.update(overrides)
+  return values
+
+
+def _flag_message(main_module, argv, error):
+  """How main.py spells `error` after parsing `argv`."""
+  main_module._parse_flags(["main.py", *argv])
+  return error.message(main_module.flag_of)
+
+
+def test_parameter_error_renders_value_refs_and_renames():
+  error = ParameterError("num_steps", "(K) must be in [1, 20] (T is {num_timesteps})", value=21,
+                         refs=("num_timesteps",))
+  assert str(error) == "num_steps=21 (K) must be in [1, 20] (T is num_timesteps)"
+  with pytest.raises(ParameterError) as caught:
+    with errors.renamed(num_steps="eval.steps", num_timesteps="diffusion.num_timesteps"):
+      raise error
+  assert caught.value.message(lambda f: f"<{f}>") == (
+      "<eval.steps>=21 (K) must be in [1, 20] (T is <diffusion.num_timesteps>)")
+  # Braces of values (a dict, a set) are not placeholders.
+  assert str(ParameterError("x", "got {'a': 1}", value=[1, 2])) == "x=1,2 got {'a': 1}"
+
+
+def test_build_resolves_defaults(monkeypatch, repo_root):
+  monkeypatch.chdir(repo_root)
+  cfg = config_lib.build(_values())
+  assert (cfg.data.image_size, cfg.data.channels) == (28, 1)
+  assert cfg.unet.ch_mult == (1, 2, 2) and cfg.unet.attn_resolutions == (7,)
+  assert cfg.finetune.batch_size == cfg.data.batch_size == 64  # --finetune_batch_size unset.
+  assert cfg.eval.steps == (5, 10, 20, 50, 100)
+  assert cfg.eval.feature_nets == ("classifier", "classifier_heldout")
+  assert cfg.features.classifier_path.endswith("pretrained/fashion_mnist/classifier.weights.h5")
+  assert cfg.features.classifier_path_of("classifier_heldout").endswith(
+      "pretrained/fashion_mnist/classifier_heldout.weights.h5")
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.finetune.learning_rate = 1.0
+  unet = cfg.unet.factory()()
+  assert (unet.image_size, unet.channels) == (28, 1)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"finetune.learning_rate": 0.0}, "finetune.learning_rate"),
+    ({"finetune.batch_size": 1}, "finetune.batch_size"),
+    ({"sampler.num_steps": 1001}, "sampler.num_steps"),
+    ({"sampler.eta": 1.5}, "sampler.eta"),
+    ({"unet.ch_mult": ["1", "x"]}, "unet.ch_mult"),
+    ({"data.image_size": 30}, "data.image_size"),
+    ({"data.dataset": "mnist"}, "data.dataset"),
+    ({"diffusion.beta_start": 0.5}, "diffusion.beta_start"),
+    ({"eval.steps": ["5", "5"]}, "eval.steps"),
+    ({"eval.finetuned_checkpoints": ["5"]}, "eval.finetuned_checkpoints"),
+    ({"export.model_version": 0}, "export.model_version"),
+    ({"distribution.num_cpu_devices": 2}, "distribution.num_cpu_devices"),
+    ({"run.workdir": "gs://bucket/run"}, "run.workdir"),
+])
+def test_build_names_the_field(monkeypatch, repo_root, overrides, field):
+  monkeypatch.chdir(repo_root)
+  with pytest.raises(ParameterError) as caught:
+    config_lib.build(_values(**overrides))
+  assert caught.value.parameter == field
+
+
+def test_finetune_batch_errors_name_the_flag_that_set_it(main_module, monkeypatch, repo_root):
+  monkeypatch.chdir(repo_root)
+  error = ParameterError("finetune.batch_size", "must be >= 2", value=1)
+  assert _flag_message(main_module, FASHION, error).startswith("--batch_size=1 ")
+  main_module.FLAGS.unparse_flags()
+  assert _flag_message(main_module, [*FASHION, "--finetune_batch_size=1"],
+                       error).startswith("--finetune_batch_size=1 ")
+
+
+def test_data_errors_name_the_batch_field_of_the_caller(main_module, monkeypatch, repo_root):
+  """data.make_dataset knows only `global_batch_size`; the finetune's stream says which field (and
+  so which flag) supplied it."""
+  monkeypatch.chdir(repo_root)
+  main_module._parse_flags(["main.py", *FASHION, "--finetune_batch_size=8"])
+  cfg = main_module.configuration()
+  with pytest.raises(ParameterError) as caught:
+    inputs.training_data(cfg, batch_size=0, batch_field="finetune.batch_size")
+  assert caught.value.message(main_module.flag_of).startswith("--finetune_batch_size=0 ")
+  with pytest.raises(ParameterError) as caught:
+    data_lib.make_dataset(dataset="fashion_mnist", global_batch_size=0)
+  assert caught.value.parameter == "global_batch_size"  # The library names its own parameter.
+
+
+@pytest.mark.parametrize("field, flag", [("eval.num_images", "--num_eval_images"),
+                                         ("eval.quickstart_images", "--quickstart_eval_images")])
+def test_sample_count_errors_name_the_mode_s_flag(main_module, monkeypatch, repo_root, field,
+                                                  flag):
+  monkeypatch.chdir(repo_root)
+  main_module._parse_flags(["main.py", *FASHION])
+  with pytest.raises(ParameterError) as caught:
+    with errors.renamed(num_images=field):
+      metrics.check_enough_samples(100, 128)
+  assert caught.value.message(main_module.flag_of).startswith(f"{flag}=100 ")
+
+
+def test_every_field_has_a_flag_and_every_flag_a_field(main_module):
+  fields = {f"{section}.{f.name}"
+            for section, cls in (("run", config_lib.RunConfig), ("data", config_lib.DataConfig),
+                                 ("diffusion", config_lib.DiffusionConfig),
+                                 ("unet", config_lib.UNetConfig),
+                                 ("sampler", config_lib.SamplerConfig),
+                                 ("pretrain", config_lib.PretrainConfig),
+                                 ("features", config_lib.FeatureConfig),
+                                 ("finetune", config_lib.FinetuneConfig),
+                                 ("eval", config_lib.EvalConfig),
+                                 ("export", config_lib.ExportConfig),
+                                 ("distribution", config_lib.DistributionConfig))
+            for f in dataclasses.fields(cls)}
+  # Derived, not set by a flag of their own.
+  derived = {"run.flags_text", "data.channels", "unet.image_size", "unet.channels",
+             "features.dataset"}
+  assert fields - derived == set(main_module.PARAMETERS) - {"merge.reports"}
+  ours = {name for names in main_module.PARAMETERS.values()
+          for name in ((names,) if isinstance(names, str) else names)}
+  defined = {name for name, flag in main_module.FLAGS._flags().items()
+             if flag.name == name and "main" in (main_module.FLAGS.find_module_defining_flag(name)
+                                                 or "")}
+  assert defined <= ours, defined - ours
