@@ -18,12 +18,12 @@ import keras
 import pytest
 import tensorflow as tf
 
-from conftest import REPO_ROOT
-from conftest import tiny_unet
+from helpers import REPO_ROOT
+from helpers import run_main
+from helpers import tiny_unet
 from mmd_keras import checkpoints
-from test_cli import run_main
 
-# The tiny UNet of the tree's checkpoints (conftest.tiny_unet at 28 px: the bundled classifiers'
+# The tiny UNet of the tree's checkpoints (helpers.tiny_unet at 28 px: the bundled classifiers'
 # size), and the flags that describe it.
 TINY_UNET = ["--image_size=28", "--ch=32", "--ch_mult=1,2", "--num_res_blocks=1",
              "--attn_resolutions=", "--dropout=0", "--num_timesteps=20"]

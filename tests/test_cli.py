@@ -5,36 +5,17 @@ import glob
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
+from helpers import TINY_UNET
+from helpers import assert_user_error
+from helpers import run_main
 from mmd_keras import checkpoints
 from mmd_keras import unet as unet_lib
-
-TINY_UNET = ["--image_size=8", "--ch=32", "--ch_mult=1,2", "--num_res_blocks=1",
-             "--attn_resolutions=", "--dropout=0", "--num_timesteps=20"]
-
-
-def run_main(*args, timeout=600):
-  env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1",
-             TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run([sys.executable, "main.py", *args], cwd=REPO_ROOT, env=env,
-                        stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                        timeout=timeout)
-
-
-def assert_user_error(result, flag):
-  """Exit code != 0 and exactly one stderr line `error: ...` naming `flag`, no traceback."""
-  assert result.returncode != 0
-  lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert len(lines) == 1, result.stderr
-  assert flag in lines[0]
-  assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("args, flag", [

@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
-from conftest import randomize_weights, tiny_unet
+from helpers import randomize_weights, tiny_unet
 from export import sampler_module, writers
 from mmd_keras import ddim
 from mmd_keras import schedule as schedule_lib

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import randomize_weights
-from conftest import run_test_file_as_script
-from conftest import tiny_unet
+from helpers import randomize_weights
+from helpers import run_test_file_as_script
+from helpers import tiny_unet
 from mmd_keras import checkpoints
 from mmd_keras import pretrain
 from mmd_keras import schedule as schedule_lib
