@@ -287,6 +287,7 @@ def _watched(root):
   return [root, str(REPO_ROOT / "pretrained")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input_is_one_line_and_touches_nothing(tree, case):
   before = snapshot(_watched(tree))

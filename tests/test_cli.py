@@ -18,6 +18,7 @@ from mmd_keras import checkpoints
 from mmd_keras import unet as unet_lib
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, flag", [
     (["--mode=pretrain", "--dataset=foo"], "--dataset"),
     (["--mode=pretrain", "--image_size=30", "--ch=32", "--ch_mult=1,2,2"], "--image_size"),
@@ -30,6 +31,7 @@ def test_bad_flags_give_one_line_errors(tmp_path, args, flag):
   assert not glob.glob(str(tmp_path / "*" / "checkpoints"))
 
 
+@pytest.mark.slow
 def test_missing_data_files_say_how_to_install(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
@@ -39,6 +41,7 @@ def test_missing_data_files_say_how_to_install(tmp_path):
   assert "apt-get install -y dataset-fashion-mnist" in result.stderr
 
 
+@pytest.mark.slow
 def test_unknown_mode_is_refused_by_absl(tmp_path):
   result = run_main(f"--workdir={tmp_path}", "--mode=foo")
   assert result.returncode != 0
@@ -173,6 +176,7 @@ def _check_report(folder, *, rows, stdout):
   return report
 
 
+@pytest.mark.slow
 def test_finetuned_checkpoint_of_another_unet_is_one_line_error(tmp_path):
   base = _unet_file(tmp_path / "base.weights.h5", seed=0)
   other = _unet_file(tmp_path / "ch64.weights.h5", seed=1, ch=64)

@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # Every test reads the results of a separate process.
+
 GLOBAL_BATCH = 8
 CLIP = 1e-3
 LEARNING_RATE = 10.0

@@ -232,6 +232,7 @@ def test_pretraining_runs_on_two_workers(tmp_path):
   assert os.listdir(tmp_path / "logs" / "tmp") == []
 
 
+@pytest.mark.slow
 def test_bad_tf_config_is_a_one_line_error(inputs, tmp_path):
   # Every other malformed TF_CONFIG is covered by test_distribute; this is the path through main.
   flags, _ = inputs
