@@ -18,12 +18,12 @@ import keras
 import pytest
 import tensorflow as tf
 
-from conftest import REPO_ROOT
-from conftest import tiny_unet
+from helpers import REPO_ROOT
+from helpers import run_main
+from helpers import tiny_unet
 from mmd_keras import checkpoints
-from test_cli import run_main
 
-# The tiny UNet of the tree's checkpoints (conftest.tiny_unet at 28 px: the bundled classifiers'
+# The tiny UNet of the tree's checkpoints (helpers.tiny_unet at 28 px: the bundled classifiers'
 # size), and the flags that describe it.
 TINY_UNET = ["--image_size=28", "--ch=32", "--ch_mult=1,2", "--num_res_blocks=1",
              "--attn_resolutions=", "--dropout=0", "--num_timesteps=20"]
@@ -287,6 +287,7 @@ def _watched(root):
   return [root, str(REPO_ROOT / "pretrained")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input_is_one_line_and_touches_nothing(tree, case):
   before = snapshot(_watched(tree))

@@ -5,38 +5,20 @@ import glob
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
+from helpers import TINY_UNET
+from helpers import assert_user_error
+from helpers import run_main
 from mmd_keras import checkpoints
 from mmd_keras import unet as unet_lib
 
-TINY_UNET = ["--image_size=8", "--ch=32", "--ch_mult=1,2", "--num_res_blocks=1",
-             "--attn_resolutions=", "--dropout=0", "--num_timesteps=20"]
 
-
-def run_main(*args, timeout=600):
-  env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1",
-             TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run([sys.executable, "main.py", *args], cwd=REPO_ROOT, env=env,
-                        stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                        timeout=timeout)
-
-
-def assert_user_error(result, flag):
-  """Exit code != 0 and exactly one stderr line `error: ...` naming `flag`, no traceback."""
-  assert result.returncode != 0
-  lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert len(lines) == 1, result.stderr
-  assert flag in lines[0]
-  assert "Traceback" not in result.stderr
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("args, flag", [
     (["--mode=pretrain", "--dataset=foo"], "--dataset"),
     (["--mode=pretrain", "--image_size=30", "--ch=32", "--ch_mult=1,2,2"], "--image_size"),
@@ -49,6 +31,7 @@ def test_bad_flags_give_one_line_errors(tmp_path, args, flag):
   assert not glob.glob(str(tmp_path / "*" / "checkpoints"))
 
 
+@pytest.mark.slow
 def test_missing_data_files_say_how_to_install(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
@@ -58,6 +41,7 @@ def test_missing_data_files_say_how_to_install(tmp_path):
   assert "apt-get install -y dataset-fashion-mnist" in result.stderr
 
 
+@pytest.mark.slow
 def test_unknown_mode_is_refused_by_absl(tmp_path):
   result = run_main(f"--workdir={tmp_path}", "--mode=foo")
   assert result.returncode != 0
@@ -192,6 +176,7 @@ def _check_report(folder, *, rows, stdout):
   return report
 
 
+@pytest.mark.slow
 def test_finetuned_checkpoint_of_another_unet_is_one_line_error(tmp_path):
   base = _unet_file(tmp_path / "base.weights.h5", seed=0)
   other = _unet_file(tmp_path / "ch64.weights.h5", seed=1, ch=64)

@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
-from conftest import randomize_weights, tiny_unet
+from helpers import randomize_weights, tiny_unet
 from export import sampler_module, writers
 from mmd_keras import ddim
 from mmd_keras import schedule as schedule_lib
@@ -396,6 +396,7 @@ def test_next_free_version_reuses_the_same_weights_and_never_replaces_another_mo
   assert _max_abs_diff(_reference(unet, noise), _reference(other, noise)) > 1  # Distinguishable.
 
 
+@pytest.mark.slow
 def test_load_example_runs_in_a_process_without_project_code(exported, tmp_path):
   script = tmp_path / "load_example.py"
   shutil.copy(pathlib.Path(sampler_module.__file__).with_name("load_example.py"), script)
@@ -419,6 +420,7 @@ def _saved_model_cli(*args):
   return result.stdout
 
 
+@pytest.mark.slow
 def test_saved_model_cli_show_matches_the_documented_contract(exported):
   text = _saved_model_cli("show", "--dir", exported["saved"], "--all")
   blocks = {block.split("'")[0]: block for block in text.split("signature_def['")[1:]}
@@ -435,6 +437,7 @@ def test_saved_model_cli_show_matches_the_documented_contract(exported):
   assert serve.count("inputs['") == 2
 
 
+@pytest.mark.slow
 def test_saved_model_cli_run(exported, loaded, tmp_path):
   # TF 2.21's saved_model_cli accepts only Python literals (not np.int64(3)); it casts to the
   # signature dtypes.

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 from export import sampler_module, writers
 from mmd_keras import checkpoints
 from mmd_keras import ddim

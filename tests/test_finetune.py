@@ -8,52 +8,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import randomize_weights
-from conftest import tensorboard_summaries
-from conftest import tiny_unet
+from helpers import FINETUNER_IMAGE_SIZE as IMAGE_SIZE
+from helpers import FINETUNER_SCHEDULE as SCHEDULE
+from helpers import RandomConvFeatures
+from helpers import make_finetuner
+from helpers import randomize_weights
+from helpers import real_images
+from helpers import tensorboard_summaries
+from helpers import tiny_unet
 from mmd_keras import checkpoints
 from mmd_keras import distribute
 from mmd_keras import finetune
 from mmd_keras import mmd
-from mmd_keras import schedule as schedule_lib
 from mmd_keras.errors import UserError
-
-IMAGE_SIZE = 8
-# T = 100 keeps sqrt(ᾱ_T) ≈ 0.6: x̂0 of an untrained UNet stays O(1) without clipping.
-SCHEDULE = schedule_lib.NoiseSchedule.linear(num_timesteps=100)
-
-
-class RandomConvFeatures:
-  """φ(x) = [mean, std] over pixels of relu(conv3x3(x, W)), W fixed and random: frozen, weightless."""
-
-  def __init__(self, *, channels=1, filters=8, seed=0):
-    rng = np.random.default_rng(seed)
-    self.kernel = rng.normal(0.0, 1.0 / 3.0, [3, 3, channels, filters]).astype(np.float32)
-    self.dim = 2 * filters
-
-  def __call__(self, images):
-    h = tf.nn.relu(tf.nn.conv2d(images, self.kernel, strides=1, padding="SAME"))
-    mean, variance = tf.nn.moments(h, axes=[1, 2])
-    return tf.concat([mean, tf.sqrt(variance + 1e-6)], axis=1)
-
-
-def make_finetuner(unet, *, num_steps=2, recompute=True, dropout=False, seed=0, lr=1e-3,
-                   grad_clip=None, optimizer=None):
-  trainer = finetune.MMDFinetuner(
-      unet, feature_net=RandomConvFeatures(), schedule=SCHEDULE, num_steps=num_steps,
-      kernel=mmd.make_kernel("polynomial"), recompute=recompute, dropout=dropout, seed=seed,
-      grad_clip=grad_clip)
-  # As the driver: no XLA, whatever the device.
-  trainer.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate=lr), jit_compile=False)
-  return trainer
-
-
-def real_images(count, *, seed):
-  """A simple target distribution: a bright centre square on a dark background, plus noise."""
-  rng = np.random.default_rng(seed)
-  images = np.full([count, IMAGE_SIZE, IMAGE_SIZE, 1], -0.8, np.float32)
-  images[:, 2:6, 2:6] = 0.6
-  return np.clip(images + rng.normal(0.0, 0.1, images.shape), -1, 1).astype(np.float32)
 
 
 def gradients(trainer, x_real):

@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # Every test reads the results of a separate process.
+
 GLOBAL_BATCH = 8
 CLIP = 1e-3
 LEARNING_RATE = 10.0
@@ -22,10 +24,10 @@ def _compute(out_path):
   cpus = tf.config.list_physical_devices("CPU")
   tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
-  from conftest import randomize_weights
-  from conftest import tiny_unet
-  from test_finetune import make_finetuner
-  from test_finetune import real_images
+  from helpers import make_finetuner
+  from helpers import randomize_weights
+  from helpers import real_images
+  from helpers import tiny_unet
   from mmd_keras import distribute
 
   x_real = real_images(GLOBAL_BATCH, seed=0)
@@ -84,7 +86,7 @@ def _compute(out_path):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-  from conftest import run_test_file_as_script  # Here: the script mode configures TF first.
+  from helpers import run_test_file_as_script  # Here: the script mode configures TF first.
   return run_test_file_as_script(__file__, tmp_path_factory.mktemp("mirrored") / "results.npz")
 
 

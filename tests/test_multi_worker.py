@@ -19,15 +19,15 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
-from conftest import randomize_weights
-from conftest import tensorboard_summaries
-from conftest import tiny_unet
+from helpers import REPO_ROOT
+from helpers import TINY_UNET
+from helpers import assert_user_error
+from helpers import randomize_weights
+from helpers import run_main
+from helpers import tensorboard_summaries
+from helpers import tiny_unet
 from mmd_keras import classifier as classifier_lib
 from mmd_keras import distribute
-from test_cli import TINY_UNET
-from test_cli import assert_user_error
-from test_cli import run_main
 
 NUM_WORKERS = 2
 GLOBAL_BATCH = 8
@@ -232,6 +232,7 @@ def test_pretraining_runs_on_two_workers(tmp_path):
   assert os.listdir(tmp_path / "logs" / "tmp") == []
 
 
+@pytest.mark.slow
 def test_bad_tf_config_is_a_one_line_error(inputs, tmp_path):
   # Every other malformed TF_CONFIG is covered by test_distribute; this is the path through main.
   flags, _ = inputs

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import randomize_weights
-from conftest import run_test_file_as_script
-from conftest import tiny_unet
+from helpers import randomize_weights
+from helpers import run_test_file_as_script
+from helpers import tiny_unet
 from mmd_keras import checkpoints
 from mmd_keras import pretrain
 from mmd_keras import schedule as schedule_lib
@@ -224,6 +224,7 @@ def _norm(update):
   return np.sqrt(sum(np.sum(u ** 2) for u in update))
 
 
+@pytest.mark.slow
 def test_one_device_clip_is_keras_global_clipnorm(mirrored_step):
   # On one device Keras' global_clipnorm is the textbook clip: an independent reference for ours.
   results, updates, _ = mirrored_step
@@ -233,6 +234,7 @@ def test_one_device_clip_is_keras_global_clipnorm(mirrored_step):
     np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-5 * LEARNING_RATE * CLIP)
 
 
+@pytest.mark.slow
 def test_mirrored_step_is_the_single_device_step(mirrored_step):
   results, updates, emas = mirrored_step
   np.testing.assert_allclose(results["mirrored_loss"], results["single_loss"], rtol=1e-5)
@@ -245,6 +247,7 @@ def test_mirrored_step_is_the_single_device_step(mirrored_step):
     np.testing.assert_allclose(mirrored, single, rtol=0, atol=1e-5 * LEARNING_RATE * CLIP)
 
 
+@pytest.mark.slow
 def test_per_replica_clipping_would_differ(mirrored_step):
   # Keras' global_clipnorm clips each replica's half of the gradient before the sum: the update
   # is neither lr·clip long nor along the global gradient.

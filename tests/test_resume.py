@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO_ROOT
-from conftest import randomize_weights
-from conftest import tiny_unet
+from helpers import REPO_ROOT
+from helpers import TINY_UNET
+from helpers import assert_user_error
+from helpers import randomize_weights
+from helpers import run_main
+from helpers import tiny_unet
 from mmd_keras import checkpoints
-from test_cli import TINY_UNET
-from test_cli import assert_user_error
-from test_cli import run_main
 
 FINETUNE_IMAGE_SIZE = 28  # The committed Fashion-MNIST classifier's input size.
 

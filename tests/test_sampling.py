@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import randomize_weights, tiny_unet
+from helpers import randomize_weights, tiny_unet
 from mmd_keras import sampling
 from mmd_keras import schedule as schedule_lib
 

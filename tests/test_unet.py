@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import randomize_weights, tiny_unet
+from helpers import randomize_weights, tiny_unet
 from mmd_keras import unet as unet_lib
 from mmd_keras.errors import UserError
 
