@@ -24,7 +24,6 @@ from mmd_keras import mmd
 from mmd_keras import pretrain
 from mmd_keras import training_loop
 from mmd_keras.errors import ParameterError
-from mmd_keras.errors import UserError
 
 
 def example_noise(shape, *, seed, step):
@@ -204,8 +203,9 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
 
   if start < finetune_steps:
     if os.path.exists(final_weights):
-      raise UserError(f"{final_weights} exists (a finished run); move it away or use another "
-                      f"work directory before finetuning further")
+      raise ParameterError("workdir", f"holds a finished run: {final_weights} exists; move it "
+                           f"away or use another {{workdir}} before finetuning further",
+                           refs=("workdir",))
     progress = training_loop.Progress(manager=manager, trainer=trainer, weights=unet.weights,
                                       sample_fn=sample_fn, workdir=out_dir,
                                       every=checkpoint_every, log_every=log_every,

@@ -4,7 +4,7 @@
 #     (--eval_feature_nets=classifier: the held-out space is not even computed here);
 #  2. K=10 finetune with the chosen learning rate;
 #  3. evaluation at N=5000 in both spaces: DDIM K=5,10,20,50,100 and MMD-DDM K=5, K=10, merged into
-#     WORKDIR/report/{report.md,report.json,fid_vs_steps.png}.
+#     WORKDIR/merged/{report.md,report.json,fid_vs_steps.png}.
 # Usage: bash scripts/headline_fashion_mnist.sh [WORKDIR]   (default runs/headline; ~2.5 h on 2 free cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,10 +64,6 @@ fi
 echo "$(stamp) [final] evaluate MMD-DDM K=5,10 (and DDIM K=5,10), N=5000, both spaces"
 python main.py --flagfile=$CFG --mode=evaluate --workdir="$WORK/final" --num_eval_images=5000 \
   --eval_steps=5,10
-python -c "
-import json, sys
-from mmd_keras import evaluate
-reports = [json.load(open(f'{sys.argv[1]}/{d}/evaluate/report.json')) for d in ('ddim', 'final')]
-print(evaluate.markdown_table(evaluate.merge_reports(reports, sys.argv[1] + '/report')), end='')
-" "$WORK"
-echo "$(stamp) done: $WORK/report/report.md"
+python main.py --mode=merge_reports --workdir="$WORK" \
+  --reports="$WORK/ddim/evaluate,$WORK/final/evaluate"
+echo "$(stamp) done: $WORK/merged/report.md"

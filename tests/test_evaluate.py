@@ -4,6 +4,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -228,7 +229,7 @@ def _record_sampling(monkeypatch):
   return sampled
 
 
-def test_merged_reports_equal_one_run_over_all_models(setup, tmp_path):
+def test_merged_reports_equal_one_run_over_all_models(setup, tmp_path, main_module, capsys):
   schedule, real = setup
   base, finetuned = _tiny_unet(2), _tiny_unet(3)
   common = dict(feature_spaces=_spaces(8), real_images=real, schedule=schedule, num_images=16,
@@ -244,6 +245,23 @@ def test_merged_reports_equal_one_run_over_all_models(setup, tmp_path):
   assert strip(merged["rows"]) == strip(together["rows"])
   assert json.loads((tmp_path / "merged" / "report.json").read_text()) == merged
   assert (tmp_path / "merged" / "report.md").read_text() == evaluate.markdown_table(merged)
+
+  # The same through main.py: a directory or a report.json per entry, into <workdir>/merged.
+  main_module._run_main(main_module._parse_flags([
+      "main.py", "--mode=merge_reports", f"--workdir={tmp_path / 'cli'}",
+      f"--reports={tmp_path / 'sweep'},{tmp_path / 'later' / 'report.json'}"]))
+  assert json.loads((tmp_path / "cli" / "merged" / "report.json").read_text()) == merged
+  assert evaluate.markdown_table(merged) in capsys.readouterr().out
+  for reports, message in ((f"{tmp_path / 'sweep'}", "--reports=.* at least two reports"),
+                           (f"{tmp_path / 'sweep'},{tmp_path}", f"--reports={tmp_path} entry "
+                                                                 f"holds no report.json")):
+    main_module.FLAGS.unparse_flags()
+    with pytest.raises(SystemExit):
+      main_module._run_main(main_module._parse_flags([
+          "main.py", "--mode=merge_reports", f"--workdir={tmp_path / 'bad_cli'}",
+          f"--reports={reports}"]))
+    assert re.search(f"^error: {message}", capsys.readouterr().err), message
+  assert not (tmp_path / "bad_cli").exists()
 
   with pytest.raises(UserError, match="num_images"):
     evaluate.merge_reports([sweep, dict(later, num_images=17)], str(tmp_path / "bad"))

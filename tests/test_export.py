@@ -22,6 +22,7 @@ from helpers import randomize_weights, tiny_unet
 from export import sampler_module, writers
 from mmd_keras import ddim
 from mmd_keras import schedule as schedule_lib
+from mmd_keras.app import export as export_app
 from mmd_keras.errors import UserError
 
 NUM_STEPS = 2
@@ -237,7 +238,7 @@ def test_tflite_float16_weights_stay_close(unet, exported):
 
 
 def test_existing_version_is_not_overwritten(unet, exported, tmp_path):
-  with pytest.raises(UserError, match="--model_version.*--overwrite"):
+  with pytest.raises(UserError, match="^overwrite is off and export version .* choose another model_version or pass overwrite"):
     writers.write_saved_model(_sampler(unet), export_dir=str(exported["root"]),
                               model_name="mmd_ddm", version=1)
   target = tmp_path / "m" / "1"
@@ -283,13 +284,6 @@ def test_written_files_keep_the_umask_permissions(exported):
     assert mode == expected, (path, oct(mode))
 
 
-@pytest.fixture
-def main_module():
-  import main  # pylint: disable=g-import-not-at-top  # Defines main.py's flags in this process.
-  yield main
-  main.FLAGS.unparse_flags()
-
-
 def _run_main_in_process(main_module, *args):
   """main.py's flag parsing and error handling: (exit code, stderr's `error:` lines)."""
   with pytest.raises(SystemExit) as exit_info:
@@ -312,10 +306,10 @@ def test_model_name_and_version_that_leave_the_layout_are_refused(main_module, t
   assert code == 2 and len(errors) == 1, errors
   name, _, value = flag.partition("=")
   if name == "--model_name":
-    expected = ["--model_name", f"got {value!r}",
-                "letters, digits, '_', '-' and '.', starting with a letter or digit"]
+    expected = [f"error: --model_name={value} must be letters, digits, '_', '-' and '.', "
+                f"starting with a letter or digit"]
   else:
-    expected = ["--model_version", ">= 1", f"got {value}"]
+    expected = [f"error: --model_version={value} must be >= 1"]
   assert all(part in errors[0] for part in expected), errors[0]
   assert os.listdir(tmp_path) == []  # Refused before anything was created.
 
@@ -359,8 +353,9 @@ def test_next_free_version_reuses_the_same_weights_and_never_replaces_another_mo
   argv = ["main.py", f"--export_dir={out}", f"--workdir={tmp_path / 'run'}", "--model_name=m",
           f"--num_steps={NUM_STEPS}", *TINY_UNET_FLAGS]
   main_module._parse_flags(argv)  # pylint: disable=protected-access
-  export = lambda name: (main_module.run_export(init_checkpoint=paths[name],
-                                                next_free_version=True), capsys.readouterr().out)[1]
+  cfg = main_module.configuration()
+  export = lambda name: (export_app.run(cfg, init_checkpoint=paths[name], next_free_version=True),
+                         capsys.readouterr().out)[1]
 
   log = export("a")
   assert sorted(os.listdir(out / "m")) == ["1"] and f"wrote TFLite {out}/m_k2_v1.tflite" in log

@@ -42,7 +42,7 @@ def run(cfg, plan=None):
                                     batch_field="finetune.batch_size")
   if distribute.is_chief(plan.strategy):  # Workers of a cluster share the workdir: one flags file.
     runs.write_flags(cfg.run, run_dir)
-  with errors.renamed(global_batch_size="finetune.batch_size"):
+  with errors.renamed(global_batch_size="finetune.batch_size", workdir="run.workdir"):
     finetune_lib.finetune(
         unet_factory=cfg.unet.factory(),
         feature_net_factory=lambda: inputs.feature_network(cfg, cfg.features.feature_net),
