@@ -15,7 +15,8 @@ SAMPLE_IMAGES = 64
 def run(cfg):
   if cfg.run.init_checkpoint and "://" not in cfg.run.init_checkpoint:
     checkpoints.check_readable(cfg.run.init_checkpoint)
-  strategy = runtime.strategy_for(cfg, batch_size=cfg.data.batch_size, batch_field="data.batch_size")
+  strategy = runtime.strategy_for(cfg, batch_size=cfg.data.batch_size,
+                                  batch_field="data.batch_size")
   runs.check_resume(cfg, "pretrain")
   run_dir = runs.mode_dir(cfg.run, "pretrain")
   dataset_fn = inputs.training_data(cfg, batch_size=cfg.data.batch_size,
