@@ -86,7 +86,10 @@ flags.DEFINE_bool("jit_compile", False, "XLA-compile the pretraining step.")
 # Sampling
 flags.DEFINE_integer("num_steps", 5, "K, the DDIM step budget.")
 flags.DEFINE_float("eta", 0.0, "DDIM η: 0 deterministic, 1 DDPM-like.")
-flags.DEFINE_enum("timesteps", "uniform", ["uniform", "quadratic"], "K-step timestep spacing.")
+flags.DEFINE_string("timesteps", "uniform",
+                    "The K timesteps the sampler visits: uniform (i·⌊T/K⌋, 'leading'), trailing "
+                    "(from T-1 down by T/K), linspace (0 … T-1), quadratic (DDIM's CIFAR-10), or "
+                    "an explicit comma-separated list of K increasing integers in [0, T-1].")
 flags.DEFINE_bool("clip_x0", False, "Clip the x0 prediction to [-1, 1] at every step.")
 flags.DEFINE_integer("num_images", 64, "Images to generate in --mode=sample.")
 flags.DEFINE_integer("sample_batch_size", 256, "Images per sampler call.")

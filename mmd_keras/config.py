@@ -96,16 +96,13 @@ class UNetConfig:
 class SamplerConfig:
   """The K-step sampler of sample / finetune / export (evaluation sweeps its own K)."""
   num_steps: int = 5
-  timesteps: str = "uniform"
+  timesteps: object = "uniform"  # A spacing of schedule.TIMESTEP_KINDS, or the K timesteps.
   eta: float = 0.0
   clip_x0: bool = False
   num_images: int = 64  # --mode=sample
   batch_size: int = 256  # Images per sampler call.
 
   def __post_init__(self):
-    if self.timesteps not in schedule_lib.TIMESTEP_KINDS:
-      raise ParameterError("sampler.timesteps", f"must be one of "
-                           f"{'|'.join(schedule_lib.TIMESTEP_KINDS)}", value=self.timesteps)
     _fraction(self, "eta", include_one=True)
     _positive(self, "num_images", "batch_size")
 
@@ -247,8 +244,8 @@ class Config:
       self.timesteps(self.sampler.num_steps)
 
   def timesteps(self, num_steps):
-    """The K visited timesteps of this run's spacing; a ParameterError on `num_steps` if K does
-    not fit T."""
+    """The K visited timesteps of this run's spacing; a ParameterError on `num_steps` (or `kind`)
+    if K does not fit T (or the spacing)."""
     return schedule_lib.timestep_subsequence(num_timesteps=self.diffusion.num_timesteps,
                                              num_steps=num_steps, kind=self.sampler.timesteps)
 
@@ -289,6 +286,7 @@ def build(values):
     values[field] = _ints(field, values[field])
   with renamed(steps="eval.steps"):
     values["eval.steps"] = evaluate_lib.parse_steps(values["eval.steps"])
+  values["sampler.timesteps"] = _timesteps(values["sampler.timesteps"])
   values["finetune.rbf_bandwidths"] = _floats("finetune.rbf_bandwidths",
                                               values["finetune.rbf_bandwidths"])
   values["eval.finetuned_checkpoints"] = _finetuned_entries(values["eval.finetuned_checkpoints"])
@@ -325,6 +323,18 @@ def _ints(field, items):
   except ValueError:
     raise ParameterError(field, "must be a comma-separated list of integers",
                          value=list(items)) from None
+
+
+def _timesteps(value):
+  """A spacing name, or "t1,t2,…" (the timesteps themselves) as a tuple of ints."""
+  if not isinstance(value, str) or value in schedule_lib.TIMESTEP_KINDS:
+    return value
+  items = [v.strip() for v in value.split(",")]
+  if not all(v.lstrip("-").isdigit() for v in items):
+    raise ParameterError("sampler.timesteps", f"must be one of "
+                         f"{'|'.join(schedule_lib.TIMESTEP_KINDS)} or a comma-separated list of "
+                         f"K increasing timesteps", value=value)
+  return tuple(int(v) for v in items)
 
 
 def _floats(field, items):

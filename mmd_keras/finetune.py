@@ -146,8 +146,8 @@ def _check_positive(parameter, value):
 
 def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule, workdir, num_steps,
              finetune_steps, learning_rate, grad_clip, global_batch_size, checkpoint_every,
-             log_every, seed, strategy, init_checkpoint, use_ema=True, timestep_kind="uniform", eta=0.0, clip_x0=False, recompute=True,
-             dropout=False, num_sample_images=64):
+             log_every, seed, strategy, init_checkpoint, use_ema=True, timestep_kind="uniform",
+             eta=0.0, clip_x0=False, recompute=True, dropout=False, num_sample_images=64):
   """MMD-finetunes (or resumes) the UNet in `workdir`; writes `<workdir>/unet.weights.h5` at the end.
 
   `dataset_fn(start_batch)` yields the global batches of real images from batch `start_batch` on;

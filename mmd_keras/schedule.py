@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from mmd_keras.errors import ParameterError
 
-TIMESTEP_KINDS = ("uniform", "quadratic")
+TIMESTEP_KINDS = ("uniform", "trailing", "linspace", "quadratic")
 
 
 def linear_betas(*, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
@@ -25,26 +25,52 @@ def linear_betas(*, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
 
 
 def timestep_subsequence(*, num_timesteps, num_steps, kind="uniform"):
-  """The K timesteps a K-step DDIM sampler visits, in increasing order.
+  """The K timesteps a K-step sampler visits, in increasing order.
 
-  uniform:   i · ⌊T/K⌋ for i = 0 … K−1                 (the official MMD-DDM code)
+  uniform:   i · ⌊T/K⌋ for i = 0 … K−1                 ("leading"; the official MMD-DDM code)
+  trailing:  round(T − i·T/K) − 1 for i = 0 … K−1       (starts at T−1, where x_T ~ N(0, I) belongs)
+  linspace:  round(i · (T−1)/(K−1)) for i = 0 … K−1     (both ends, 0 and T−1)
   quadratic: ⌊(i · sqrt(0.8·T) / (K−1))²⌋ for i = 0 … K−1  (the DDIM paper, CIFAR-10)
+  `kind` may also be the K timesteps themselves (a sequence of increasing ints in [0, T−1]).
   """
+  if not isinstance(kind, str):
+    return _explicit_timesteps(kind, num_timesteps=num_timesteps, num_steps=num_steps)
   if kind not in TIMESTEP_KINDS:
-    raise ParameterError("kind", f"must be one of {'|'.join(TIMESTEP_KINDS)}", value=kind)
+    raise ParameterError("kind", f"must be one of {'|'.join(TIMESTEP_KINDS)} or a comma-separated "
+                         f"list of K increasing timesteps", value=kind)
   if not 1 <= num_steps <= num_timesteps:
     raise ParameterError("num_steps", f"(K) must be in [1, {num_timesteps}] (the number of "
                          f"diffusion timesteps T, {{num_timesteps}})", value=num_steps,
                          refs=("num_timesteps",))
+  i = np.arange(num_steps)
   if kind == "uniform":
-    skip = num_timesteps // num_steps
-    seq = np.arange(0, num_timesteps, skip)[:num_steps]
+    seq = i * (num_timesteps // num_steps)
+  elif kind == "trailing":
+    seq = (np.round(num_timesteps - i * num_timesteps / num_steps) - 1)[::-1]
+  elif kind == "linspace":
+    seq = np.round(np.linspace(0, num_timesteps - 1, num_steps))
   else:
-    seq = (np.linspace(0, np.sqrt(num_timesteps * 0.8), num_steps) ** 2).astype(np.int64)
+    seq = np.floor(np.linspace(0, np.sqrt(num_timesteps * 0.8), num_steps) ** 2)
     if len(np.unique(seq)) != num_steps:
       raise ParameterError("num_steps", f"repeats timesteps with {{kind}}=quadratic and "
                            f"T={num_timesteps}; use {{kind}}=uniform", value=num_steps,
                            refs=("kind",))
+  return seq.astype(np.int64)
+
+
+def _explicit_timesteps(timesteps, *, num_timesteps, num_steps):
+  seq = np.asarray(timesteps)
+  if seq.ndim != 1 or not np.issubdtype(seq.dtype, np.integer):
+    raise ParameterError("kind", "must be a comma-separated list of integer timesteps",
+                         value=list(timesteps))
+  if len(seq) != num_steps:
+    raise ParameterError("kind", f"lists {len(seq)} timesteps; expected K={num_steps} "
+                         f"({{num_steps}})", value=seq.tolist(), refs=("num_steps",))
+  if seq.min() < 0 or seq.max() > num_timesteps - 1:
+    raise ParameterError("kind", f"must lie in [0, {num_timesteps - 1}] (T={num_timesteps})",
+                         value=seq.tolist())
+  if np.any(np.diff(seq) <= 0):
+    raise ParameterError("kind", "must be strictly increasing", value=seq.tolist())
   return seq.astype(np.int64)
 
 

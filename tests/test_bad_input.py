@@ -47,6 +47,10 @@ CASES = [
     # Flags main.py checks before it loads data or builds a model.
     Case("unknown_dataset", ["--mode=finetune", "--dataset=mnist"], ["--dataset", "fashion_mnist"]),
     Case("k_above_t", ["--mode=finetune", "--num_steps=21"], ["--num_steps", "[1, 20]"]),
+    Case("timesteps_list_not_k", ["--mode=sample", "--timesteps=1,2,3"],
+         ["--timesteps=1,2,3", "expected K=5", "--num_steps"]),
+    Case("timesteps_unknown", ["--mode=export", "--timesteps=cosine"],
+         ["--timesteps=cosine", "trailing|linspace"]),
     Case("image_size_not_divisible", ["--mode=pretrain", "--image_size=27"],
          ["--image_size=27", "divisible by 2"]),
     Case("learning_rate_zero", ["--mode=finetune", "--learning_rate=0"],

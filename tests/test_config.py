@@ -120,6 +120,32 @@ def test_sample_count_errors_name_the_mode_s_flag(main_module, monkeypatch, repo
   assert caught.value.message(main_module.flag_of).startswith(f"{flag}=100 ")
 
 
+@pytest.mark.parametrize("timesteps, expected", [
+    ("trailing", "trailing"), ("uniform", "uniform"),
+    ("0, 300,600,800,999", (0, 300, 600, 800, 999))])
+def test_timesteps_flag_takes_a_spacing_or_the_timesteps(monkeypatch, repo_root, timesteps,
+                                                         expected):
+  monkeypatch.chdir(repo_root)
+  cfg = config_lib.build(_values(**{"sampler.timesteps": timesteps}))
+  assert cfg.sampler.timesteps == expected
+  assert len(cfg.timesteps(cfg.sampler.num_steps)) == 5
+
+
+@pytest.mark.parametrize("timesteps, message", [
+    ("cosine", "--timesteps=cosine must be one of uniform|trailing|linspace|quadratic"),
+    ("1,2,x", "--timesteps=1,2,x must be one of"),
+    ("1,2,3", "--timesteps=1,2,3 lists 3 timesteps; expected K=5 (--num_steps)"),
+    ("0,1,2,3,1000", r"--timesteps=0,1,2,3,1000 must lie in [0, 999]"),
+    ("0,1,2,3,3", "--timesteps=0,1,2,3,3 must be strictly increasing"),
+])
+def test_bad_timesteps_name_the_flag(main_module, monkeypatch, repo_root, timesteps, message):
+  monkeypatch.chdir(repo_root)
+  main_module._parse_flags(["main.py", *FASHION, f"--timesteps={timesteps}"])
+  with pytest.raises(ParameterError) as caught:
+    main_module.configuration()
+  assert caught.value.message(main_module.flag_of).startswith(message)
+
+
 def test_every_field_has_a_flag_and_every_flag_a_field(main_module):
   fields = {f"{section}.{f.name}"
             for section, cls in (("run", config_lib.RunConfig), ("data", config_lib.DataConfig),

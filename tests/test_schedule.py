@@ -40,6 +40,51 @@ def test_uniform_subsequence_is_every_T_over_K(num_steps):
   assert list(seq) == [i * (1000 // num_steps) for i in range(num_steps)]
 
 
+@pytest.mark.parametrize("num_steps, expected", [
+    # round(T − i·T/K) − 1, i = 0 … K−1, in increasing order (diffusers' "trailing").
+    (5, [199, 399, 599, 799, 999]),
+    (3, [332, 666, 999]),  # 1000 − 333.3·i = 1000, 666.7, 333.3.
+    (1, [999]),
+])
+def test_trailing_subsequence_starts_at_T_minus_1(num_steps, expected):
+  seq = schedule_lib.timestep_subsequence(num_timesteps=1000, num_steps=num_steps, kind="trailing")
+  assert list(seq) == expected
+
+
+@pytest.mark.parametrize("num_steps, expected", [
+    (5, [0, 250, 500, 749, 999]),  # 999·i/4 = 0, 249.75, 499.5 (to even: 500), 749.25, 999.
+    (2, [0, 999]),
+])
+def test_linspace_subsequence_spans_0_to_T_minus_1(num_steps, expected):
+  seq = schedule_lib.timestep_subsequence(num_timesteps=1000, num_steps=num_steps, kind="linspace")
+  assert list(seq) == expected
+
+
+@pytest.mark.parametrize("kind", ["uniform", "trailing", "linspace"])
+@pytest.mark.parametrize("num_steps", [1, 7, 64, 999, 1000])
+def test_every_spacing_is_k_distinct_increasing_timesteps(kind, num_steps):
+  seq = schedule_lib.timestep_subsequence(num_timesteps=1000, num_steps=num_steps, kind=kind)
+  assert len(seq) == num_steps and seq[0] >= 0 and seq[-1] <= 999
+  assert np.all(np.diff(seq) > 0)
+
+
+def test_explicit_timesteps_are_taken_as_given():
+  seq = schedule_lib.timestep_subsequence(num_timesteps=1000, num_steps=3, kind=(0, 500, 999))
+  assert list(seq) == [0, 500, 999] and seq.dtype == np.int64
+
+
+@pytest.mark.parametrize("timesteps, message", [
+    ((0, 500), "^kind=0,500 lists 2 timesteps; expected K=3 .num_steps."),
+    ((0, 500, 1000), r"^kind=0,500,1000 must lie in \[0, 999\]"),
+    ((-1, 500, 999), r"^kind=-1,500,999 must lie in \[0, 999\]"),
+    ((0, 600, 500), "^kind=0,600,500 must be strictly increasing"),
+    ((0, 500, 500), "^kind=0,500,500 must be strictly increasing"),
+])
+def test_bad_explicit_timesteps(timesteps, message):
+  with pytest.raises(UserError, match=message):
+    schedule_lib.timestep_subsequence(num_timesteps=1000, num_steps=3, kind=timesteps)
+
+
 @pytest.mark.parametrize("num_steps", [2, 5, 10, 20])
 def test_quadratic_subsequence_is_the_ddim_formula(num_steps):
   # DDIM's CIFAR-10 choice: τ_i = floor((i · sqrt(0.8 T) / (K − 1))²).

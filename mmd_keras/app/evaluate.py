@@ -12,7 +12,7 @@ from mmd_keras.app import runs
 
 def check_steps(cfg, steps, *, field):
   """Every K of `steps` fits T and the spacing; errors name `field`."""
-  with errors.renamed(num_steps=field):
+  with errors.renamed(num_steps=field, kind="sampler.timesteps"):
     for k in steps:
       cfg.timesteps(k)
 

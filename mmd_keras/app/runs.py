@@ -66,7 +66,7 @@ def finetuned_checkpoints(cfg, steps):
   finetune_k<K>/unet.weights.h5 for every K of `steps` that has one."""
   found = {}
   for k, path in cfg.eval.finetuned_checkpoints:
-    with errors.renamed(num_steps="eval.finetuned_checkpoints"):
+    with errors.renamed(num_steps="eval.finetuned_checkpoints", kind="sampler.timesteps"):
       cfg.timesteps(k)
     if k in found:
       raise ParameterError("eval.finetuned_checkpoints", f"gives K={k} twice ({found[k]} and "
