@@ -11,7 +11,9 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TF loads: keep its C++ chatter out.
+from mmd_keras import console
+
+console.quiet(console.verbosity_from_argv(sys.argv))  # Before TF loads (its start-up lines).
 
 import keras
 import numpy as np
