@@ -9,7 +9,9 @@ the one error handler. What each mode does lives in `mmd_keras.app`.
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TF loads: keep its C++ chatter out.
+from mmd_keras import console
+
+console.quiet(console.verbosity_from_argv(sys.argv))  # Before TF loads (its start-up lines).
 
 from absl import app
 from absl import flags

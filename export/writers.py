@@ -21,6 +21,7 @@ import uuid
 
 import tensorflow as tf
 
+from mmd_keras import console
 from mmd_keras import errors
 from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
@@ -160,7 +161,8 @@ def write_saved_model(sampler, *, export_dir, model_name, version, overwrite=Fal
       signatures = dict(serving_default=sampler.serving_default, from_noise=sampler.from_noise)
       # No gradients are served: skip tracing the gradient of every op with a custom gradient.
       options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
-      tf.saved_model.save(sampler, staging, signatures=signatures, options=options)
+      with console.timed("writing the SavedModel"):
+        tf.saved_model.save(sampler, staging, signatures=signatures, options=options)
     _replace_dir(staging, target)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
@@ -191,7 +193,8 @@ def tflite_bytes(sampler, *, float16=False):
 def write_tflite(sampler, path, *, float16=False, version=None):
   """Writes the TFLite sampler to `path` (replacing an older file of that name) and its record
   `<path>.json` (metadata, float16, the SavedModel `version` it goes with); returns `path`."""
-  data = tflite_bytes(sampler, float16=float16)
+  with console.timed("converting the sampler to TFLite"):
+    data = tflite_bytes(sampler, float16=float16)
   record = dict(sampler.metadata(), float16=bool(float16), saved_model_version=version)
   for key in ("signatures", "max_images", "seed_streams"):  # The SavedModel's, not the TFLite's.
     del record[key]

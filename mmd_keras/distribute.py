@@ -14,6 +14,7 @@ import tempfile
 import tensorflow as tf
 from absl import logging
 
+from mmd_keras import console
 from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 
@@ -89,7 +90,9 @@ def make_strategy(name, *, tpu=None):
     check_tf_config(os.environ.get("TF_CONFIG"))
     strategy = tf.distribute.MultiWorkerMirroredStrategy()  # Reads the cluster from TF_CONFIG.
     if not is_chief(strategy):
-      logging.set_verbosity(logging.WARNING)  # One progress log per cluster: the chief's.
+      # One progress log and bar per cluster: the chief's.
+      logging.set_verbosity(logging.WARNING)
+      console.show_progress(False)
     return strategy
   if name == "tpu":
     try:

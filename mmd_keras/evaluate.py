@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from mmd_keras import console
 from mmd_keras import grid
 from mmd_keras import metrics
 from mmd_keras import sampling
@@ -165,16 +166,19 @@ def reference_features(spaces, real_images, *, num_images, batch_size, digests, 
     missing.append(space)
   if not missing:
     return features
-  logging.info("embedding %d real images in %s", num_images, ", ".join(s.name for s in missing))
   chunks = {s.name: [] for s in missing}
   count = 0
-  for batch in _image_batches(real_images, batch_size):
-    batch = np.asarray(batch)[:num_images - count]
-    for space in missing:
-      chunks[space.name].append(np.asarray(space.network(batch), np.float64))
-    count += len(batch)
-    if count >= num_images:
-      break
+  with console.ProgressBar(num_images, desc=f"embedding real images in "
+                           f"{', '.join(s.name for s in missing)}", unit="images",
+                           rate_unit="img") as bar:
+    for batch in _image_batches(real_images, batch_size):
+      batch = np.asarray(batch)[:num_images - count]
+      for space in missing:
+        chunks[space.name].append(np.asarray(space.network(batch), np.float64))
+      count += len(batch)
+      bar.update(len(batch))
+      if count >= num_images:
+        break
   if count < num_images:
     raise ParameterError("num_images", f"exceeds the {count} real images available for the "
                          f"reference statistics", value=num_images)
@@ -233,14 +237,13 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
       if os.path.exists(stem + ".json") and os.path.exists(stem + ".png"):
         with open(stem + ".json") as f:
           row = json.load(f)
-        logging.info("[%d/%d] %s K=%d: reusing %s.json", len(rows) + 1, total, model.label,
-                     num_steps, stem)
+        console.note(f"[{len(rows) + 1}/{total}] {model.label} K={num_steps}: reusing "
+                     f"{stem}.json")
       else:
-        logging.info("[%d/%d] sampling %s K=%d: %d images", len(rows) + 1, total, model.label,
-                     num_steps, num_images)
         row = _sample_and_score(model, num_steps, feature_spaces=feature_spaces,
                                 reference=reference, reference_stats=reference_stats,
-                                num_images=num_images, sampler=sampler, stem=stem)
+                                num_images=num_images, sampler=sampler, stem=stem,
+                                desc=f"[{len(rows) + 1}/{total}] {model.label} K={num_steps}")
         logging.info("  %s", _one_line(row))
       if source:
         row["weights"] = source
@@ -261,19 +264,21 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
 
 
 def _sample_and_score(model, num_steps, *, feature_spaces, reference, reference_stats, num_images,
-                      sampler, stem):
-  """One row: samples embedded batch by batch; `<stem>.png` (the grid), then `<stem>.json`."""
+                      sampler, stem, desc):
+  """One row: samples embedded batch by batch under a progress bar named `desc`; `<stem>.png` (the
+  grid), then `<stem>.json`."""
   started = time.time()
   fake = {space.name: [] for space in feature_spaces}
   shown = []
   done = 0
-  for images in sampling.batches(model.unet, num_images=num_images, num_steps=num_steps,
-                                 **sampler):
-    shown.append(images[:max(0, GRID_IMAGES - done)])
-    for space in feature_spaces:
-      fake[space.name].append(np.asarray(space.network(images), np.float64))
-    done += len(images)
-    logging.info("  %d/%d images", done, num_images)
+  with console.ProgressBar(num_images, desc=desc, unit="images", rate_unit="img") as bar:
+    for images in sampling.batches(model.unet, num_images=num_images, num_steps=num_steps,
+                                   **sampler):
+      shown.append(images[:max(0, GRID_IMAGES - done)])
+      for space in feature_spaces:
+        fake[space.name].append(np.asarray(space.network(images), np.float64))
+      done += len(images)
+      bar.update(len(images))
   shown = np.concatenate(shown, axis=0)
   os.makedirs(os.path.dirname(stem), exist_ok=True)
   grid.write_png(stem + ".tmp.png", shown, columns=10, scale=max(1, 64 // shown.shape[1]))

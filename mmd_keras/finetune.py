@@ -17,6 +17,7 @@ import tensorflow as tf
 from absl import logging
 
 from mmd_keras import checkpoints
+from mmd_keras import console
 from mmd_keras import ddim
 from mmd_keras import distribute
 from mmd_keras import errors
@@ -215,7 +216,7 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
     training_loop.fit(trainer=trainer, dataset_fn=sharded, max_steps=finetune_steps,
                       progress=progress)
   else:
-    logging.info("already finetuned for %d >= %d steps", start, finetune_steps)
+    console.note(f"already finetuned for {start} >= {finetune_steps} steps")
   if not os.path.exists(final_weights):
     checkpoints.save_weights_h5(sync_sampler(), os.path.join(out_dir, "unet.weights.h5"))
     logging.info("wrote %s", final_weights)

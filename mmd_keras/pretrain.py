@@ -13,6 +13,7 @@ import tensorflow as tf
 from absl import logging
 
 from mmd_keras import checkpoints
+from mmd_keras import console
 from mmd_keras import ddim
 from mmd_keras import distribute
 from mmd_keras import schedule as schedule_lib
@@ -140,7 +141,7 @@ def train(*, unet_factory, dataset_fn, schedule, workdir, train_steps, learning_
   start = training_loop.step_of(trainer)
   distribute.check_same_start(start, strategy, workdir=workdir)
   if start >= train_steps:
-    logging.info("already trained for %d >= %d steps", start, train_steps)
+    console.note(f"already trained for {start} >= {train_steps} steps")
     return trainer
 
   sampler_unet = unet_factory().build_for_inference()

@@ -8,6 +8,7 @@ j // batch_size, so the samples of a seed depend on the batch size too.
 import numpy as np
 import tensorflow as tf
 
+from mmd_keras import console
 from mmd_keras import ddim
 
 
@@ -37,13 +38,15 @@ def batches(unet, *, num_images, num_steps, schedule, timestep_kind="uniform", e
 
 
 def generate(unet, *, num_images, num_steps, schedule, timestep_kind="uniform", eta=0.0,
-             clip_x0=False, seed=0, batch_size=256, progress=None):
-  """[num_images, H, W, C] float32 samples in [-1, 1] (NumPy), K = num_steps DDIM steps."""
+             clip_x0=False, seed=0, batch_size=256):
+  """[num_images, H, W, C] float32 samples in [-1, 1] (NumPy), K = num_steps DDIM steps; a
+  progress bar on stderr."""
   outputs = []
-  for images in batches(unet, num_images=num_images, num_steps=num_steps, schedule=schedule,
-                        timestep_kind=timestep_kind, eta=eta, clip_x0=clip_x0, seed=seed,
-                        batch_size=batch_size):
-    outputs.append(images)
-    if progress is not None:
-      progress(sum(len(o) for o in outputs), num_images)
+  with console.ProgressBar(num_images, desc=f"sampling K={num_steps}", unit="images",
+                           rate_unit="img") as bar:
+    for images in batches(unet, num_images=num_images, num_steps=num_steps, schedule=schedule,
+                          timestep_kind=timestep_kind, eta=eta, clip_x0=clip_x0, seed=seed,
+                          batch_size=batch_size):
+      outputs.append(images)
+      bar.update(len(images))
   return np.concatenate(outputs, axis=0)

@@ -18,6 +18,7 @@ import tensorflow as tf
 from absl import logging
 
 from mmd_keras import checkpoints
+from mmd_keras import console
 from mmd_keras import grid
 from mmd_keras.errors import UserError
 
@@ -47,10 +48,11 @@ def first_nonfinite(variables):
 
 
 class Progress(keras.callbacks.Callback):
-  """After every step: stop on a non-finite step before anything is saved. Every `log_every`
-  steps a progress line and TensorBoard scalars (the trainer's metrics averaged since the last
-  line); every `every` steps a checkpoint and a sample grid, once `weights` (what the checkpoint
-  holds of the model: weights, EMA) are checked finite.
+  """After every step: stop on a non-finite step before anything is saved, and advance `bar` (set
+  by `fit`) with the trainer's metrics. Every `log_every` steps a progress log line and TensorBoard
+  scalars (the trainer's metrics averaged since the last line); every `every` steps a checkpoint
+  and a sample grid, once `weights` (what the checkpoint holds of the model: weights, EMA) are
+  checked finite.
 
   The trainer's `train_step` returns `step_loss`, `step_grad_norm` and `nonfinite` (see
   `nonfinite_replicas`) besides its metrics.
@@ -71,6 +73,7 @@ class Progress(keras.callbacks.Callback):
     self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
     self.last_time = None
     self.last_step = None
+    self.bar = None
 
   def on_train_begin(self, logs=None):
     self.last_time, self.last_step = time.time(), step_of(self.trainer)
@@ -78,6 +81,8 @@ class Progress(keras.callbacks.Callback):
   def on_train_batch_end(self, batch, logs=None):
     step = step_of(self.trainer)
     self.check_finite(step, logs)
+    if self.bar is not None:
+      self.bar.update(1, **{m.name: float(m.result()) for m in self.trainer.metrics})
     if step % self.log_every == 0:
       self.log(step)
     if step % self.every == 0:
@@ -134,12 +139,12 @@ def restore_or_initialize(manager, initialize, *, learning_rate, checkpoint_dir=
     except checkpoints.RESTORE_ERRORS as e:
       raise checkpoints.resume_error(latest, checkpoints.first_line(e)) from e
     optimizer = manager.checkpoint.optimizer
-    logging.info("resumed from %s at step %d", latest, int(optimizer.iterations.numpy()))
+    console.note(f"resumed from {latest} at step {int(optimizer.iterations.numpy())}")
     # The checkpoint holds the learning rate too; the flag wins, so that a run stopped by the
     # NaN guard can be rerun with a lower one.
     saved = float(optimizer.learning_rate.numpy())
     if not math.isclose(saved, learning_rate, rel_tol=1e-6):  # Stored as float32.
-      logging.info("learning rate %g (the checkpoint's was %g)", learning_rate, saved)
+      console.note(f"learning rate {learning_rate:g} (the checkpoint's was {saved:g})")
       optimizer.learning_rate = learning_rate
   else:
     initialize()
@@ -149,9 +154,13 @@ def fit(*, trainer, dataset_fn, max_steps, progress):
   """Trains from the trainer's step to exactly `max_steps`, on `dataset_fn(start_batch)`, and
   checkpoints the last step."""
   start = step_of(trainer)
-  # The stream is already shuffled, keyed by (seed, position); Keras' shuffle does not apply to it.
-  trainer.fit(dataset_fn(start), epochs=1, steps_per_epoch=max_steps - start,
-              callbacks=[progress], verbose=0, shuffle=False)
+  progress.bar = console.ProgressBar(max_steps, desc=os.path.basename(progress.workdir),
+                                     unit="steps", initial=start, rate_unit="img",
+                                     rate_scale=progress.global_batch)
+  with progress.bar:
+    # The stream is already shuffled, keyed by (seed, position); Keras' shuffle does not apply.
+    trainer.fit(dataset_fn(start), epochs=1, steps_per_epoch=max_steps - start,
+                callbacks=[progress], verbose=0, shuffle=False)
   final = step_of(trainer)
   if final % progress.every:
     progress.save(final)

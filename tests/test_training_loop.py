@@ -1,6 +1,7 @@
 """training_loop.py: the NaN guard raises before anything is saved, progress and checkpoints are
 written on their steps, a resume restores the step and takes the learning rate from the flag."""
 
+import io
 import os
 
 import keras
@@ -9,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from mmd_keras import checkpoints
+from mmd_keras import console
 from mmd_keras import training_loop
 
 
@@ -121,6 +123,20 @@ def test_progress_writes_on_its_steps(tmp_path):
   assert sorted(os.listdir(tmp_path / "samples")) == ["step_0000003.png", "step_0000006.png"]
   assert [int(p.rsplit("-", 1)[1]) for p in manager.checkpoints] == [3, 6]
   assert any(name.startswith("events") for name in os.listdir(tmp_path / "tensorboard"))
+
+
+def test_progress_advances_the_bar_with_the_metrics(tmp_path):
+  trainer = _trainer()
+  progress = _progress(trainer, _manager(trainer, tmp_path), tmp_path, every=100, log_every=100)
+  stream = io.StringIO()
+  progress.bar = console.ProgressBar(4, desc="pretrain", unit="steps", initial=2, stream=stream)
+  progress.on_train_begin()
+  for step in (3, 4):
+    trainer.optimizer.iterations.assign(step)
+    progress.on_train_batch_end(step - 1, _healthy())
+  progress.bar.close()
+  assert stream.getvalue().startswith("pretrain: 4/4 steps (100%), ")
+  assert ", loss 0.5, in " in stream.getvalue()
 
 
 def test_resume_restores_the_step_and_takes_the_flag_learning_rate(tmp_path):
