@@ -6,7 +6,6 @@ the one error handler. What each mode does lives in `mmd_keras.app`.
   python main.py --flagfile=configs/cifar10.cfg --mode=finetune --init_checkpoint=<ckpt>
 """
 
-import os
 import sys
 
 from mmd_keras import console
