@@ -20,8 +20,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from export import sampler_module as export_sampler
-from export import writers as export_writers
+from mmd_keras.export import sampler_module as export_sampler
+from mmd_keras.export import writers as export_writers
 
 from mmd_keras import checkpoints
 from mmd_keras import classifier as classifier_lib

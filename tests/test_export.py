@@ -1,4 +1,4 @@
-"""export/: the serving SavedModel and TFLite files against the in-process `ddim.sample`.
+"""mmd_keras/export: the serving SavedModel and TFLite files against the in-process `ddim.sample`.
 
 Parity is only meaningful on a UNet whose outputs are not trivial and not exploding: an untrained
 UNet has zero output convolutions (ε̂ = 0) and its x̂0 at t ≈ T divides by sqrt(ᾱ_T) ≈ 0.006. So the
@@ -8,7 +8,6 @@ tiny UNet here gets N(0, 0.1²) random weights everywhere and the sampler clips 
 import hashlib
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -18,10 +17,11 @@ import pytest
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
+from conftest import REPO_ROOT
 from conftest import randomize_weights, tiny_unet
-from export import sampler_module, writers
 from mmd_keras import ddim
 from mmd_keras import schedule as schedule_lib
+from mmd_keras.export import sampler_module, writers
 from mmd_keras.errors import UserError
 
 NUM_STEPS = 2
@@ -398,7 +398,7 @@ def test_next_free_version_reuses_the_same_weights_and_never_replaces_another_mo
 
 def test_load_example_runs_in_a_process_without_project_code(exported, tmp_path):
   script = tmp_path / "load_example.py"
-  shutil.copy(pathlib.Path(sampler_module.__file__).with_name("load_example.py"), script)
+  shutil.copy(REPO_ROOT / "export" / "load_example.py", script)
   check = ("import runpy, sys; sys.argv = ['load_example.py', '--model_dir', sys.argv[1], "
            "'--seed', '3', '--num_images', '3', '--out', 'grid.png']; "
            "runpy.run_path('load_example.py', run_name='__main__'); "
