@@ -20,7 +20,7 @@ from mmd_keras import checkpoints
 from mmd_keras import ddim
 from mmd_keras import distribute
 from mmd_keras import mmd
-from mmd_keras import pretrain
+from mmd_keras import streams
 from mmd_keras import training_loop
 from mmd_keras.errors import UserError
 
@@ -35,8 +35,7 @@ def example_noise(shape, *, seed, step):
   replica_id = replica.replica_id_in_sync_group if replica is not None else 0
   batch = shape[0]
   first = tf.cast(replica_id, tf.int32) * batch
-  base = tf.random.experimental.stateless_fold_in(
-      tf.constant([seed, 1], tf.int32), tf.cast(step, tf.int32))
+  base = streams.fold_in(seed, streams.FINETUNE_EXAMPLES, step)
   # The stateless random ops have no vectorised form; pfor's while_loop fallback is what we want,
   # without its warning at every trace.
   seeds = tf.vectorized_map(lambda g: tf.random.experimental.stateless_fold_in(base, g),
@@ -110,7 +109,7 @@ class MMDFinetuner(keras.Model):
     real_features = replica.all_gather(tf.stop_gradient(self.feature_net(x_real)), axis=0)
     weights = self.unet.trainable_weights
     with tf.GradientTape() as tape:
-      x_fake = self.sample(z, seed=pretrain.step_seed(self.seed, step))
+      x_fake = self.sample(z, seed=streams.step_seed(self.seed, step))
       fake_features = replica.all_gather(self.feature_net(x_fake), axis=0)
       loss = mmd.mmd2_unbiased(fake_features, real_features, kernel=self.kernel)
       # all_gather's gradient sums the (identical) upstream gradients of all N replicas, so the
@@ -188,7 +187,8 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
 
   sampler_unet = unet_factory().build_for_inference()
   noise = tf.random.stateless_normal(
-      [num_sample_images, unet.image_size, unet.image_size, unet.channels], seed=[seed, 2])
+      [num_sample_images, unet.image_size, unet.image_size, unet.channels],
+      seed=streams.key(seed, streams.FINETUNE_GRID))
   # A plain call: nothing for AutoGraph to convert (and it fails to find this lambda's source).
   eps_fn = tf.function(lambda x, t: sampler_unet(x, t), autograph=False)
 

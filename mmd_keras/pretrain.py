@@ -16,17 +16,8 @@ from mmd_keras import checkpoints
 from mmd_keras import ddim
 from mmd_keras import distribute
 from mmd_keras import schedule as schedule_lib
+from mmd_keras import streams
 from mmd_keras import training_loop
-
-
-def step_seed(seed, step, *, replica_id=None):
-  """[2] int32 seed for this step on this replica (or on replica `replica_id`)."""
-  if replica_id is None:
-    replica = tf.distribute.get_replica_context()
-    replica_id = replica.replica_id_in_sync_group if replica is not None else 0
-  base = tf.random.experimental.stateless_fold_in(
-      tf.constant([seed, 0], tf.int32), tf.cast(step, tf.int32))
-  return tf.random.experimental.stateless_fold_in(base, tf.cast(replica_id, tf.int32))
 
 
 def make_ema(weights):
@@ -73,13 +64,15 @@ class DDPMTrainer(keras.Model):
     # t and ε of the whole global batch, the same on every replica; replica r holds examples
     # r·b … r·b + b − 1 of it (how a global batch is split). With replica 0's seeds one device
     # draws what it drew before t and ε were shared.
-    shared = tf.random.experimental.stateless_split(step_seed(self.seed, step, replica_id=0), 3)
+    shared = tf.random.experimental.stateless_split(
+        streams.step_seed(self.seed, step, replica_id=0), 3)
     first = tf.cast(replica.replica_id_in_sync_group, tf.int32) * batch
     t = tf.random.stateless_uniform([global_batch], shared[0], 0, self.num_timesteps,
                                     dtype=tf.int32)[first:first + batch]
     noise = tf.random.stateless_normal(
         tf.concat([[global_batch], tf.shape(x0)[1:]], axis=0), shared[1])[first:first + batch]
-    dropout_seed = tf.random.experimental.stateless_split(step_seed(self.seed, step), 3)[2]
+    dropout_seed = tf.random.experimental.stateless_split(
+        streams.step_seed(self.seed, step), 3)[2]
     x_t = schedule_lib.q_sample(x0, t, noise, alphas_cumprod=self.alphas_cumprod)
     with tf.GradientTape() as tape:
       eps = self.unet(x_t, t, training=True, dropout_seed=dropout_seed)
@@ -146,7 +139,8 @@ def train(*, unet_factory, dataset_fn, schedule, workdir, train_steps, learning_
   sampler_unet = unet_factory().build_for_inference()
   timesteps = schedule.timesteps(sample_steps)
   noise = tf.random.stateless_normal(
-      [num_sample_images, unet.image_size, unet.image_size, unet.channels], seed=[seed, 1])
+      [num_sample_images, unet.image_size, unet.image_size, unet.channels],
+      seed=streams.key(seed, streams.PRETRAIN_GRID))
   # A plain call: nothing for AutoGraph to convert (and it fails to find this lambda's source).
   eps_fn = tf.function(lambda x, t: sampler_unet(x, t), autograph=False)
 

@@ -5,9 +5,10 @@
 
 K is fixed at construction, so `ddim.sample`'s Python loop unrolls into one K-step graph, traced once.
 Randomness is stateless and a function of `seed` alone: x_T ~ stateless_normal(seed=(seed, 0)) and,
-for η > 0, step i draws its noise from fold_in((seed, 1), i) (inside `ddim.sample`). One seed thus
-gives the same images in every process, on every server. `from_noise` is a function of `noise` alone:
-for η > 0 its step noise uses seed 0.
+for η > 0, step i draws its noise from fold_in((seed, 1), i) (inside `ddim.sample`; the stream ids
+are `streams.EXPORT_X_T` and `streams.EXPORT_STEP_NOISE`). One seed thus gives the same images in
+every process, on every server. `from_noise` is a function of `noise` alone: for η > 0 its step
+noise uses seed 0.
 
 Bad requests fail inside the graph (so also under TF Serving, which does not check shapes against the
 signature): `num_images` outside [1, max_images], and noise that is not rank 4 with the exported
@@ -23,21 +24,18 @@ import numpy as np
 import tensorflow as tf
 
 from mmd_keras import ddim
-
-X_T_STREAM = 0
-STEP_NOISE_STREAM = 1
+from mmd_keras import streams
 
 
 def seeded_noise(seed, num_images, image_shape):
   """x_T of `serving_default`: [num_images, H, W, C] ~ N(0, I) from the int64 `seed`."""
-  seed = tf.cast(seed, tf.int64)
   return tf.random.stateless_normal(tf.concat([[num_images], image_shape], axis=0),
-                                    seed=tf.stack([seed, X_T_STREAM]))
+                                    seed=streams.key(seed, streams.EXPORT_X_T, tf.int64))
 
 
 def step_noise_seed(seed):
   """The [2] seed `ddim.sample` folds the step index into for its η > 0 noise."""
-  return tf.stack([tf.cast(seed, tf.int64), STEP_NOISE_STREAM])
+  return streams.key(seed, streams.EXPORT_STEP_NOISE, tf.int64)
 
 
 def weights_sha256(weights):
@@ -109,7 +107,7 @@ class Sampler(tf.Module):
                 max_images=self._max_images, num_timesteps=len(self._alphas_cumprod),
                 weights_sha256=weights_sha256(self._unet_weights()),
                 alphas_cumprod_sha256=hashlib.sha256(self._alphas_cumprod.tobytes()).hexdigest(),
-                seed_streams=dict(x_T=X_T_STREAM, step_noise=STEP_NOISE_STREAM),
+                seed_streams=dict(x_T=streams.EXPORT_X_T, step_noise=streams.EXPORT_STEP_NOISE),
                 signatures=dict(serving_default=dict(inputs=["seed", "num_images"],
                                                      outputs=["images"]),
                                 from_noise=dict(inputs=["noise"],
