@@ -13,6 +13,7 @@ import os
 import h5py
 import tensorflow as tf
 
+from mmd_keras import atomic
 from mmd_keras import ddpm_import
 from mmd_keras.errors import UserError
 
@@ -229,9 +230,8 @@ def check_resume(checkpoint_dir, *, unet_factory):
 
 
 def save_weights_h5(unet, path, *, overwrite=False):
-  """Writes the UNet weights to `path` via a temporary file and a rename (never half-written)."""
+  """Writes the UNet weights to `path` via a staging file and a rename (never half-written)."""
   if os.path.exists(path) and not overwrite:
     raise CheckpointError(f"{path} exists; refusing to overwrite it")
-  tmp = path[:-len(".weights.h5")] + ".tmp.weights.h5"
-  unet.save_weights(tmp)
-  os.replace(tmp, path)
+  with atomic.staged(path) as staging:
+    unet.save_weights(staging)

@@ -7,10 +7,12 @@ the sample grids are written to temporary names and renamed at the end: an inter
 never leaves a report that looks complete, nor changes what an earlier complete run left.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import pathlib
 import shutil
 import time
 
@@ -18,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from mmd_keras import atomic
 from mmd_keras import grid
 from mmd_keras import metrics
 from mmd_keras import sampling
@@ -144,7 +147,7 @@ def reference_features(spaces, real_images, *, num_images, batch_size, digests, 
   """{space name: float64 [N, D]}: features of the first N real images in every space, in one pass
   over the images for the spaces not cached yet.
 
-  The cache is `<cache_dir>/<real_set>_<space>_<N>_<digest>.npz` (float32, written then renamed),
+  The cache is `<cache_dir>/<real_set>_<space>_<N>_<digest>.npz` (float32, staged and renamed),
   keyed by the network's `feature_digest`, which is stored in the file and compared on load.
   """
   paths = {s.name: cache_dir and os.path.join(
@@ -180,12 +183,10 @@ def reference_features(spaces, real_images, *, num_images, batch_size, digests, 
     path = paths[space.name]
     if path:
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-      tmp = f"{path}.tmp{os.getpid()}"
-      # Through a file object so NumPy does not append ".npz" to the temporary name.
-      with open(tmp, "wb") as f:
-        np.savez(f, features=features[space.name].astype(np.float32),
+      # Evaluations sharing a cache may write the same file at once.
+      with atomic.staged(path, unique=True) as staging:
+        np.savez(staging, features=features[space.name].astype(np.float32),
                  digest=np.array(digests[space.name]))
-      os.replace(tmp, path)
   return features
 
 
@@ -273,8 +274,8 @@ def _sample_and_score(model, num_steps, *, feature_spaces, reference, reference_
     logging.info("  %d/%d images", done, num_images)
   shown = np.concatenate(shown, axis=0)
   os.makedirs(os.path.dirname(stem), exist_ok=True)
-  grid.write_png(stem + ".tmp.png", shown, columns=10, scale=max(1, 64 // shown.shape[1]))
-  os.replace(stem + ".tmp.png", stem + ".png")
+  with atomic.staged(stem + ".png") as staging:
+    grid.write_png(staging, shown, columns=10, scale=max(1, 64 // shown.shape[1]))
   row = dict(model=model.label, num_steps=num_steps, num_images=num_images,
              seconds=round(time.time() - started, 1), spaces={})
   for space in feature_spaces:
@@ -282,8 +283,7 @@ def _sample_and_score(model, num_steps, *, feature_spaces, reference, reference_
                                       np.concatenate(fake[space.name], axis=0),
                                       real_stats=reference_stats[space.name])
   # The .json is the row's commit mark: written last, so a row with one has its grid too.
-  _write_text(stem + ".json.tmp", json.dumps(row))
-  os.replace(stem + ".json.tmp", stem + ".json")
+  atomic.write_json(stem + ".json", row, indent=None)
   return row
 
 
@@ -378,19 +378,15 @@ def merge_reports(reports, out_dir):
 
 def _write_outputs(report, out_dir, *, grids=()):
   """report.json, report.md, fid_vs_steps.png and the sample grids ((name, source file) pairs):
-  all written under temporary names first, then renamed, report.json last."""
-  outputs = {name: lambda p, source=source: shutil.copyfile(source, p) for name, source in grids}
-  outputs.update({
+  all staged first, then renamed, report.json last."""
+  outputs = {
+      "report.json": lambda p: pathlib.Path(p).write_text(json.dumps(report, indent=2) + "\n"),
+      "report.md": lambda p: pathlib.Path(p).write_text(markdown_table(report)),
       "fid_vs_steps.png": lambda p: plot_fid_vs_steps(report, p),
-      "report.md": lambda p: _write_text(p, markdown_table(report)),
-      "report.json": lambda p: _write_text(p, json.dumps(report, indent=2) + "\n"),
-  })
-  for name, write in outputs.items():
-    write(os.path.join(out_dir, ".tmp." + name))
-  for name in outputs:
-    os.replace(os.path.join(out_dir, ".tmp." + name), os.path.join(out_dir, name))
-
-
-def _write_text(path, text):
-  with open(path, "w") as f:
-    f.write(text)
+  }
+  outputs.update({name: lambda p, source=source: shutil.copyfile(source, p)
+                  for name, source in grids})
+  # The stack renames in the reverse order of staging.
+  with contextlib.ExitStack() as stack:
+    for name, write in outputs.items():
+      write(stack.enter_context(atomic.staged(os.path.join(out_dir, name))))
