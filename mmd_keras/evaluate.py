@@ -23,6 +23,7 @@ from absl import logging
 from mmd_keras import atomic
 from mmd_keras import grid
 from mmd_keras import metrics
+from mmd_keras import provenance
 from mmd_keras import sampling
 from mmd_keras.errors import UserError
 
@@ -32,7 +33,7 @@ GRID_IMAGES = 100
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """A model to evaluate: its label ("DDIM" or "MMD-DDM"), UNet, the step budgets to run and the
-  weights file it was loaded from (`path`, named in the report with its sha256)."""
+  weights file it was loaded from (`path`, named in the report with the weights' fingerprint)."""
 
   label: str
   unet: object
@@ -92,30 +93,6 @@ def score(real_features, fake_features, *, real_stats=None, kid_subset_size=1000
   return result
 
 
-def weights_sha256(path):
-  """sha256 of a weights file (what `sha256sum` prints); for a checkpoint prefix (its .index and
-  .data files) or a directory (a SavedModel), of every file's name and bytes in name order. None
-  if `path` names no file."""
-  if tf.io.gfile.isdir(path):
-    files = sorted(os.path.join(root, name) for root, _, names in tf.io.gfile.walk(path)
-                   for name in names)
-    base = path
-  elif tf.io.gfile.exists(path):
-    files, base = [path], None
-  else:
-    files, base = sorted(tf.io.gfile.glob(path + ".*")), os.path.dirname(path)
-  if not files:
-    return None
-  h = hashlib.sha256()
-  for name in files:
-    if base is not None:
-      h.update(os.path.relpath(name, base).encode() + b"\0")
-    with tf.io.gfile.GFile(name, "rb") as f:
-      while chunk := f.read(1 << 20):
-        h.update(chunk)
-  return h.hexdigest()
-
-
 def _network_weights(network):
   """The values of a feature network's variables: its Keras model's weights, or every variable a
   loaded SavedModel tracks (it has no `weights`)."""
@@ -127,10 +104,11 @@ def _network_weights(network):
   return [np.asarray(w) for w in weights]
 
 
-def feature_digest(space):
-  """sha256 of a feature space's network weights, dimension and `settings`: features cached with
-  another network (a retrained classifier, another resolution) are never reused."""
-  return _digest(_network_weights(space.network), repr((space.network.dim, space.settings)))
+def feature_cache_key(space):
+  """The key of a feature space's cached features (its name in the report too): sha256 of its
+  network's weights, dimension and `settings`, so that features cached with another network (a
+  retrained classifier, another resolution) are never reused."""
+  return _cache_digest(_network_weights(space.network), repr((space.network.dim, space.settings)))
 
 
 def _image_batches(images, batch_size):
@@ -148,7 +126,7 @@ def reference_features(spaces, real_images, *, num_images, batch_size, digests, 
   over the images for the spaces not cached yet.
 
   The cache is `<cache_dir>/<real_set>_<space>_<N>_<digest>.npz` (float32, staged and renamed),
-  keyed by the network's `feature_digest`, which is stored in the file and compared on load.
+  keyed by the network's `feature_cache_key`, which is stored in the file and compared on load.
   """
   paths = {s.name: cache_dir and os.path.join(
       cache_dir, f"{real_set}_{s.name}_{num_images}_{digests[s.name][:16]}.npz") for s in spaces}
@@ -206,7 +184,7 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
   for space in feature_spaces:
     metrics.check_enough_samples(num_images, space.network.dim)
   os.makedirs(out_dir, exist_ok=True)
-  digests = {space.name: feature_digest(space) for space in feature_spaces}
+  digests = {space.name: feature_cache_key(space) for space in feature_spaces}
   reference = reference_features(feature_spaces, real_images, num_images=num_images,
                                  batch_size=batch_size, digests=digests, cache_dir=cache_dir,
                                  real_set=real_set)
@@ -219,15 +197,14 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
   # A finished row (and its grid) is kept under a key of everything its samples and scores depend
   # on, so an interrupted sweep (a long one takes hours on a CPU) restarts where it stopped.
   row_dir = os.path.join(out_dir, "rows")
-  settings = _digest([reference[s.name] for s in feature_spaces] + [schedule.betas],
+  settings = _cache_digest([reference[s.name] for s in feature_spaces] + [schedule.betas],
                      repr((num_images, seed, timestep_kind, eta, clip_x0, batch_size, real_set,
                            [(s.name, s.trained, digests[s.name]) for s in feature_spaces])))
   for model in models:
-    weights = _digest([w.numpy() for w in model.unet.weights])
-    source = model.path and dict(path=model.path, sha256=weights_sha256(model.path))
+    weights = provenance.weights_sha256(model.unet.weights)
     for num_steps in model.steps:
       slug = f"{model.label.lower().replace('-', '_')}_k{num_steps}"
-      stem = os.path.join(row_dir, f"{slug}_{_digest([], weights + settings)[:16]}")
+      stem = os.path.join(row_dir, f"{slug}_{_cache_digest([], weights + settings)[:16]}")
       if os.path.exists(stem + ".json") and os.path.exists(stem + ".png"):
         with open(stem + ".json") as f:
           row = json.load(f)
@@ -240,8 +217,7 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
                                 reference=reference, reference_stats=reference_stats,
                                 num_images=num_images, sampler=sampler, stem=stem)
         logging.info("  %s", _one_line(row))
-      if source:
-        row["weights"] = source
+      row["weights"] = dict(path=model.path, sha256=weights)
       rows.append(row)
       grids.append((f"samples_{slug}.png", stem + ".png"))
   report = dict(num_images=num_images, seed=seed, timesteps=timestep_kind, eta=eta,
@@ -287,7 +263,7 @@ def _sample_and_score(model, num_steps, *, feature_spaces, reference, reference_
   return row
 
 
-def _digest(arrays, text=""):
+def _cache_digest(arrays, text=""):
   """sha256 hex digest of arrays' bytes and a string."""
   h = hashlib.sha256(text.encode())
   for a in arrays:

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from mmd_keras import ddim
+from mmd_keras import provenance
 from mmd_keras import streams
 
 
@@ -36,19 +37,6 @@ def seeded_noise(seed, num_images, image_shape):
 def step_noise_seed(seed):
   """The [2] seed `ddim.sample` folds the step index into for its η > 0 noise."""
   return streams.key(seed, streams.EXPORT_STEP_NOISE, tf.int64)
-
-
-def weights_sha256(weights):
-  """sha256 over the dtypes, shapes and values of `weights` in order.
-
-  Names are left out: Keras numbers them per process, and they do not change what is computed.
-  """
-  digest = hashlib.sha256()
-  for weight in weights:
-    value = np.ascontiguousarray(weight.numpy())
-    digest.update(f"{value.dtype.str}{value.shape};".encode())
-    digest.update(value.tobytes())
-  return digest.hexdigest()
 
 
 def _constant(value, dtype=None):
@@ -105,7 +93,7 @@ class Sampler(tf.Module):
     return dict(num_steps=len(self._timesteps), timesteps=self._timesteps, eta=self._eta,
                 clip_x0=self._clip_x0, image_shape=[height, width, channels],
                 max_images=self._max_images, num_timesteps=len(self._alphas_cumprod),
-                weights_sha256=weights_sha256(self._unet_weights()),
+                weights_sha256=provenance.weights_sha256(self._unet_weights()),
                 alphas_cumprod_sha256=hashlib.sha256(self._alphas_cumprod.tobytes()).hexdigest(),
                 seed_streams=dict(x_T=streams.EXPORT_X_T, step_noise=streams.EXPORT_STEP_NOISE),
                 signatures=dict(serving_default=dict(inputs=["seed", "num_images"],
