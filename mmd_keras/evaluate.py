@@ -194,17 +194,25 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
                  seed=seed, batch_size=batch_size)
   rows, grids = [], []
   total = sum(len(m.steps) for m in models)
-  # A finished row (and its grid) is kept under a key of everything its samples and scores depend
-  # on, so an interrupted sweep (a long one takes hours on a CPU) restarts where it stopped.
+  # A finished row (and its grid) is kept under a key of its samples' settings and of what they
+  # are scored against, so an interrupted sweep (a long one takes hours on a CPU) restarts where
+  # it stopped.
   row_dir = os.path.join(out_dir, "rows")
-  settings = _cache_digest([reference[s.name] for s in feature_spaces] + [schedule.betas],
-                     repr((num_images, seed, timestep_kind, eta, clip_x0, batch_size, real_set,
-                           [(s.name, s.trained, digests[s.name]) for s in feature_spaces])))
+  scoring = _cache_digest([reference[s.name] for s in feature_spaces],
+                          repr((real_set, [(s.name, s.trained, digests[s.name])
+                                           for s in feature_spaces])))
   for model in models:
     weights = provenance.weights_sha256(model.unet.weights)
     for num_steps in model.steps:
+      samples = provenance.samples_settings(
+          provenance.sampler_settings(
+              weights_sha256=weights, alphas_cumprod=schedule.alphas_cumprod,
+              timesteps=schedule.timesteps(num_steps, timestep_kind), eta=eta, clip_x0=clip_x0,
+              image_shape=(model.unet.image_size, model.unet.image_size, model.unet.channels)),
+          seed=seed, batch_size=batch_size, num_images=num_images)
       slug = f"{model.label.lower().replace('-', '_')}_k{num_steps}"
-      stem = os.path.join(row_dir, f"{slug}_{_cache_digest([], weights + settings)[:16]}")
+      key = _cache_digest([], json.dumps(samples, sort_keys=True) + scoring)
+      stem = os.path.join(row_dir, f"{slug}_{key[:16]}")
       if os.path.exists(stem + ".json") and os.path.exists(stem + ".png"):
         with open(stem + ".json") as f:
           row = json.load(f)
@@ -323,12 +331,12 @@ def merge_reports(reports, out_dir):
   sweep and a later run of the finetuned models); writes it to `out_dir` and returns it.
 
   Rows present in several reports must agree: with the same seed and N they are the same samples.
+  Everything of a report but its rows is a setting they share.
   """
-  settings = ("num_images", "seed", "timesteps", "eta", "clip_x0", "sample_batch_size", "schedule",
-              "real_set", "feature_spaces", "feature_networks")
   first = reports[0]
+  settings = [key for key in first if key != "rows"]
   for other in reports[1:]:
-    for key in settings:
+    for key in dict.fromkeys(settings + [key for key in other if key != "rows"]):
       # A report of older code lacks some keys: it cannot show it used the same settings.
       if other.get(key) != first.get(key):
         raise UserError(f"reports differ in {key}: {first.get(key)!r} vs {other.get(key)!r}; "

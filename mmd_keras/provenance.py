@@ -1,10 +1,14 @@
-"""What a result was made from: the fingerprint of a model's weights, the digest of an input file.
+"""What a result was made from: the fingerprint of a model's weights, the digest of an input file,
+and the settings that decide generated images.
 
 `weights_sha256` is the one fingerprint of a model: evaluation reports and exports record it, so
-the same weights carry the same value in report.json and in sampler.json.
+the same weights carry the same value in report.json and in sampler.json. `sampler_settings` and
+`samples_settings` say which settings decide a sampler's images and a set of samples: the export
+tells "the same model again" by them, evaluation keys its finished rows by them.
 """
 
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -23,6 +27,39 @@ def weights_sha256(weights):
     digest.update(f"{value.dtype.str}{value.shape};".encode())
     digest.update(value.tobytes())
   return digest.hexdigest()
+
+
+# What decides the images a sampler makes from given noise (not how many it may make at once, nor
+# how it is served).
+SAMPLER_KEYS = ("weights_sha256", "alphas_cumprod_sha256", "num_steps", "timesteps", "eta",
+                "clip_x0", "image_shape", "num_timesteps")
+# What decides the images `sampling.batches` draws: the sampler and its noise (x_T of batch i is
+# keyed by (seed, i), so the batch size counts too).
+SAMPLES_KEYS = SAMPLER_KEYS + ("seed", "batch_size", "num_images")
+
+
+def sampler_settings(*, weights_sha256, alphas_cumprod, timesteps, eta, clip_x0, image_shape):
+  """{SAMPLER_KEYS: JSON value} of a K-step DDIM sampler (`ddim.sample`) of a UNet whose weights
+  have the fingerprint `weights_sha256`."""
+  alphas_cumprod = np.asarray(alphas_cumprod, np.float32)
+  return dict(weights_sha256=weights_sha256,
+              alphas_cumprod_sha256=hashlib.sha256(alphas_cumprod.tobytes()).hexdigest(),
+              num_steps=len(timesteps), timesteps=[int(t) for t in timesteps], eta=float(eta),
+              clip_x0=bool(clip_x0), image_shape=[int(d) for d in image_shape],
+              num_timesteps=len(alphas_cumprod))
+
+
+def samples_settings(sampler, *, seed, batch_size, num_images):
+  """{SAMPLES_KEYS: JSON value} of the samples `sampling.batches` draws with the sampler of
+  `sampler_settings` `sampler`."""
+  return dict(sampler, seed=int(seed), batch_size=int(batch_size), num_images=int(num_images))
+
+
+def same_sampler(record, settings):
+  """Whether `record` (read back from a file; None if it could not be read) holds the sampler
+  settings `settings` (`sampler_settings` or a dict that contains them)."""
+  settings = json.loads(json.dumps(settings))  # Tuples as lists, as read back from a file.
+  return record is not None and all(record.get(key) == settings[key] for key in SAMPLER_KEYS)
 
 
 def files_sha256(path):

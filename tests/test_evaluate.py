@@ -188,6 +188,21 @@ def test_another_feature_network_recomputes_features_and_rows(setup, tmp_path, m
   assert report["rows"][0]["spaces"]["heldout"]["fid"] == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("change", [dict(seed=2), dict(eta=0.5), dict(clip_x0=False),
+                                    dict(timestep_kind="quadratic"), dict(batch_size=16)])
+def test_rows_are_keyed_by_every_sampler_setting(setup, tmp_path, monkeypatch, change):
+  schedule, real = setup
+  common = dict(models=[evaluate.ModelSpec("DDIM", _tiny_unet(7), (2,))], feature_spaces=_spaces(8),
+                real_images=real, schedule=schedule, num_images=16, seed=1, clip_x0=True,
+                batch_size=8, out_dir=str(tmp_path / "evaluate"))
+  evaluate.run(**common)
+  sampled = _record_sampling(monkeypatch)
+  evaluate.run(**common)
+  assert sampled == []
+  evaluate.run(**dict(common, **change))
+  assert sampled == [2]
+
+
 def test_feature_cache_key_of_a_saved_model_follows_its_variables(tmp_path):
 
   class Projection(tf.Module):

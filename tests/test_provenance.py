@@ -1,7 +1,10 @@
 """provenance.py: the weights fingerprint follows the values (not the build, not the file), an
-input file's digest follows its bytes."""
+input file's digest follows its bytes, and every setting that decides a sampler's images counts."""
+
+import json
 
 import numpy as np
+import pytest
 
 from conftest import randomize_weights
 from conftest import tiny_unet
@@ -41,3 +44,28 @@ def test_files_sha256_of_prefixes_and_directories(tmp_path):
   assert provenance.files_sha256(str(tmp_path / "a")) != provenance.files_sha256(
       str(tmp_path / "b"))
   assert provenance.files_sha256(str(tmp_path / "nothing")) is None
+
+
+def _settings(**change):
+  kwargs = dict(weights_sha256="ab" * 32, alphas_cumprod=np.linspace(0.99, 0.01, 10),
+                timesteps=(9, 4), eta=0.0, clip_x0=False, image_shape=(8, 8, 1))
+  return provenance.sampler_settings(**dict(kwargs, **change))
+
+
+def test_sampler_settings_are_plain_json_of_every_sampler_key():
+  settings = _settings()
+  assert tuple(settings) == provenance.SAMPLER_KEYS
+  assert json.loads(json.dumps(settings)) == settings
+  assert settings["num_steps"] == 2 and settings["num_timesteps"] == 10
+  samples = provenance.samples_settings(settings, seed=3, batch_size=8, num_images=16)
+  assert tuple(samples) == provenance.SAMPLES_KEYS
+
+
+@pytest.mark.parametrize("change", [
+    dict(weights_sha256="cd" * 32), dict(alphas_cumprod=np.linspace(0.98, 0.01, 10)),
+    dict(timesteps=(9, 5)), dict(eta=0.5), dict(clip_x0=True), dict(image_shape=(8, 8, 3))])
+def test_same_sampler_compares_every_sampler_key(change):
+  record = json.loads(json.dumps(dict(_settings(), max_images=4)))  # As read from sampler.json.
+  assert provenance.same_sampler(record, _settings())
+  assert not provenance.same_sampler(record, _settings(**change))
+  assert not provenance.same_sampler(None, _settings())

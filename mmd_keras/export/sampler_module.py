@@ -18,7 +18,6 @@ The metadata records sha256 digests of the UNet weights and of ᾱ: with the set
 model an exported file holds, so a re-export can tell "the same model again" from "new weights".
 """
 
-import hashlib
 
 import numpy as np
 import tensorflow as tf
@@ -88,13 +87,13 @@ class Sampler(tf.Module):
                timesteps=schedule.timesteps(num_steps, timestep_kind), **kwargs)
 
   def metadata(self):
-    """The settings as plain JSON values (what `assets/sampler.json` holds)."""
-    height, width, channels = self._image_shape
-    return dict(num_steps=len(self._timesteps), timesteps=self._timesteps, eta=self._eta,
-                clip_x0=self._clip_x0, image_shape=[height, width, channels],
-                max_images=self._max_images, num_timesteps=len(self._alphas_cumprod),
-                weights_sha256=provenance.weights_sha256(self._unet_weights()),
-                alphas_cumprod_sha256=hashlib.sha256(self._alphas_cumprod.tobytes()).hexdigest(),
+    """The settings as plain JSON values (what `assets/sampler.json` holds): the sampler's
+    `provenance.sampler_settings` and how it is served."""
+    settings = provenance.sampler_settings(
+        weights_sha256=provenance.weights_sha256(self._unet_weights()),
+        alphas_cumprod=self._alphas_cumprod, timesteps=self._timesteps, eta=self._eta,
+        clip_x0=self._clip_x0, image_shape=self._image_shape)
+    return dict(settings, max_images=self._max_images,
                 seed_streams=dict(x_T=streams.EXPORT_X_T, step_noise=streams.EXPORT_STEP_NOISE),
                 signatures=dict(serving_default=dict(inputs=["seed", "num_images"],
                                                      outputs=["images"]),

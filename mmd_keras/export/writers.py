@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from mmd_keras import atomic
 from mmd_keras import errors
+from mmd_keras import provenance
 from mmd_keras.errors import UserError
 
 
@@ -39,11 +40,6 @@ def check_model_name(name):
 
 def version_dir(*, export_dir, model_name, version):
   return os.path.join(export_dir, model_name, str(version))
-
-
-# What decides the images a sampler makes from given noise (not max_images, not the signatures).
-MODEL_KEYS = ("weights_sha256", "alphas_cumprod_sha256", "num_steps", "timesteps", "eta", "clip_x0",
-              "image_shape", "num_timesteps")
 
 
 def tflite_path(*, export_dir, model_name, num_steps, float16=False, version=None):
@@ -78,8 +74,7 @@ def read_tflite_record(path):
 
 def same_model(record, metadata):
   """Whether `record` (a sampler.json or TFLite record) describes the sampler of `metadata`."""
-  metadata = json.loads(json.dumps(metadata))  # Tuples as lists, as read back from a file.
-  return record is not None and all(record.get(key) == metadata[key] for key in MODEL_KEYS)
+  return provenance.same_sampler(record, metadata)
 
 
 def versions(*, export_dir, model_name):
