@@ -13,6 +13,8 @@ import os
 import h5py
 import tensorflow as tf
 
+from mmd_keras import atomic
+from mmd_keras import ddpm_import
 from mmd_keras.errors import UserError
 
 
@@ -164,9 +166,12 @@ def restore_unet(unet, path, *, use_ema=True, flag="--init_checkpoint"):
                             f"({UNET_FLAGS}): {detail}") from e
     return "weights.h5"
   names = _variable_shapes(resolved, flag=flag)
-  if any(k.startswith("model/") for k in names):
-    from mmd_keras import ddpm_import  # The released TF1 checkpoints of Ho et al.
-    return ddpm_import.restore(unet, resolved, use_ema=use_ema, flag=flag)
+  if ddpm_import.is_released(names):  # The TF1 checkpoints of Ho et al.
+    try:
+      return ddpm_import.restore(unet, resolved, use_ema=use_ema)
+    except ddpm_import.MismatchError as e:
+      raise CheckpointError(f"{flag}={resolved} ({e.label} weights) does not match the UNet "
+                            f"flags ({UNET_FLAGS}): {e}") from e
   return _assign_from_reader(unet, resolved, use_ema=use_ema, flag=flag)
 
 
@@ -225,9 +230,8 @@ def check_resume(checkpoint_dir, *, unet_factory):
 
 
 def save_weights_h5(unet, path, *, overwrite=False):
-  """Writes the UNet weights to `path` via a temporary file and a rename (never half-written)."""
+  """Writes the UNet weights to `path` via a staging file and a rename (never half-written)."""
   if os.path.exists(path) and not overwrite:
     raise CheckpointError(f"{path} exists; refusing to overwrite it")
-  tmp = path[:-len(".weights.h5")] + ".tmp.weights.h5"
-  unet.save_weights(tmp)
-  os.replace(tmp, path)
+  with atomic.staged(path) as staging:
+    unet.save_weights(staging)

@@ -14,6 +14,7 @@ import time
 import keras
 import tensorflow as tf
 
+from mmd_keras import atomic
 from mmd_keras import data as data_lib
 from mmd_keras.errors import ParameterError
 
@@ -89,14 +90,6 @@ def read_metadata(weights_path):
                          value=weights_path) from e
 
 
-def _atomic_write_json(path, value):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
 def _check_out_path(out_path, overwrite):
   if not out_path.endswith(".weights.h5"):
     raise ParameterError("out_path", "must end in .weights.h5", value=out_path)
@@ -143,16 +136,16 @@ def train_classifier(*, arch, dataset, data_dir, image_size, epochs, batch_size,
 
   _check_out_path(out_path, overwrite)
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  tmp = out_path[:-len(".weights.h5")] + ".tmp.weights.h5"
-  model.save_weights(tmp)
-  os.replace(tmp, out_path)
-  _atomic_write_json(metadata_path(out_path), dict(
+  with atomic.staged(out_path) as staging:
+    model.save_weights(staging)
+  metadata = dict(
       arch=arch, dataset=dataset, image_size=image_size, channels=channels, seed=seed,
       epochs=epochs, batch_size=batch_size, test_accuracy=round(float(test_accuracy), 4),
       train_accuracy=round(float(history.history["accuracy"][-1]), 4),
       feature_dim=int(model.get_layer(FEATURE_LAYER).units),
       num_params=int(model.count_params()), train_seconds=round(train_seconds, 1),
-      keras_version=keras.__version__, tensorflow_version=tf.__version__))
+      keras_version=keras.__version__, tensorflow_version=tf.__version__)
+  atomic.write_json(metadata_path(out_path), metadata, sort_keys=True)
   print(f"wrote {out_path} and {metadata_path(out_path)}", flush=True)
   return float(test_accuracy)
 

@@ -15,6 +15,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from mmd_keras import streams
 from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 
@@ -31,9 +32,6 @@ TFDS_DATASETS = {
     "celeb_a": (64, 3, 140),
     "lsun/church_outdoor": (256, 3, None),
 }
-# Second seed words of the data's random streams; the trainers' streams use 0, 1 and 2.
-_ORDER_STREAM = 1001
-_FLIP_STREAM = 1002
 
 
 class DataError(UserError):
@@ -155,19 +153,13 @@ def _tfds_source(name, *, split, data_dir, seed):
                 num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _stream_key(seed, stream, index):
-  """[2] int64 stateless seed of element (or epoch) `index` of one of the data's random streams."""
-  return tf.random.experimental.stateless_fold_in(
-      tf.constant([seed, stream], tf.int64), tf.cast(index, tf.int64))
-
-
 def _shuffled_positions(count, *, seed, start):
   """(position p, index of the image at p) for p = start, start + 1, …: epoch e = p // count
   visits all `count` images in the order of a permutation keyed by (seed, e)."""
   def at(position):
-    index = tf.random.experimental.index_shuffle(
-        position % count, _stream_key(seed, _ORDER_STREAM, position // count),
-        tf.constant(count - 1, tf.int64))
+    epoch_key = streams.fold_in(seed, streams.DATA_ORDER, position // count, dtype=tf.int64)
+    index = tf.random.experimental.index_shuffle(position % count, epoch_key,
+                                                 tf.constant(count - 1, tf.int64))
     return position, index
   return tf.data.Dataset.range(start, tf.int64.max).map(at)
 
@@ -211,7 +203,7 @@ def make_dataset(*, dataset, split="train", global_batch_size, image_size=None, 
     image = to_model_range(image, image_size)
     if random_flip:
       image = tf.image.stateless_random_flip_left_right(
-          image, seed=_stream_key(seed, _FLIP_STREAM, position))
+          image, seed=streams.fold_in(seed, streams.DATA_FLIP, position, dtype=tf.int64))
     return (image, label) if with_labels else image
 
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)

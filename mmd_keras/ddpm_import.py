@@ -16,13 +16,19 @@ GroupNormalization `gamma`, `beta`), so the import is a one-to-one copy with no 
 
 import tensorflow as tf
 
-from mmd_keras.checkpoints import CheckpointError
-
 SCOPE = "model"
 EMA_SUFFIX = "/ExponentialMovingAverage"
 OPTIMIZER_SLOT_SUFFIXES = ("/Adam", "/Adam_1")
-_FLAGS = "--image_size, --ch, --ch_mult, --num_res_blocks, --attn_resolutions"
 _SHOWN = 3  # How many offending names an error message lists.
+
+
+class MismatchError(ValueError):
+  """A released checkpoint whose variables do not fit the UNet; `label` says which weights
+  ("ddpm-ema" or "ddpm-raw") were compared. `checkpoints.restore_unet` names the file and flags."""
+
+  def __init__(self, detail, *, label):
+    super().__init__(detail)
+    self.label = label
 
 
 def variable_mapping(unet):
@@ -96,11 +102,16 @@ def _first(names, sep=", "):
   return shown + (f", … ({len(names)} in all)" if len(names) > _SHOWN else "")
 
 
-def restore(unet, prefix, *, use_ema=True, flag="--init_checkpoint"):
+def is_released(variable_names):
+  """Whether a checkpoint with these variable names is one of the released DDPM checkpoints."""
+  return any(name.startswith(SCOPE + "/") for name in variable_names)
+
+
+def restore(unet, prefix, *, use_ema=True):
   """Copies a released DDPM checkpoint into a built `unet`; returns "ddpm-ema" or "ddpm-raw".
 
   Takes the `/ExponentialMovingAverage` copies when `use_ema` and the checkpoint has them, the raw
-  weights otherwise. Nothing is assigned unless every name and shape matches.
+  weights otherwise. Nothing is assigned unless every name and shape matches (else MismatchError).
   """
   reader = tf.train.load_checkpoint(prefix)
   shapes = reader.get_variable_to_shape_map()
@@ -112,20 +123,19 @@ def restore(unet, prefix, *, use_ema=True, flag="--init_checkpoint"):
   take_ema = use_ema and bool(ema)
   suffix, label = (EMA_SUFFIX, "ddpm-ema") if take_ema else ("", "ddpm-raw")
   available = ema if take_ema else raw
-  where = f"{flag}={prefix} ({label} weights) does not match the UNet flags ({_FLAGS})"
 
   missing = [name + suffix for name in mapping if name not in available]
   if missing:
-    raise CheckpointError(f"{where}: the checkpoint lacks {_first(missing)}")
+    raise MismatchError(f"the checkpoint lacks {_first(missing)}", label=label)
   extra = sorted(name + suffix for name in available - set(mapping))
   if extra:
-    raise CheckpointError(f"{where}: the UNet has no weight for {_first(extra)}")
+    raise MismatchError(f"the UNet has no weight for {_first(extra)}", label=label)
   wrong = [f"{name + suffix} is {tuple(shapes[name + suffix])}, the UNet expects "
            f"{tuple(weight.shape)}"
            for name, weight in mapping.items()
            if tuple(shapes[name + suffix]) != tuple(weight.shape)]
   if wrong:
-    raise CheckpointError(f"{where}: {_first(wrong, sep='; ')}")
+    raise MismatchError(_first(wrong, sep="; "), label=label)
 
   values = {name: reader.get_tensor(name + suffix) for name in mapping}
   for name, weight in mapping.items():

@@ -7,10 +7,12 @@ the sample grids are written to temporary names and renamed at the end: an inter
 never leaves a report that looks complete, nor changes what an earlier complete run left.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import pathlib
 import shutil
 import time
 
@@ -18,9 +20,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from mmd_keras import atomic
 from mmd_keras import console
 from mmd_keras import grid
 from mmd_keras import metrics
+from mmd_keras import provenance
 from mmd_keras import sampling
 from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
@@ -31,7 +35,7 @@ GRID_IMAGES = 100
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """A model to evaluate: its label ("DDIM" or "MMD-DDM"), UNet, the step budgets to run and the
-  weights file it was loaded from (`path`, named in the report with its sha256)."""
+  weights file it was loaded from (`path`, named in the report with the weights' fingerprint)."""
 
   label: str
   unet: object
@@ -93,30 +97,6 @@ def score(real_features, fake_features, *, real_stats=None, kid_subset_size=1000
   return result
 
 
-def weights_sha256(path):
-  """sha256 of a weights file (what `sha256sum` prints); for a checkpoint prefix (its .index and
-  .data files) or a directory (a SavedModel), of every file's name and bytes in name order. None
-  if `path` names no file."""
-  if tf.io.gfile.isdir(path):
-    files = sorted(os.path.join(root, name) for root, _, names in tf.io.gfile.walk(path)
-                   for name in names)
-    base = path
-  elif tf.io.gfile.exists(path):
-    files, base = [path], None
-  else:
-    files, base = sorted(tf.io.gfile.glob(path + ".*")), os.path.dirname(path)
-  if not files:
-    return None
-  h = hashlib.sha256()
-  for name in files:
-    if base is not None:
-      h.update(os.path.relpath(name, base).encode() + b"\0")
-    with tf.io.gfile.GFile(name, "rb") as f:
-      while chunk := f.read(1 << 20):
-        h.update(chunk)
-  return h.hexdigest()
-
-
 def _network_weights(network):
   """The values of a feature network's variables: its Keras model's weights, or every variable a
   loaded SavedModel tracks (it has no `weights`)."""
@@ -128,10 +108,11 @@ def _network_weights(network):
   return [np.asarray(w) for w in weights]
 
 
-def feature_digest(space):
-  """sha256 of a feature space's network weights, dimension and `settings`: features cached with
-  another network (a retrained classifier, another resolution) are never reused."""
-  return _digest(_network_weights(space.network), repr((space.network.dim, space.settings)))
+def feature_cache_key(space):
+  """The key of a feature space's cached features (its name in the report too): sha256 of its
+  network's weights, dimension and `settings`, so that features cached with another network (a
+  retrained classifier, another resolution) are never reused."""
+  return _cache_digest(_network_weights(space.network), repr((space.network.dim, space.settings)))
 
 
 def _image_batches(images, batch_size):
@@ -148,8 +129,8 @@ def reference_features(spaces, real_images, *, num_images, batch_size, digests, 
   """{space name: float64 [N, D]}: features of the first N real images in every space, in one pass
   over the images for the spaces not cached yet.
 
-  The cache is `<cache_dir>/<real_set>_<space>_<N>_<digest>.npz` (float32, written then renamed),
-  keyed by the network's `feature_digest`, which is stored in the file and compared on load.
+  The cache is `<cache_dir>/<real_set>_<space>_<N>_<digest>.npz` (float32, staged and renamed),
+  keyed by the network's `feature_cache_key`, which is stored in the file and compared on load.
   """
   paths = {s.name: cache_dir and os.path.join(
       cache_dir, f"{real_set}_{s.name}_{num_images}_{digests[s.name][:16]}.npz") for s in spaces}
@@ -187,12 +168,10 @@ def reference_features(spaces, real_images, *, num_images, batch_size, digests, 
     path = paths[space.name]
     if path:
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-      tmp = f"{path}.tmp{os.getpid()}"
-      # Through a file object so NumPy does not append ".npz" to the temporary name.
-      with open(tmp, "wb") as f:
-        np.savez(f, features=features[space.name].astype(np.float32),
+      # Evaluations sharing a cache may write the same file at once.
+      with atomic.staged(path, unique=True) as staging:
+        np.savez(staging, features=features[space.name].astype(np.float32),
                  digest=np.array(digests[space.name]))
-      os.replace(tmp, path)
   return features
 
 
@@ -212,7 +191,7 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
   for space in feature_spaces:
     metrics.check_enough_samples(num_images, space.network.dim)
   os.makedirs(out_dir, exist_ok=True)
-  digests = {space.name: feature_digest(space) for space in feature_spaces}
+  digests = {space.name: feature_cache_key(space) for space in feature_spaces}
   reference = reference_features(feature_spaces, real_images, num_images=num_images,
                                  batch_size=batch_size, digests=digests, cache_dir=cache_dir,
                                  real_set=real_set)
@@ -222,18 +201,25 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
                  seed=seed, batch_size=batch_size)
   rows, grids = [], []
   total = sum(len(m.steps) for m in models)
-  # A finished row (and its grid) is kept under a key of everything its samples and scores depend
-  # on, so an interrupted sweep (a long one takes hours on a CPU) restarts where it stopped.
+  # A finished row (and its grid) is kept under a key of its samples' settings and of what they
+  # are scored against, so an interrupted sweep (a long one takes hours on a CPU) restarts where
+  # it stopped.
   row_dir = os.path.join(out_dir, "rows")
-  settings = _digest([reference[s.name] for s in feature_spaces] + [schedule.betas],
-                     repr((num_images, seed, timestep_kind, eta, clip_x0, batch_size, real_set,
-                           [(s.name, s.trained, digests[s.name]) for s in feature_spaces])))
+  scoring = _cache_digest([reference[s.name] for s in feature_spaces],
+                          repr((real_set, [(s.name, s.trained, digests[s.name])
+                                           for s in feature_spaces])))
   for model in models:
-    weights = _digest([w.numpy() for w in model.unet.weights])
-    source = model.path and dict(path=model.path, sha256=weights_sha256(model.path))
+    weights = provenance.weights_sha256(model.unet.weights)
     for num_steps in model.steps:
+      samples = provenance.samples_settings(
+          provenance.sampler_settings(
+              weights_sha256=weights, alphas_cumprod=schedule.alphas_cumprod,
+              timesteps=schedule.timesteps(num_steps, timestep_kind), eta=eta, clip_x0=clip_x0,
+              image_shape=(model.unet.image_size, model.unet.image_size, model.unet.channels)),
+          seed=seed, batch_size=batch_size, num_images=num_images)
       slug = f"{model.label.lower().replace('-', '_')}_k{num_steps}"
-      stem = os.path.join(row_dir, f"{slug}_{_digest([], weights + settings)[:16]}")
+      key = _cache_digest([], json.dumps(samples, sort_keys=True) + scoring)
+      stem = os.path.join(row_dir, f"{slug}_{key[:16]}")
       if os.path.exists(stem + ".json") and os.path.exists(stem + ".png"):
         with open(stem + ".json") as f:
           row = json.load(f)
@@ -245,8 +231,7 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
                                 num_images=num_images, sampler=sampler, stem=stem,
                                 desc=f"[{len(rows) + 1}/{total}] {model.label} K={num_steps}")
         logging.info("  %s", _one_line(row))
-      if source:
-        row["weights"] = source
+      row["weights"] = dict(path=model.path, sha256=weights)
       rows.append(row)
       grids.append((f"samples_{slug}.png", stem + ".png"))
   report = dict(num_images=num_images, seed=seed, timesteps=timestep_kind, eta=eta,
@@ -281,8 +266,8 @@ def _sample_and_score(model, num_steps, *, feature_spaces, reference, reference_
       bar.update(len(images))
   shown = np.concatenate(shown, axis=0)
   os.makedirs(os.path.dirname(stem), exist_ok=True)
-  grid.write_png(stem + ".tmp.png", shown, columns=10, scale=max(1, 64 // shown.shape[1]))
-  os.replace(stem + ".tmp.png", stem + ".png")
+  with atomic.staged(stem + ".png") as staging:
+    grid.write_png(staging, shown, columns=10, scale=max(1, 64 // shown.shape[1]))
   row = dict(model=model.label, num_steps=num_steps, num_images=num_images,
              seconds=round(time.time() - started, 1), spaces={})
   for space in feature_spaces:
@@ -290,12 +275,11 @@ def _sample_and_score(model, num_steps, *, feature_spaces, reference, reference_
                                       np.concatenate(fake[space.name], axis=0),
                                       real_stats=reference_stats[space.name])
   # The .json is the row's commit mark: written last, so a row with one has its grid too.
-  _write_text(stem + ".json.tmp", json.dumps(row))
-  os.replace(stem + ".json.tmp", stem + ".json")
+  atomic.write_json(stem + ".json", row, indent=None)
   return row
 
 
-def _digest(arrays, text=""):
+def _cache_digest(arrays, text=""):
   """sha256 hex digest of arrays' bytes and a string."""
   h = hashlib.sha256(text.encode())
   for a in arrays:
@@ -355,12 +339,12 @@ def merge_reports(reports, out_dir):
   sweep and a later run of the finetuned models); writes it to `out_dir` and returns it.
 
   Rows present in several reports must agree: with the same seed and N they are the same samples.
+  Everything of a report but its rows is a setting they share.
   """
-  settings = ("num_images", "seed", "timesteps", "eta", "clip_x0", "sample_batch_size", "schedule",
-              "real_set", "feature_spaces", "feature_networks")
   first = reports[0]
+  settings = [key for key in first if key != "rows"]
   for other in reports[1:]:
-    for key in settings:
+    for key in dict.fromkeys(settings + [key for key in other if key != "rows"]):
       # A report of older code lacks some keys: it cannot show it used the same settings.
       if other.get(key) != first.get(key):
         raise UserError(f"reports differ in {key}: {first.get(key)!r} vs {other.get(key)!r}; "
@@ -386,19 +370,15 @@ def merge_reports(reports, out_dir):
 
 def _write_outputs(report, out_dir, *, grids=()):
   """report.json, report.md, fid_vs_steps.png and the sample grids ((name, source file) pairs):
-  all written under temporary names first, then renamed, report.json last."""
-  outputs = {name: lambda p, source=source: shutil.copyfile(source, p) for name, source in grids}
-  outputs.update({
+  all staged first, then renamed, report.json last."""
+  outputs = {
+      "report.json": lambda p: pathlib.Path(p).write_text(json.dumps(report, indent=2) + "\n"),
+      "report.md": lambda p: pathlib.Path(p).write_text(markdown_table(report)),
       "fid_vs_steps.png": lambda p: plot_fid_vs_steps(report, p),
-      "report.md": lambda p: _write_text(p, markdown_table(report)),
-      "report.json": lambda p: _write_text(p, json.dumps(report, indent=2) + "\n"),
-  })
-  for name, write in outputs.items():
-    write(os.path.join(out_dir, ".tmp." + name))
-  for name in outputs:
-    os.replace(os.path.join(out_dir, ".tmp." + name), os.path.join(out_dir, name))
-
-
-def _write_text(path, text):
-  with open(path, "w") as f:
-    f.write(text)
+  }
+  outputs.update({name: lambda p, source=source: shutil.copyfile(source, p)
+                  for name, source in grids})
+  # The stack renames in the reverse order of staging.
+  with contextlib.ExitStack() as stack:
+    for name, write in outputs.items():
+      write(stack.enter_context(atomic.staged(os.path.join(out_dir, name))))

@@ -22,7 +22,7 @@ from mmd_keras import ddim
 from mmd_keras import distribute
 from mmd_keras import errors
 from mmd_keras import mmd
-from mmd_keras import pretrain
+from mmd_keras import streams
 from mmd_keras import training_loop
 from mmd_keras.errors import ParameterError
 
@@ -37,8 +37,7 @@ def example_noise(shape, *, seed, step):
   replica_id = replica.replica_id_in_sync_group if replica is not None else 0
   batch = shape[0]
   first = tf.cast(replica_id, tf.int32) * batch
-  base = tf.random.experimental.stateless_fold_in(
-      tf.constant([seed, 1], tf.int32), tf.cast(step, tf.int32))
+  base = streams.fold_in(seed, streams.FINETUNE_EXAMPLES, step)
   # The stateless random ops have no vectorised form; pfor's while_loop fallback is what we want,
   # without its warning at every trace.
   seeds = tf.vectorized_map(lambda g: tf.random.experimental.stateless_fold_in(base, g),
@@ -48,6 +47,8 @@ def example_noise(shape, *, seed, step):
 
 class MMDFinetuner(keras.Model):
   """Minimises MMD²_u(φ(DDIM_K(ε_θ, z)), φ(x_real)) over all UNet weights θ."""
+
+  ema = None  # Finetuning keeps no EMA: its checkpoints hold the raw weights.
 
   def __init__(self, unet, *, feature_net, schedule, num_steps, kernel, timestep_kind="uniform",
                eta=0.0, grad_clip=None, recompute=True, dropout=False, clip_x0=False, seed=0,
@@ -112,7 +113,7 @@ class MMDFinetuner(keras.Model):
     real_features = replica.all_gather(tf.stop_gradient(self.feature_net(x_real)), axis=0)
     weights = self.unet.trainable_weights
     with tf.GradientTape() as tape:
-      x_fake = self.sample(z, seed=pretrain.step_seed(self.seed, step))
+      x_fake = self.sample(z, seed=streams.step_seed(self.seed, step))
       fake_features = replica.all_gather(self.feature_net(x_fake), axis=0)
       loss = mmd.mmd2_unbiased(fake_features, real_features, kernel=self.kernel)
       # all_gather's gradient sums the (identical) upstream gradients of all N replicas, so the
@@ -123,21 +124,12 @@ class MMDFinetuner(keras.Model):
 
   def train_step(self, x_real):
     loss, grads = self.compute_gradients(x_real)
-    grad_norm = tf.linalg.global_norm(grads)
-    # Clipped here, on the global gradient: Keras' own `global_clipnorm` clips each replica's
-    # partial gradient before the all-reduce, which is not the single-device update.
-    if self.grad_clip:
-      grads, _ = tf.clip_by_global_norm(grads, self.grad_clip, use_norm=grad_norm)
-    # The optimizer all-reduces (SUM) once more: hand it 1/N of the global gradient.
-    num_replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-    self.optimizer.apply_gradients(
-        zip([g / num_replicas for g in grads], self.unet.trainable_weights))
+    grad_norm = training_loop.apply_global_gradients(self.optimizer, grads,
+                                                     self.unet.trainable_weights,
+                                                     grad_clip=self.grad_clip)
     self.mmd2_tracker.update_state(loss)
     self.grad_norm_tracker.update_state(grad_norm)
-    return distribute.fit_logs({
-        **{m.name: m.result() for m in self.metrics}, "step_loss": loss,
-        "step_grad_norm": grad_norm,
-        "nonfinite": training_loop.nonfinite_replicas(loss, grad_norm)})
+    return training_loop.step_logs(self, loss=loss, grad_norm=grad_norm)
 
 
 def _check_positive(parameter, value):
@@ -163,61 +155,35 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
   with errors.renamed(global_batch="global_batch_size"):
     distribute.check_global_batch(global_batch_size, strategy)
   final_weights = os.path.join(workdir, "unet.weights.h5")
-  out_dir = distribute.write_dir(workdir, strategy)  # `workdir` on the chief, else a throwaway.
-  with strategy.scope():
-    unet = unet_factory().build_for_inference()
-    trainer = MMDFinetuner(unet, feature_net=feature_net_factory(), schedule=schedule,
-                           num_steps=num_steps, kernel=kernel, timestep_kind=timestep_kind,
-                           eta=eta, grad_clip=grad_clip, recompute=recompute, dropout=dropout,
-                           clip_x0=clip_x0, seed=seed)
-    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
-    trainer.compile(optimizer=optimizer, jit_compile=False)
-    optimizer.build(unet.trainable_weights)
-  ckpt = checkpoints.training_checkpoint(unet=unet, optimizer=optimizer)
-  manager = tf.train.CheckpointManager(ckpt, os.path.join(out_dir, "checkpoints"), max_to_keep=3)
 
-  def initialize():
-    source = checkpoints.restore_unet(unet, init_checkpoint, use_ema=use_ema)
+  def initialize(trainer):
+    source = checkpoints.restore_unet(trainer.unet, init_checkpoint, use_ema=use_ema)
     logging.info("finetuning %s (%s weights), K=%d", init_checkpoint, source, num_steps)
 
-  # Every worker resumes from the chief's checkpoints.
-  training_loop.restore_or_initialize(manager, initialize, learning_rate=learning_rate,
-                                      checkpoint_dir=os.path.join(workdir, "checkpoints"))
-  start = training_loop.step_of(trainer)
-  distribute.check_same_start(start, strategy, workdir=workdir)
-
-  sampler_unet = unet_factory().build_for_inference()
-  noise = tf.random.stateless_normal(
-      [num_sample_images, unet.image_size, unet.image_size, unet.channels], seed=[seed, 2])
-  # A plain call: nothing for AutoGraph to convert (and it fails to find this lambda's source).
-  eps_fn = tf.function(lambda x, t: sampler_unet(x, t), autograph=False)
-
-  def sync_sampler():
-    for target, source in zip(sampler_unet.weights, unet.weights):
-      target.assign(source)
-    return sampler_unet
-
-  def sample_fn():
-    sync_sampler()
-    return ddim.sample(eps_fn, noise, timesteps=trainer.timesteps,
-                       alphas_cumprod=schedule.alphas_cumprod, clip_x0=clip_x0)
-
-  if start < finetune_steps:
+  run = training_loop.start(
+      strategy=strategy, workdir=workdir, unet_factory=unet_factory,
+      make_trainer=lambda unet: MMDFinetuner(
+          unet, feature_net=feature_net_factory(), schedule=schedule, num_steps=num_steps,
+          kernel=kernel, timestep_kind=timestep_kind, eta=eta, grad_clip=grad_clip,
+          recompute=recompute, dropout=dropout, clip_x0=clip_x0, seed=seed),
+      learning_rate=learning_rate, initialize=initialize)
+  trainer = run.trainer
+  grid = training_loop.GridSampler(
+      unet_factory, weights=trainer.unet.weights,
+      noise_seed=streams.key(seed, streams.FINETUNE_GRID), num_images=num_sample_images,
+      timesteps=trainer.timesteps, alphas_cumprod=schedule.alphas_cumprod, clip_x0=clip_x0)
+  if run.start_step < finetune_steps:
     if os.path.exists(final_weights):
       raise ParameterError("workdir", f"holds a finished run: {final_weights} exists; move it "
                            f"away or use another {{workdir}} before finetuning further",
                            refs=("workdir",))
-    progress = training_loop.Progress(manager=manager, trainer=trainer, weights=unet.weights,
-                                      sample_fn=sample_fn, workdir=out_dir,
-                                      every=checkpoint_every, log_every=log_every,
-                                      global_batch=global_batch_size, image_tag="samples")
-    # Each worker takes its part of every global batch.
-    sharded = lambda start_batch: distribute.shard_global_batches(dataset_fn(start_batch))
-    training_loop.fit(trainer=trainer, dataset_fn=sharded, max_steps=finetune_steps,
-                      progress=progress)
+    training_loop.train_to(run, max_steps=finetune_steps, dataset_fn=dataset_fn, sample_fn=grid,
+                           checkpoint_every=checkpoint_every, log_every=log_every,
+                           global_batch_size=global_batch_size, image_tag="samples")
   else:
-    console.note(f"already finetuned for {start} >= {finetune_steps} steps")
+    console.note(f"already finetuned for {run.start_step} >= {finetune_steps} steps")
   if not os.path.exists(final_weights):
-    checkpoints.save_weights_h5(sync_sampler(), os.path.join(out_dir, "unet.weights.h5"))
+    # Saved from the grid's UNet, a plain copy outside the strategy.
+    checkpoints.save_weights_h5(grid.synced_unet(), os.path.join(run.out_dir, "unet.weights.h5"))
     logging.info("wrote %s", final_weights)
   return trainer

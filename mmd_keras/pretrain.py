@@ -6,28 +6,15 @@ each replica takes its slice, so N replicas take the steps of one device on the 
 uninterrupted one would.
 """
 
-import os
-
 import keras
 import tensorflow as tf
 from absl import logging
 
 from mmd_keras import checkpoints
 from mmd_keras import console
-from mmd_keras import ddim
-from mmd_keras import distribute
 from mmd_keras import schedule as schedule_lib
+from mmd_keras import streams
 from mmd_keras import training_loop
-
-
-def step_seed(seed, step, *, replica_id=None):
-  """[2] int32 seed for this step on this replica (or on replica `replica_id`)."""
-  if replica_id is None:
-    replica = tf.distribute.get_replica_context()
-    replica_id = replica.replica_id_in_sync_group if replica is not None else 0
-  base = tf.random.experimental.stateless_fold_in(
-      tf.constant([seed, 0], tf.int32), tf.cast(step, tf.int32))
-  return tf.random.experimental.stateless_fold_in(base, tf.cast(replica_id, tf.int32))
 
 
 def make_ema(weights):
@@ -74,13 +61,15 @@ class DDPMTrainer(keras.Model):
     # t and ε of the whole global batch, the same on every replica; replica r holds examples
     # r·b … r·b + b − 1 of it (how a global batch is split). With replica 0's seeds one device
     # draws what it drew before t and ε were shared.
-    shared = tf.random.experimental.stateless_split(step_seed(self.seed, step, replica_id=0), 3)
+    shared = tf.random.experimental.stateless_split(
+        streams.step_seed(self.seed, step, replica_id=0), 3)
     first = tf.cast(replica.replica_id_in_sync_group, tf.int32) * batch
     t = tf.random.stateless_uniform([global_batch], shared[0], 0, self.num_timesteps,
                                     dtype=tf.int32)[first:first + batch]
     noise = tf.random.stateless_normal(
         tf.concat([[global_batch], tf.shape(x0)[1:]], axis=0), shared[1])[first:first + batch]
-    dropout_seed = tf.random.experimental.stateless_split(step_seed(self.seed, step), 3)[2]
+    dropout_seed = tf.random.experimental.stateless_split(
+        streams.step_seed(self.seed, step), 3)[2]
     x_t = schedule_lib.q_sample(x0, t, noise, alphas_cumprod=self.alphas_cumprod)
     with tf.GradientTape() as tape:
       eps = self.unet(x_t, t, training=True, dropout_seed=dropout_seed)
@@ -89,25 +78,11 @@ class DDPMTrainer(keras.Model):
       loss = tf.reduce_sum(per_example) / tf.cast(global_batch, tf.float32)
     weights = self.unet.trainable_weights
     grads = replica.all_reduce(tf.distribute.ReduceOp.SUM, tape.gradient(loss, weights))
-    grad_norm = tf.linalg.global_norm(grads)
-    # Clipped here, on the global gradient: Keras' own `global_clipnorm` clips each replica's
-    # partial gradient before the all-reduce, which is not the single-device update.
-    if self.grad_clip:
-      grads, _ = tf.clip_by_global_norm(grads, self.grad_clip, use_norm=grad_norm)
-    # The optimizer all-reduces (SUM) once more: hand it 1/N of the global gradient.
-    self.optimizer.apply_gradients(zip([g / num_replicas for g in grads], weights))
+    grad_norm = training_loop.apply_global_gradients(self.optimizer, grads, weights,
+                                                     grad_clip=self.grad_clip)
     update_ema(self.ema, self.unet.weights, self.ema_decay)
     self.loss_tracker.update_state(tf.reduce_mean(per_example))
-    return distribute.fit_logs({
-        "loss": self.loss_tracker.result(), "step_loss": tf.reduce_mean(per_example),
-        "step_grad_norm": grad_norm,
-        "nonfinite": training_loop.nonfinite_replicas(loss, grad_norm)})
-
-  def ema_unet(self, like):
-    """`like` (a UNet of the same architecture) loaded with the EMA weights."""
-    for target, e in zip(like.weights, self.ema):
-      target.assign(e)
-    return like
+    return training_loop.step_logs(self, loss=tf.reduce_mean(per_example), grad_norm=grad_norm)
 
 
 def train(*, unet_factory, dataset_fn, schedule, workdir, train_steps, learning_rate, ema_decay,
@@ -117,51 +92,27 @@ def train(*, unet_factory, dataset_fn, schedule, workdir, train_steps, learning_
 
   `dataset_fn(start_batch)` yields the global batches of the run from batch `start_batch` on.
   """
-  with strategy.scope():
-    unet = unet_factory().build_for_inference()
-    trainer = DDPMTrainer(unet, schedule=schedule, ema_decay=ema_decay, grad_clip=grad_clip,
-                          seed=seed)
-    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
-    trainer.compile(optimizer=optimizer, jit_compile=jit_compile)
-    optimizer.build(unet.trainable_weights)
-  ckpt = checkpoints.training_checkpoint(unet=unet, ema=trainer.ema, optimizer=optimizer)
-  out_dir = distribute.write_dir(workdir, strategy)  # `workdir` on the chief, else a throwaway.
-  manager = tf.train.CheckpointManager(ckpt, os.path.join(out_dir, "checkpoints"), max_to_keep=3)
-
-  def initialize():
+  def initialize(trainer):
     if init_checkpoint:
-      source = checkpoints.restore_unet(unet, init_checkpoint, use_ema=True)
-      for e, w in zip(trainer.ema, unet.weights):
+      source = checkpoints.restore_unet(trainer.unet, init_checkpoint, use_ema=True)
+      for e, w in zip(trainer.ema, trainer.unet.weights):
         e.assign(w)
       logging.info("initialised from %s (%s weights)", init_checkpoint, source)
 
-  # Every worker resumes from the chief's checkpoints.
-  training_loop.restore_or_initialize(manager, initialize, learning_rate=learning_rate,
-                                      checkpoint_dir=os.path.join(workdir, "checkpoints"))
-  start = training_loop.step_of(trainer)
-  distribute.check_same_start(start, strategy, workdir=workdir)
-  if start >= train_steps:
-    console.note(f"already trained for {start} >= {train_steps} steps")
+  run = training_loop.start(
+      strategy=strategy, workdir=workdir, unet_factory=unet_factory,
+      make_trainer=lambda unet: DDPMTrainer(unet, schedule=schedule, ema_decay=ema_decay,
+                                            grad_clip=grad_clip, seed=seed),
+      learning_rate=learning_rate, initialize=initialize, jit_compile=jit_compile)
+  trainer = run.trainer
+  if run.start_step >= train_steps:
+    console.note(f"already trained for {run.start_step} >= {train_steps} steps")
     return trainer
-
-  sampler_unet = unet_factory().build_for_inference()
-  timesteps = schedule.timesteps(sample_steps)
-  noise = tf.random.stateless_normal(
-      [num_sample_images, unet.image_size, unet.image_size, unet.channels], seed=[seed, 1])
-  # A plain call: nothing for AutoGraph to convert (and it fails to find this lambda's source).
-  eps_fn = tf.function(lambda x, t: sampler_unet(x, t), autograph=False)
-
-  def sample_fn():
-    trainer.ema_unet(sampler_unet)
-    return ddim.sample(eps_fn, noise, timesteps=timesteps,
-                       alphas_cumprod=schedule.alphas_cumprod, clip_x0=True)
-
-  progress = training_loop.Progress(manager=manager, trainer=trainer,
-                                    weights=unet.weights + trainer.ema, sample_fn=sample_fn,
-                                    workdir=out_dir, every=checkpoint_every, log_every=log_every,
-                                    global_batch=global_batch_size, image_tag="ema_samples")
-  # Each worker takes its part of every global batch.
-  sharded = lambda start_batch: distribute.shard_global_batches(dataset_fn(start_batch))
-  training_loop.fit(trainer=trainer, dataset_fn=sharded, max_steps=train_steps,
-                    progress=progress)
+  grid = training_loop.GridSampler(
+      unet_factory, weights=trainer.ema, noise_seed=streams.key(seed, streams.PRETRAIN_GRID),
+      num_images=num_sample_images, timesteps=schedule.timesteps(sample_steps),
+      alphas_cumprod=schedule.alphas_cumprod, clip_x0=True)
+  training_loop.train_to(run, max_steps=train_steps, dataset_fn=dataset_fn, sample_fn=grid,
+                         checkpoint_every=checkpoint_every, log_every=log_every,
+                         global_batch_size=global_batch_size, image_tag="ema_samples")
   return trainer

@@ -10,13 +10,13 @@ import tensorflow as tf
 
 from mmd_keras import console
 from mmd_keras import ddim
+from mmd_keras import streams
 
 
 def initial_noise(*, seed, batch_index, batch_size, image_shape):
   """x_T of batch `batch_index`: [batch_size, *image_shape] ~ N(0, I)."""
-  batch_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, 2], tf.int32),
-                                                        batch_index)
-  return tf.random.stateless_normal([batch_size, *image_shape], seed=batch_seed)
+  return tf.random.stateless_normal([batch_size, *image_shape],
+                                    seed=streams.fold_in(seed, streams.SAMPLE_X_T, batch_index))
 
 
 def batches(unet, *, num_images, num_steps, schedule, timestep_kind="uniform", eta=0.0,
@@ -30,10 +30,9 @@ def batches(unet, *, num_images, num_steps, schedule, timestep_kind="uniform", e
     count = min(batch_size, num_images - start)
     noise = initial_noise(seed=seed, batch_index=batch_index, batch_size=batch_size,
                           image_shape=image_shape)[:count]
-    step_seed = tf.constant([seed, 3 + batch_index], tf.int32)
     images = ddim.sample(eps_fn, noise, timesteps=timesteps,
                          alphas_cumprod=schedule.alphas_cumprod, eta=eta, clip_x0=clip_x0,
-                         seed=step_seed)
+                         seed=streams.key(seed, streams.SAMPLE_STEPS + batch_index))
     yield np.clip(images.numpy(), -1.0, 1.0)
 
 

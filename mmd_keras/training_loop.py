@@ -1,4 +1,5 @@
-"""The loop `pretrain` and `finetune` share: resume, fit to an exact step, progress, checkpoints.
+"""The loop `pretrain` and `finetune` share: the global-gradient update, building and resuming a
+run, fitting to an exact step with progress lines, checkpoints and sample grids.
 
 A run is a function of its flags and of the step it is at: the step counter, the optimizer state
 and the EMA are in the checkpoint, the trainers key noise and dropout by (seed, step), and the data
@@ -9,6 +10,7 @@ command after a crash continues from the last checkpoint as if nothing had happe
 state file (an atomic rename), so a kill mid-save leaves the previous checkpoint as the latest.
 """
 
+import dataclasses
 import math
 import os
 import time
@@ -19,6 +21,8 @@ from absl import logging
 
 from mmd_keras import checkpoints
 from mmd_keras import console
+from mmd_keras import ddim
+from mmd_keras import distribute
 from mmd_keras import grid
 from mmd_keras.errors import UserError
 
@@ -33,6 +37,28 @@ def nonfinite_replicas(loss, grad_norm):
   finite = tf.logical_and(tf.math.is_finite(loss), tf.math.is_finite(grad_norm))
   return tf.distribute.get_replica_context().all_reduce(
       tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+
+
+def apply_global_gradients(optimizer, grads, weights, *, grad_clip):
+  """Applies the global gradient `grads` (summed over replicas) to `weights`, clipped to the global
+  norm `grad_clip` (None or 0: not clipped); returns its norm before clipping."""
+  grad_norm = tf.linalg.global_norm(grads)
+  # Clipped here, on the global gradient: Keras' own `global_clipnorm` clips each replica's
+  # partial gradient before the all-reduce, which is not the single-device update.
+  if grad_clip:
+    grads, _ = tf.clip_by_global_norm(grads, grad_clip, use_norm=grad_norm)
+  # The optimizer all-reduces (SUM) once more: hand it 1/N of the global gradient.
+  num_replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+  optimizer.apply_gradients(zip([g / num_replicas for g in grads], weights))
+  return grad_norm
+
+
+def step_logs(trainer, *, loss, grad_norm):
+  """What a `train_step` returns: the trainer's metrics and the step's loss, gradient norm and
+  non-finite count, which `Progress` reads."""
+  return distribute.fit_logs({
+      **{m.name: m.result() for m in trainer.metrics}, "step_loss": loss,
+      "step_grad_norm": grad_norm, "nonfinite": nonfinite_replicas(loss, grad_norm)})
 
 
 def step_of(trainer):
@@ -150,17 +176,89 @@ def restore_or_initialize(manager, initialize, *, learning_rate, checkpoint_dir=
     initialize()
 
 
-def fit(*, trainer, dataset_fn, max_steps, progress):
-  """Trains from the trainer's step to exactly `max_steps`, on `dataset_fn(start_batch)`, and
-  checkpoints the last step."""
-  start = step_of(trainer)
-  progress.bar = console.ProgressBar(max_steps, desc=os.path.basename(progress.workdir),
-                                     unit="steps", initial=start, rate_unit="img",
-                                     rate_scale=progress.global_batch)
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A trainer built under its strategy and resumed (or initialised); see `start`."""
+
+  trainer: keras.Model
+  manager: tf.train.CheckpointManager
+  out_dir: str  # Where this process writes: the workdir on the chief, else a throwaway.
+  start_step: int
+
+
+def start(*, strategy, workdir, unet_factory, make_trainer, learning_rate, initialize,
+          jit_compile=False):
+  """Builds a UNet and `make_trainer(unet)` with Adam under `strategy`, then resumes the latest
+  checkpoint in `<workdir>/checkpoints` or, for a new run, calls `initialize(trainer)`.
+
+  The trainer has the attributes `unet` and `ema` (its EMA weights, None if it keeps none): the
+  checkpoint holds both and the optimizer (`checkpoints.training_checkpoint`).
+  """
+  with strategy.scope():
+    unet = unet_factory().build_for_inference()
+    trainer = make_trainer(unet)
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    trainer.compile(optimizer=optimizer, jit_compile=jit_compile)
+    optimizer.build(unet.trainable_weights)
+  ckpt = checkpoints.training_checkpoint(unet=unet, ema=trainer.ema, optimizer=optimizer)
+  out_dir = distribute.write_dir(workdir, strategy)
+  manager = tf.train.CheckpointManager(ckpt, os.path.join(out_dir, "checkpoints"), max_to_keep=3)
+  # Every worker resumes from the chief's checkpoints.
+  restore_or_initialize(manager, lambda: initialize(trainer), learning_rate=learning_rate,
+                        checkpoint_dir=os.path.join(workdir, "checkpoints"))
+  start_step = step_of(trainer)
+  distribute.check_same_start(start_step, strategy, workdir=workdir)
+  return Run(trainer=trainer, manager=manager, out_dir=out_dir, start_step=start_step)
+
+
+class GridSampler:
+  """Draws the progress grid: fixed noise sampled in K DDIM steps with the current values of
+  `weights`, copied into a UNet of `unet_factory` outside the strategy."""
+
+  def __init__(self, unet_factory, *, weights, noise_seed, num_images, timesteps, alphas_cumprod,
+               clip_x0):
+    self.unet = unet_factory().build_for_inference()
+    self.weights = list(weights)
+    self.noise = tf.random.stateless_normal(
+        [num_images, self.unet.image_size, self.unet.image_size, self.unet.channels],
+        seed=noise_seed)
+    self.timesteps = timesteps
+    self.alphas_cumprod = alphas_cumprod
+    self.clip_x0 = clip_x0
+    # A plain call: nothing for AutoGraph to convert (and it fails to find this lambda's source).
+    self.eps_fn = tf.function(lambda x, t: self.unet(x, t), autograph=False)
+
+  def synced_unet(self):
+    """The grid's UNet, holding the current values of `weights`."""
+    for target, source in zip(self.unet.weights, self.weights):
+      target.assign(source)
+    return self.unet
+
+  def __call__(self):
+    self.synced_unet()
+    return ddim.sample(self.eps_fn, self.noise, timesteps=self.timesteps,
+                       alphas_cumprod=self.alphas_cumprod, clip_x0=self.clip_x0)
+
+
+def train_to(run, *, max_steps, dataset_fn, sample_fn, checkpoint_every, log_every,
+             global_batch_size, image_tag):
+  """Trains `run` from its step to exactly `max_steps` on `dataset_fn(start_batch)` (the run's
+  global batches from batch `start_batch` on), and checkpoints the last step."""
+  trainer = run.trainer
+  progress = Progress(manager=run.manager, trainer=trainer,
+                      weights=trainer.unet.weights + list(trainer.ema or []), sample_fn=sample_fn,
+                      workdir=run.out_dir, every=checkpoint_every, log_every=log_every,
+                      global_batch=global_batch_size, image_tag=image_tag)
+  start_step = step_of(trainer)
+  progress.bar = console.ProgressBar(max_steps, desc=os.path.basename(run.out_dir), unit="steps",
+                                     initial=start_step, rate_unit="img",
+                                     rate_scale=global_batch_size)
   with progress.bar:
-    # The stream is already shuffled, keyed by (seed, position); Keras' shuffle does not apply.
-    trainer.fit(dataset_fn(start), epochs=1, steps_per_epoch=max_steps - start,
-                callbacks=[progress], verbose=0, shuffle=False)
+    # Each worker takes its part of every global batch. The stream is already shuffled, keyed by
+    # (seed, position); Keras' shuffle does not apply to it.
+    trainer.fit(distribute.shard_global_batches(dataset_fn(start_step)), epochs=1,
+                steps_per_epoch=max_steps - start_step, callbacks=[progress], verbose=0,
+                shuffle=False)
   final = step_of(trainer)
   if final % progress.every:
     progress.save(final)

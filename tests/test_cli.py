@@ -15,6 +15,7 @@ from helpers import TINY_UNET
 from helpers import assert_user_error
 from helpers import run_main
 from mmd_keras import checkpoints
+from mmd_keras import provenance
 from mmd_keras import unet as unet_lib
 
 
@@ -140,15 +141,26 @@ E2E_EVAL = ["--eval_feature_nets=classifier,classifier_heldout", "--feature_net=
             "--sample_batch_size=65"]
 
 
+def _e2e_unet(ch=32):
+  return unet_lib.UNet(image_size=28, channels=1, ch=ch, ch_mult=(1, 2), num_res_blocks=1,
+                       attn_resolutions=(), dropout=0.0).build_for_inference()
+
+
 def _unet_file(path, *, seed, ch=32):
   """The weights of the UNet of E2E_UNET (with `ch`), its output layer random (zero at init:
   every sample would be alike)."""
-  unet = unet_lib.UNet(image_size=28, channels=1, ch=ch, ch_mult=(1, 2), num_res_blocks=1,
-                       attn_resolutions=(), dropout=0.0).build_for_inference()
+  unet = _e2e_unet(ch)
   rng = np.random.default_rng(seed)
   unet.conv_out.kernel.assign(rng.normal(scale=0.05, size=unet.conv_out.kernel.shape))
   checkpoints.save_weights_h5(unet, str(path))
   return str(path)
+
+
+def _fingerprint(path):
+  """The weights fingerprint reports and exports record for a weights file of the E2E UNet."""
+  unet = _e2e_unet()
+  checkpoints.restore_unet(unet, path)
+  return provenance.weights_sha256(unet.weights)
 
 
 def _sha256(path):
@@ -199,8 +211,9 @@ def test_evaluate_end_to_end(tmp_path):
   assert result.returncode == 0, result.stderr
   report = _check_report(os.path.join(workdir, "evaluate"), stdout=result.stdout,
                          rows=[("DDIM", 2), ("DDIM", 3), ("MMD-DDM", 2)])
-  assert [r["weights"] for r in report["rows"]] == [
-      dict(path=base, sha256=_sha256(base))] * 2 + [dict(path=finetuned, sha256=_sha256(finetuned))]
+  assert [r["weights"] for r in report["rows"]] == (
+      [dict(path=base, sha256=_fingerprint(base))] * 2
+      + [dict(path=finetuned, sha256=_fingerprint(finetuned))])
   assert len(glob.glob(os.path.join(workdir, "reference", "*.npz"))) == 2
   assert glob.glob(os.path.join(workdir, "evaluate", "flags_evaluate_*.cfg"))
 
@@ -228,8 +241,11 @@ def test_quickstart_end_to_end(quickstart):
   report = _check_report(os.path.join(workdir, "quickstart"), stdout=result.stdout,
                          rows=[("DDIM", 2), ("DDIM", 10), ("MMD-DDM", 2)])
   weights = os.path.join(workdir, "finetune_k2", "unet.weights.h5")
-  assert report["rows"][2]["weights"] == dict(path=weights, sha256=_sha256(weights))
+  assert report["rows"][2]["weights"] == dict(path=weights, sha256=_fingerprint(weights))
   assert os.path.exists(os.path.join(export, "mmd_ddm", "1", "saved_model.pb"))
+  # The export records the fingerprint of the same weights.
+  with open(os.path.join(export, "mmd_ddm", "1", "assets", "sampler.json")) as f:
+    assert json.load(f)["weights_sha256"] == _fingerprint(weights)
   # The quickstart names its TFLite after the version it belongs to.
   assert os.path.exists(os.path.join(export, "mmd_ddm_k2_v1.tflite"))
 

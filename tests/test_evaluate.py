@@ -1,7 +1,6 @@
 """Step-budget evaluation: report contents, shared noise across models, atomic outputs, bad input."""
 
 import glob
-import hashlib
 import json
 import os
 import re
@@ -16,6 +15,7 @@ from mmd_keras import evaluate
 from mmd_keras import schedule as schedule_lib
 from mmd_keras import unet as unet_lib
 from mmd_keras.errors import UserError
+from mmd_keras.export import sampler_module
 
 
 class PixelFeatures:
@@ -152,8 +152,8 @@ def test_parse_steps():
 def test_cached_reference_features_are_reused(setup, tmp_path):
   _, real = setup
   space = _spaces(8)[0]
-  kwargs = dict(num_images=40, batch_size=16, digests={space.name: evaluate.feature_digest(space)},
-                cache_dir=str(tmp_path))
+  kwargs = dict(num_images=40, batch_size=16,
+                digests={space.name: evaluate.feature_cache_key(space)}, cache_dir=str(tmp_path))
   first = evaluate.reference_features([space], real, **kwargs)[space.name]
   calls = space.network.calls
   second = evaluate.reference_features([space], real, **kwargs)[space.name]
@@ -191,7 +191,22 @@ def test_another_feature_network_recomputes_features_and_rows(setup, tmp_path, m
   assert report["rows"][0]["spaces"]["heldout"]["fid"] == pytest.approx(expected, rel=1e-4)
 
 
-def test_feature_digest_of_a_saved_model_follows_its_variables(tmp_path):
+@pytest.mark.parametrize("change", [dict(seed=2), dict(eta=0.5), dict(clip_x0=False),
+                                    dict(timestep_kind="quadratic"), dict(batch_size=16)])
+def test_rows_are_keyed_by_every_sampler_setting(setup, tmp_path, monkeypatch, change):
+  schedule, real = setup
+  common = dict(models=[evaluate.ModelSpec("DDIM", _tiny_unet(7), (2,))], feature_spaces=_spaces(8),
+                real_images=real, schedule=schedule, num_images=16, seed=1, clip_x0=True,
+                batch_size=8, out_dir=str(tmp_path / "evaluate"))
+  evaluate.run(**common)
+  sampled = _record_sampling(monkeypatch)
+  evaluate.run(**common)
+  assert sampled == []
+  evaluate.run(**dict(common, **change))
+  assert sampled == [2]
+
+
+def test_feature_cache_key_of_a_saved_model_follows_its_variables(tmp_path):
 
   class Projection(tf.Module):
 
@@ -211,7 +226,7 @@ def test_feature_digest_of_a_saved_model_follows_its_variables(tmp_path):
       tf.saved_model.save(module, str(tmp_path / name))
       self.model = tf.saved_model.load(str(tmp_path / name))
 
-  digest = lambda network, settings="": evaluate.feature_digest(
+  digest = lambda network, settings="": evaluate.feature_cache_key(
       evaluate.FeatureSpace("inception_v3", network, True, settings))
   assert digest(Network(1.0, "a")) == digest(Network(1.0, "b"))
   assert digest(Network(1.0, "a")) != digest(Network(2.0, "c"))
@@ -386,30 +401,17 @@ def test_samples_and_real_images_are_embedded_batch_by_batch(setup, tmp_path, mo
     evaluate.run(out_dir=str(tmp_path / "c"), **too_few)
 
 
-def test_rows_name_the_weights_file_and_its_sha256(setup, tmp_path):
+def test_rows_name_the_weights_file_and_the_fingerprint_the_export_records(setup, tmp_path):
   schedule, real = setup
-  unet = _tiny_unet(6)
   path = str(tmp_path / "unet.weights.h5")
-  checkpoints.save_weights_h5(unet, path)
-  report = evaluate.run(models=[evaluate.ModelSpec("MMD-DDM", unet, (2,), path=path)],
+  checkpoints.save_weights_h5(_tiny_unet(6), path)
+  # Two UNets of other initial values, each loaded from the file as main.py loads them.
+  evaluated, exported = _tiny_unet(7), _tiny_unet(8)
+  checkpoints.restore_unet(evaluated, path)
+  checkpoints.restore_unet(exported, path)
+  report = evaluate.run(models=[evaluate.ModelSpec("MMD-DDM", evaluated, (2,), path=path)],
                         feature_spaces=_spaces(8), real_images=real, schedule=schedule,
                         num_images=16, seed=0, out_dir=str(tmp_path / "evaluate"), batch_size=8)
-  with open(path, "rb") as f:
-    expected = hashlib.sha256(f.read()).hexdigest()
-  assert report["rows"][0]["weights"] == dict(path=path, sha256=expected)
-
-
-def test_weights_sha256_of_prefixes_and_directories(tmp_path):
-  for folder in ("a", "b"):
-    (tmp_path / folder).mkdir()
-    (tmp_path / folder / "ckpt-1.index").write_bytes(b"index")
-    (tmp_path / folder / "ckpt-1.data-00000-of-00001").write_bytes(b"data")
-  prefix = lambda folder: str(tmp_path / folder / "ckpt-1")
-  assert evaluate.weights_sha256(prefix("a")) == evaluate.weights_sha256(prefix("b"))
-  assert evaluate.weights_sha256(str(tmp_path / "a")) == evaluate.weights_sha256(
-      str(tmp_path / "b"))
-  (tmp_path / "b" / "ckpt-1.data-00000-of-00001").write_bytes(b"other")
-  assert evaluate.weights_sha256(prefix("a")) != evaluate.weights_sha256(prefix("b"))
-  assert evaluate.weights_sha256(str(tmp_path / "a")) != evaluate.weights_sha256(
-      str(tmp_path / "b"))
-  assert evaluate.weights_sha256(str(tmp_path / "nothing")) is None
+  metadata = sampler_module.Sampler.from_schedule(exported, schedule=schedule,
+                                                  num_steps=2).metadata()
+  assert report["rows"][0]["weights"] == dict(path=path, sha256=metadata["weights_sha256"])

@@ -1,4 +1,4 @@
-"""export/: the serving SavedModel and TFLite files against the in-process `ddim.sample`.
+"""mmd_keras/export: the serving SavedModel and TFLite files against the in-process `ddim.sample`.
 
 Parity is only meaningful on a UNet whose outputs are not trivial and not exploding: an untrained
 UNet has zero output convolutions (ε̂ = 0) and its x̂0 at t ≈ T divides by sqrt(ᾱ_T) ≈ 0.006. So the
@@ -8,7 +8,6 @@ tiny UNet here gets N(0, 0.1²) random weights everywhere and the sampler clips 
 import hashlib
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -18,11 +17,13 @@ import pytest
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
+from helpers import REPO_ROOT
 from helpers import randomize_weights, tiny_unet
-from export import sampler_module, writers
 from mmd_keras import ddim
+from mmd_keras import provenance
 from mmd_keras import schedule as schedule_lib
 from mmd_keras.app import export as export_app
+from mmd_keras.export import sampler_module, writers
 from mmd_keras.errors import UserError
 
 NUM_STEPS = 2
@@ -319,18 +320,6 @@ def test_plain_model_names_are_accepted(name):
   writers.check_model_name(name)
 
 
-def test_weights_sha256_follows_the_values_not_the_build():
-  first, second = tiny_unet(dropout=0.1), tiny_unet(dropout=0.1)  # Own seed-generator states.
-  randomize_weights(first, seed=3)
-  randomize_weights(second, seed=3)
-  digest = sampler_module.weights_sha256(first.weights)
-  assert digest == sampler_module.weights_sha256(second.weights)
-  assert len(digest) == 64 and int(digest, 16) >= 0
-  kernel = second.weights[0]
-  kernel.assign(kernel.numpy() + np.float32(1e-3) * np.eye(*kernel.shape[-2:], dtype=np.float32))
-  assert sampler_module.weights_sha256(second.weights) != digest
-
-
 def _sha256_of_files(folder):
   return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
           for name in sorted(os.listdir(folder)) if (folder / name).is_file()}
@@ -394,7 +383,7 @@ def test_next_free_version_reuses_the_same_weights_and_never_replaces_another_mo
 @pytest.mark.slow
 def test_load_example_runs_in_a_process_without_project_code(exported, tmp_path):
   script = tmp_path / "load_example.py"
-  shutil.copy(pathlib.Path(sampler_module.__file__).with_name("load_example.py"), script)
+  shutil.copy(REPO_ROOT / "export" / "load_example.py", script)
   check = ("import runpy, sys; sys.argv = ['load_example.py', '--model_dir', sys.argv[1], "
            "'--seed', '3', '--num_images', '3', '--out', 'grid.png']; "
            "runpy.run_path('load_example.py', run_name='__main__'); "
@@ -466,7 +455,7 @@ def test_main_export_writes_the_serving_layout(unet, repo_root, tmp_path):
   assert os.path.isfile(tmp_path / "out" / "mmd_ddm_k1.tflite")
   record = writers.read_tflite_record(str(tmp_path / "out" / "mmd_ddm_k1.tflite"))
   assert record["saved_model_version"] == 1 and record["num_steps"] == 1
-  assert record["weights_sha256"] == sampler_module.weights_sha256(unet.weights)
+  assert record["weights_sha256"] == provenance.weights_sha256(unet.weights)
   second = run()
   assert second.returncode == 2 and "--overwrite" in second.stderr
 

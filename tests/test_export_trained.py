@@ -11,11 +11,11 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
 from helpers import REPO_ROOT
-from export import sampler_module, writers
 from mmd_keras import checkpoints
 from mmd_keras import ddim
 from mmd_keras import schedule as schedule_lib
 from mmd_keras import unet as unet_lib
+from mmd_keras.export import sampler_module, writers
 
 NUM_STEPS = 5
 SCHEDULE = schedule_lib.NoiseSchedule.linear()

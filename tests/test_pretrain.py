@@ -48,14 +48,6 @@ def _denoising_loss(unet, x0):
   return float(np.mean((noise - eps) ** 2))
 
 
-def test_step_seed_differs_by_step_and_seed():
-  a = pretrain.step_seed(0, 1).numpy()
-  np.testing.assert_array_equal(a, pretrain.step_seed(0, 1).numpy())
-  assert not np.array_equal(a, pretrain.step_seed(0, 2).numpy())
-  assert not np.array_equal(a, pretrain.step_seed(1, 1).numpy())
-  assert a.shape == (2,) and a.dtype == np.int32
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """40 steps on a fixed batch with a fast EMA, saved as `pretrain` saves them.

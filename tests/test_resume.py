@@ -43,7 +43,7 @@ def _start_main(*args):
 # main.py with a SIGKILL at one point of a save, chosen by MMD_TEST_KILL=<point>:<name suffix>:
 #   files  a checkpoint's shards are written (<prefix>_temp/), not yet merged under its name;
 #   state  its .index and .data files are written, the `checkpoint` state file does not list it;
-#   h5     unet.tmp.weights.h5 is written, not yet renamed to unet.weights.h5.
+#   h5     .tmp.unet.weights.h5 (the staging file) is written, not yet renamed to unet.weights.h5.
 _KILLING_MAIN = """
 import os, runpy, signal, sys
 point, _, suffix = os.environ["MMD_TEST_KILL"].partition(":")
@@ -256,7 +256,7 @@ def test_finetune_killed_while_saving_resumes_and_writes_the_final_weights(
   stderr = _run_killed_in_save("h5:/unet.weights.h5", f"--workdir={workdir}", *finetune_args)
   assert f"resumed from {latest} at step 2" in stderr
   assert not os.path.exists(run_dir / "unet.weights.h5")
-  assert os.path.exists(run_dir / "unet.tmp.weights.h5")
+  assert os.path.exists(run_dir / ".tmp.unet.weights.h5")
   straight_checkpoints = finetune_straight / "finetune_k2" / "checkpoints"
   _assert_same_state(_checkpoint_tensors(str(checkpoint_dir / "ckpt-9")),
                      _checkpoint_tensors(str(straight_checkpoints / "ckpt-9")),

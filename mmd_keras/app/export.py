@@ -3,8 +3,8 @@ and a TFLite file, never replacing a file without export.overwrite."""
 
 import os
 
-from export import sampler_module as export_sampler
-from export import writers as export_writers
+from mmd_keras.export import sampler_module as export_sampler
+from mmd_keras.export import writers as export_writers
 from mmd_keras import errors
 from mmd_keras.app import runs
 from mmd_keras.errors import ParameterError

@@ -2,15 +2,14 @@
 small evaluation, export the finetuned sampler. A rerun reuses the finetune only if the settings it
 was made with (recorded beside it) are the same."""
 
-import dataclasses
+import glob
 import json
 import os
-import glob
 
 from mmd_keras import checkpoints
 from mmd_keras import distribute
 from mmd_keras import errors
-from mmd_keras import evaluate as evaluate_lib
+from mmd_keras import provenance
 from mmd_keras.app import evaluate
 from mmd_keras.app import export
 from mmd_keras.app import finetune
@@ -20,32 +19,6 @@ from mmd_keras.errors import ParameterError
 
 REFERENCE_STEPS = 100  # The many-step DDIM row.
 RECORD = "quickstart_settings.json"
-
-# Fields of the configuration that change how a finetune is computed or logged, not its weights.
-_NOT_DETERMINING = {"run.mode", "run.workdir", "run.init_checkpoint", "run.deterministic",
-                    "run.checkpoint_every", "run.log_every", "run.flags_text", "data.data_dir",
-                    "data.batch_size", "sampler.num_images", "sampler.batch_size",
-                    "features.classifier_path", "features.inception_weights",
-                    "features.classifier_epochs", "finetune.recompute"}
-
-
-def finetune_settings(cfg, *, init_checkpoint):
-  """{field: value} of everything a finetune's weights depend on; files by their sha256."""
-  settings = {}
-  for section in ("run", "data", "diffusion", "unet", "sampler", "features", "finetune"):
-    for field, value in dataclasses.asdict(getattr(cfg, section)).items():
-      name = f"{section}.{field}"
-      if name not in _NOT_DETERMINING:
-        settings[name] = list(value) if isinstance(value, tuple) else value
-  sha = lambda path: f"sha256:{(evaluate_lib.weights_sha256(path) or 'none')[:16]}"
-  feature_field, feature_file = (
-      ("features.inception_weights", cfg.features.inception_weights)
-      if cfg.features.feature_net == "inception_v3"
-      else ("features.classifier_path", cfg.features.classifier_path))
-  settings[feature_field] = sha(feature_file)
-  settings["run.init_checkpoint"] = sha(checkpoints.latest(init_checkpoint))
-  return settings
-
 
 def check_reuse(cfg, settings):
   """The path of the record of the finetune's settings; a ParameterError if the workdir holds a
@@ -83,7 +56,9 @@ def run(cfg):
   inputs.check_eval_split(cfg, num_images=num_images, images_field="eval.quickstart_images")
   inputs.check_feature_spaces(cfg)
   spaces = inputs.feature_spaces(cfg, num_images=num_images, images_field="eval.quickstart_images")
-  settings = finetune_settings(cfg, init_checkpoint=plan.init_checkpoint)
+  # A directory stands for its latest checkpoint: that one is what the finetune starts from.
+  settings = provenance.finetune_settings(
+      cfg, init_checkpoint=checkpoints.latest(plan.init_checkpoint))
   record = check_reuse(cfg, settings)
   print(f"[1/3] MMD finetuning at K={k} ({cfg.finetune.steps} steps)")
   if distribute.is_chief(plan.strategy):  # Workers of a cluster share the workdir: one record.

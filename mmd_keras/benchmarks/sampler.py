@@ -23,12 +23,12 @@ import tensorflow as tf
 from absl import app
 from absl import flags
 
-from export import sampler_module
-from export import writers
 from mmd_keras import checkpoints
 from mmd_keras import ddim
 from mmd_keras import schedule as schedule_lib
 from mmd_keras import unet as unet_lib
+from mmd_keras.export import sampler_module
+from mmd_keras.export import writers
 
 flags.DEFINE_list("num_steps", ["5", "10"], "Step budgets K.")
 flags.DEFINE_list("batch_sizes", ["1", "64"], "Batch sizes.")

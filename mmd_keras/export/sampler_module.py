@@ -5,9 +5,10 @@
 
 K is fixed at construction, so `ddim.sample`'s Python loop unrolls into one K-step graph, traced once.
 Randomness is stateless and a function of `seed` alone: x_T ~ stateless_normal(seed=(seed, 0)) and,
-for η > 0, step i draws its noise from fold_in((seed, 1), i) (inside `ddim.sample`). One seed thus
-gives the same images in every process, on every server. `from_noise` is a function of `noise` alone:
-for η > 0 its step noise uses seed 0.
+for η > 0, step i draws its noise from fold_in((seed, 1), i) (inside `ddim.sample`; the stream ids
+are `streams.EXPORT_X_T` and `streams.EXPORT_STEP_NOISE`). One seed thus gives the same images in
+every process, on every server. `from_noise` is a function of `noise` alone: for η > 0 its step
+noise uses seed 0.
 
 Bad requests fail inside the graph (so also under TF Serving, which does not check shapes against the
 signature): `num_images` outside [1, max_images], and noise that is not rank 4 with the exported
@@ -17,40 +18,24 @@ The metadata records sha256 digests of the UNet weights and of ᾱ: with the set
 model an exported file holds, so a re-export can tell "the same model again" from "new weights".
 """
 
-import hashlib
 
 import numpy as np
 import tensorflow as tf
 
 from mmd_keras import ddim
-
-X_T_STREAM = 0
-STEP_NOISE_STREAM = 1
+from mmd_keras import provenance
+from mmd_keras import streams
 
 
 def seeded_noise(seed, num_images, image_shape):
   """x_T of `serving_default`: [num_images, H, W, C] ~ N(0, I) from the int64 `seed`."""
-  seed = tf.cast(seed, tf.int64)
   return tf.random.stateless_normal(tf.concat([[num_images], image_shape], axis=0),
-                                    seed=tf.stack([seed, X_T_STREAM]))
+                                    seed=streams.key(seed, streams.EXPORT_X_T, tf.int64))
 
 
 def step_noise_seed(seed):
   """The [2] seed `ddim.sample` folds the step index into for its η > 0 noise."""
-  return tf.stack([tf.cast(seed, tf.int64), STEP_NOISE_STREAM])
-
-
-def weights_sha256(weights):
-  """sha256 over the dtypes, shapes and values of `weights` in order.
-
-  Names are left out: Keras numbers them per process, and they do not change what is computed.
-  """
-  digest = hashlib.sha256()
-  for weight in weights:
-    value = np.ascontiguousarray(weight.numpy())
-    digest.update(f"{value.dtype.str}{value.shape};".encode())
-    digest.update(value.tobytes())
-  return digest.hexdigest()
+  return streams.key(seed, streams.EXPORT_STEP_NOISE, tf.int64)
 
 
 def _constant(value, dtype=None):
@@ -102,14 +87,14 @@ class Sampler(tf.Module):
                timesteps=schedule.timesteps(num_steps, timestep_kind), **kwargs)
 
   def metadata(self):
-    """The settings as plain JSON values (what `assets/sampler.json` holds)."""
-    height, width, channels = self._image_shape
-    return dict(num_steps=len(self._timesteps), timesteps=self._timesteps, eta=self._eta,
-                clip_x0=self._clip_x0, image_shape=[height, width, channels],
-                max_images=self._max_images, num_timesteps=len(self._alphas_cumprod),
-                weights_sha256=weights_sha256(self._unet_weights()),
-                alphas_cumprod_sha256=hashlib.sha256(self._alphas_cumprod.tobytes()).hexdigest(),
-                seed_streams=dict(x_T=X_T_STREAM, step_noise=STEP_NOISE_STREAM),
+    """The settings as plain JSON values (what `assets/sampler.json` holds): the sampler's
+    `provenance.sampler_settings` and how it is served."""
+    settings = provenance.sampler_settings(
+        weights_sha256=provenance.weights_sha256(self._unet_weights()),
+        alphas_cumprod=self._alphas_cumprod, timesteps=self._timesteps, eta=self._eta,
+        clip_x0=self._clip_x0, image_shape=self._image_shape)
+    return dict(settings, max_images=self._max_images,
+                seed_streams=dict(x_T=streams.EXPORT_X_T, step_noise=streams.EXPORT_STEP_NOISE),
                 signatures=dict(serving_default=dict(inputs=["seed", "num_images"],
                                                      outputs=["images"]),
                                 from_noise=dict(inputs=["noise"],

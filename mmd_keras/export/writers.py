@@ -15,16 +15,15 @@ renamed into place.
 import json
 import os
 import re
-import shutil
 import tempfile
-import uuid
 
 import tensorflow as tf
 
+from mmd_keras import atomic
 from mmd_keras import console
 from mmd_keras import errors
+from mmd_keras import provenance
 from mmd_keras.errors import ParameterError
-from mmd_keras.errors import UserError
 
 
 # A name TF Serving can key a model by, in a directory name and in its REST URL
@@ -42,11 +41,6 @@ def check_model_name(name):
 
 def version_dir(*, export_dir, model_name, version):
   return os.path.join(export_dir, model_name, str(version))
-
-
-# What decides the images a sampler makes from given noise (not max_images, not the signatures).
-MODEL_KEYS = ("weights_sha256", "alphas_cumprod_sha256", "num_steps", "timesteps", "eta", "clip_x0",
-              "image_shape", "num_timesteps")
 
 
 def tflite_path(*, export_dir, model_name, num_steps, float16=False, version=None):
@@ -81,8 +75,7 @@ def read_tflite_record(path):
 
 def same_model(record, metadata):
   """Whether `record` (a sampler.json or TFLite record) describes the sampler of `metadata`."""
-  metadata = json.loads(json.dumps(metadata))  # Tuples as lists, as read back from a file.
-  return record is not None and all(record.get(key) == metadata[key] for key in MODEL_KEYS)
+  return provenance.same_sampler(record, metadata)
 
 
 def versions(*, export_dir, model_name):
@@ -145,39 +138,20 @@ def write_saved_model(sampler, *, export_dir, model_name, version, overwrite=Fal
   check_model_name(model_name)
   target = version_dir(export_dir=export_dir, model_name=model_name, version=version)
   check_version_free(target, overwrite=overwrite)
-  parent = make_model_dir(export_dir=export_dir, model_name=model_name)
-  # os.mkdir keeps the umask's permissions; mkdtemp's 0700 would survive the rename and hide the
-  # version from a server running as another user.
-  staging = os.path.join(parent, f".{version}.tmp-{uuid.uuid4().hex}")
-  os.mkdir(staging)
-  try:
-    with tempfile.TemporaryDirectory() as scratch:
-      metadata_path = os.path.join(scratch, "sampler.json")
-      with open(metadata_path, "w") as f:
-        json.dump(sampler.metadata(), f, indent=2)
-      sampler.metadata_file = tf.saved_model.Asset(metadata_path)
-      # tf.functions, not concrete functions: save traces under its own context anyway, so one
-      # trace per signature instead of two.
-      signatures = dict(serving_default=sampler.serving_default, from_noise=sampler.from_noise)
-      # No gradients are served: skip tracing the gradient of every op with a custom gradient.
-      options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
-      with console.timed("writing the SavedModel"):
-        tf.saved_model.save(sampler, staging, signatures=signatures, options=options)
-    _replace_dir(staging, target)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
+  make_model_dir(export_dir=export_dir, model_name=model_name)
+  with atomic.staged_dir(target) as staging, tempfile.TemporaryDirectory() as scratch:
+    metadata_path = os.path.join(scratch, "sampler.json")
+    with open(metadata_path, "w") as f:
+      json.dump(sampler.metadata(), f, indent=2)
+    sampler.metadata_file = tf.saved_model.Asset(metadata_path)
+    # tf.functions, not concrete functions: save traces under its own context anyway, so one
+    # trace per signature instead of two.
+    signatures = dict(serving_default=sampler.serving_default, from_noise=sampler.from_noise)
+    # No gradients are served: skip tracing the gradient of every op with a custom gradient.
+    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+    with console.timed("writing the SavedModel"):
+      tf.saved_model.save(sampler, staging, signatures=signatures, options=options)
   return target
-
-
-def _replace_dir(source, target):
-  """Renames `source` to `target`; an existing `target` is moved aside first, then deleted."""
-  if not os.path.exists(target):
-    os.rename(source, target)
-    return
-  old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
-  os.rename(target, os.path.join(old, "version"))
-  os.rename(source, target)
-  shutil.rmtree(old, ignore_errors=True)
 
 
 def tflite_bytes(sampler, *, float16=False):
@@ -202,22 +176,7 @@ def write_tflite(sampler, path, *, float16=False, version=None):
   # never a new file with the old model's record or the reverse.
   if os.path.exists(tflite_record_path(path)):
     os.remove(tflite_record_path(path))
-  _write_file_atomically(path, data)
-  _write_file_atomically(tflite_record_path(path), json.dumps(record, indent=2).encode())
+  # Unique staging names: two exports into one directory never share (or delete) a staging file.
+  atomic.write_bytes(path, data, unique=True)
+  atomic.write_json(tflite_record_path(path), record, unique=True)
   return path
-
-
-def _write_file_atomically(path, data):
-  """Writes bytes `data` to `path` through a staging file beside it, removed if anything fails."""
-  # A unique name: two exports into one directory never share (or delete) a staging file. open("xb")
-  # rather than mkstemp keeps the umask's permissions (mkstemp's 0600 would hide the file from a
-  # server running as another user).
-  staging = os.path.join(os.path.dirname(path) or ".",
-                         f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-  try:
-    with open(staging, "xb") as f:
-      f.write(data)
-    os.replace(staging, path)
-  finally:
-    if os.path.exists(staging):
-      os.remove(staging)
