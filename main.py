@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 
 from mmd_keras import config as config_lib
+from mmd_keras import errors
 from mmd_keras import features as features_lib
 from mmd_keras import mmd
 from mmd_keras.app import evaluate
@@ -24,6 +25,7 @@ from mmd_keras.app import finetune
 from mmd_keras.app import merge_reports
 from mmd_keras.app import pretrain
 from mmd_keras.app import quickstart
+from mmd_keras.app import runs
 from mmd_keras.app import runtime
 from mmd_keras.app import sample
 from mmd_keras.app import train_classifier
@@ -226,9 +228,10 @@ def main(argv):
     raise UserError(f"unexpected arguments {argv[1:]}; every option is a --flag (flagfile lines "
                     f"too)")
   cfg = configuration()
-  if isinstance(cfg, config_lib.Config):
-    runtime.prepare(cfg)
-  MODES[FLAGS.mode](cfg)
+  with errors.renamed(**runs.LIBRARY_FIELDS):
+    if isinstance(cfg, config_lib.Config):
+      runtime.prepare(cfg)
+    MODES[FLAGS.mode](cfg)
 
 
 def _parse_flags(argv):

@@ -1,6 +1,6 @@
 """Saving and restoring UNet weights.
 
-Three kinds of `--init_checkpoint` are understood:
+Three kinds of checkpoint (e.g. a run's `init_checkpoint`) are understood:
   * a training directory or checkpoint prefix written by `pretrain`/`finetune` (tf.train.Checkpoint
     with `unet` and, when present, `ema` weights);
   * a `.weights.h5` file of the UNet alone (what the bundled base model is);
@@ -15,15 +15,20 @@ import tensorflow as tf
 
 from mmd_keras import atomic
 from mmd_keras import ddpm_import
-from mmd_keras.errors import UserError
+from mmd_keras.errors import ParameterError
 
 
-# The flags that decide the UNet's weight shapes.
-UNET_FLAGS = "--image_size, --ch, --ch_mult, --num_res_blocks, --attn_resolutions"
+# The UNet parameters that decide its weight shapes, as `ParameterError` refs.
+UNET_PARAMETERS = ("image_size", "ch", "ch_mult", "num_res_blocks", "attn_resolutions")
+_UNET = ", ".join("{" + name + "}" for name in UNET_PARAMETERS)
 
 
-class CheckpointError(UserError):
-  """A checkpoint that cannot be used; the message names the flag or file."""
+class CheckpointError(ParameterError):
+  """A checkpoint that cannot be used, named by the parameter that gave it (None: no parameter,
+  e.g. the checkpoint a rerun resumes from)."""
+
+  def __init__(self, parameter, detail, *, value=ParameterError._UNSET, refs=UNET_PARAMETERS):
+    super().__init__(parameter, detail, value=value, refs=refs)
 
 
 class WeightList(tf.Module):
@@ -62,15 +67,15 @@ def latest(path):
   return path
 
 
-def _assign_from_reader(unet, prefix, *, use_ema, flag):
+def _assign_from_reader(unet, prefix, *, use_ema, parameter):
   """Loads `unet` from a training checkpoint prefix: its EMA weights if asked and present."""
   reader = tf.train.load_checkpoint(prefix)
   names = reader.get_variable_to_shape_map()
   weights = unet.weights
   ema_keys = _list_keys("ema", len(weights) + 1)
   if ema_keys[-1] in names:
-    raise CheckpointError(f"{flag}={prefix} does not match the UNet flags: it holds "
-                          f"more weights than the {len(weights)} of this UNet")
+    raise CheckpointError(parameter, f"does not match the UNet ({_UNET}): it holds more weights "
+                          f"than the {len(weights)} of this UNet", value=prefix)
   if not (use_ema and all(k in names for k in ema_keys[:-1])):
     # The raw weights are also reachable through `unet` and the optimizer, so they are stored
     # under whichever path the saver met first: restore them through the object graph.
@@ -78,49 +83,51 @@ def _assign_from_reader(unet, prefix, *, use_ema, flag):
     try:
       status.expect_partial().assert_existing_objects_matched()
     except (AssertionError, ValueError) as e:
-      raise CheckpointError(f"{flag}={prefix} does not hold the raw weights of this "
-                            f"UNet: {str(e).splitlines()[0]}") from e
+      raise CheckpointError(parameter, f"does not hold the raw weights of this UNet: "
+                            f"{str(e).splitlines()[0]}", value=prefix) from e
     return "raw"
   for weight, key in zip(weights, ema_keys):
     value = reader.get_tensor(key)
     if tuple(value.shape) != tuple(weight.shape):
       raise CheckpointError(
-          f"{flag}={prefix} does not match the UNet flags: {weight.path} has shape "
-          f"{tuple(weight.shape)}, the checkpoint has {tuple(value.shape)}")
+          parameter, f"does not match the UNet ({_UNET}): {weight.path} has shape "
+          f"{tuple(weight.shape)}, the checkpoint has {tuple(value.shape)}", value=prefix)
     weight.assign(value)
   return "ema"
 
 
-def _resolve(path, *, flag):
-  """("h5", the file) or ("checkpoint", the prefix) of an existing checkpoint; `flag` names it."""
+def _resolve(path, *, parameter):
+  """("h5", the file) or ("checkpoint", the prefix) of an existing checkpoint; `parameter` names
+  it in errors."""
   if not path:
-    raise CheckpointError(f"{flag} is empty and the workdir holds no checkpoint")
+    raise CheckpointError(parameter, "is empty and the workdir holds no checkpoint")
   if path.endswith(".weights.h5"):
     if not os.path.exists(path):
-      raise CheckpointError(f"{flag}={path} does not exist (expected an existing .weights.h5 file)")
+      raise CheckpointError(parameter, "does not exist (expected an existing .weights.h5 file)",
+                            value=path)
     try:
       # Opening checks the HDF5 signature and the stored end of file: garbage and truncated
       # files fail here, before any model is built.
       with h5py.File(path, "r"):
         pass
     except OSError as e:
-      raise CheckpointError(f"{flag}={path} is not a readable .weights.h5 (HDF5) file: "
-                            f"{str(e).splitlines()[0]}") from e
+      raise CheckpointError(parameter, f"is not a readable .weights.h5 (HDF5) file: "
+                            f"{str(e).splitlines()[0]}", value=path) from e
     return "h5", path
   prefix = latest(path)
   if prefix is None or not tf.io.gfile.exists(prefix + ".index"):
     raise CheckpointError(
-        f"{flag}={path}: no checkpoint found (expected a .weights.h5 file, a checkpoint "
-        f"prefix with a .index file, or a directory holding one)")
+        parameter, "names no checkpoint (expected a .weights.h5 file, a checkpoint prefix with a "
+        ".index file, or a directory holding one)", value=path)
   return "checkpoint", prefix
 
 
-def _variable_shapes(prefix, *, flag):
+def _variable_shapes(prefix, *, parameter):
   try:
     return tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
   except (tf.errors.OpError, ValueError) as e:
-    raise CheckpointError(f"{flag}={prefix} is unreadable (expected a TF checkpoint): "
-                          f"{str(e).splitlines()[0]}") from e
+    raise CheckpointError(parameter, f"is unreadable (expected a TF checkpoint): "
+                          f"{str(e).splitlines()[0]}", value=prefix) from e
 
 
 def _shape_difference(path, unet):
@@ -139,40 +146,40 @@ def _shape_difference(path, unet):
           f"{only_unet[0] if only_unet else 'none'} in the UNet")
 
 
-def check_readable(path, *, flag="--init_checkpoint"):
+def check_readable(path, *, parameter="init_checkpoint"):
   """Raises CheckpointError unless `path` names a checkpoint whose file (or index) can be read.
 
   Cheap (no model is built), so a run can refuse a missing or corrupt file before loading data;
   whether the weights fit the UNet is only known when they are restored.
   """
-  kind, resolved = _resolve(path, flag=flag)
+  kind, resolved = _resolve(path, parameter=parameter)
   if kind == "checkpoint":
-    _variable_shapes(resolved, flag=flag)
+    _variable_shapes(resolved, parameter=parameter)
 
 
-def restore_unet(unet, path, *, use_ema=True, flag="--init_checkpoint"):
-  """Loads weights into a built `unet` from any supported `--init_checkpoint`; returns a label.
+def restore_unet(unet, path, *, use_ema=True, parameter="init_checkpoint"):
+  """Loads weights into a built `unet` from any supported checkpoint; returns a label.
 
-  `flag` is the flag that named `path`, for the error messages.
+  `parameter` names `path` in the error messages.
   """
-  kind, resolved = _resolve(path, flag=flag)
+  kind, resolved = _resolve(path, parameter=parameter)
   if kind == "h5":
     try:
       unet.load_weights(resolved)
     except Exception as e:  # h5py/Keras raise many types for a wrong or corrupt file.
-      # Keras' own message names no shape; the shapes say which flag differs.
+      # Keras' own message names no shape; the shapes say which parameter differs.
       detail = _shape_difference(resolved, unet) or f"{type(e).__name__}: {str(e).splitlines()[0]}"
-      raise CheckpointError(f"{flag}={path} cannot be loaded into the UNet built from the flags "
-                            f"({UNET_FLAGS}): {detail}") from e
+      raise CheckpointError(parameter, f"cannot be loaded into the UNet of {_UNET}: {detail}",
+                            value=path) from e
     return "weights.h5"
-  names = _variable_shapes(resolved, flag=flag)
+  names = _variable_shapes(resolved, parameter=parameter)
   if ddpm_import.is_released(names):  # The TF1 checkpoints of Ho et al.
     try:
       return ddpm_import.restore(unet, resolved, use_ema=use_ema)
     except ddpm_import.MismatchError as e:
-      raise CheckpointError(f"{flag}={resolved} ({e.label} weights) does not match the UNet "
-                            f"flags ({UNET_FLAGS}): {e}") from e
-  return _assign_from_reader(unet, resolved, use_ema=use_ema, flag=flag)
+      raise CheckpointError(parameter, f"({e.label} weights) does not match the UNet ({_UNET}): "
+                            f"{e}", value=resolved) from e
+  return _assign_from_reader(unet, resolved, use_ema=use_ema, parameter=parameter)
 
 
 # What restoring a corrupt or foreign training checkpoint raises (a short data file: IndexError).
@@ -192,10 +199,11 @@ def resume_error(prefix, detail, *, corrupt=False):
   if corrupt:
     expected = "expected a complete checkpoint:"
   else:
-    expected = (f"expected a checkpoint written by this command (the same UNet flags "
-                f"{UNET_FLAGS}): rerun with the flags of the run that wrote it (its flags_*.cfg),")
-  return CheckpointError(f"cannot resume from {prefix}: {detail}; {expected} use another "
-                         f"--workdir, or move {folder} away to start over")
+    expected = (f"expected a checkpoint written by this command (the same {_UNET}): rerun with "
+                f"the flags of the run that wrote it (its flags_*.cfg),")
+  return CheckpointError(None, f"cannot resume from {prefix}: {detail}; {expected} use another "
+                         f"{{workdir}}, or move {folder} away to start over",
+                         refs=UNET_PARAMETERS + ("workdir",))
 
 
 def check_resume(checkpoint_dir, *, unet_factory):
@@ -232,6 +240,6 @@ def check_resume(checkpoint_dir, *, unet_factory):
 def save_weights_h5(unet, path, *, overwrite=False):
   """Writes the UNet weights to `path` via a staging file and a rename (never half-written)."""
   if os.path.exists(path) and not overwrite:
-    raise CheckpointError(f"{path} exists; refusing to overwrite it")
+    raise CheckpointError(None, f"{path} exists; refusing to overwrite it", refs=())
   with atomic.staged(path) as staging:
     unet.save_weights(staging)

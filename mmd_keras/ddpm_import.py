@@ -24,7 +24,7 @@ _SHOWN = 3  # How many offending names an error message lists.
 
 class MismatchError(ValueError):
   """A released checkpoint whose variables do not fit the UNet; `label` says which weights
-  ("ddpm-ema" or "ddpm-raw") were compared. `checkpoints.restore_unet` names the file and flags."""
+  ("ddpm-ema" or "ddpm-raw") were compared. `checkpoints.restore_unet` names the file and the UNet parameters."""
 
   def __init__(self, detail, *, label):
     super().__init__(detail)

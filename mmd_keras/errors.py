@@ -15,7 +15,8 @@ class UserError(ValueError):
 
 
 class ParameterError(UserError):
-  """`parameter` (and `value`, when given) is wrong: "<parameter>=<value> <detail>".
+  """`parameter` (and `value`, when given) is wrong: "<parameter>=<value> <detail>"; with
+  `parameter` None the message is `detail` alone.
 
   `detail` may name other parameters as `{name}` for each name in `refs`; they are renamed with
   `parameter` and spelled out only when the message is shown.
@@ -32,7 +33,8 @@ class ParameterError(UserError):
 
   def rename(self, mapping):
     """Renames the parameter and its refs by `mapping` (old name -> new name), in place."""
-    self.parameter = mapping.get(self.parameter, self.parameter)
+    if self.parameter is not None:
+      self.parameter = mapping.get(self.parameter, self.parameter)
     self.refs = {ref: mapping.get(name, name) for ref, name in self.refs.items()}
 
   def message(self, spell=lambda name: name):
@@ -40,6 +42,8 @@ class ParameterError(UserError):
     detail = self.detail
     for ref, name in self.refs.items():
       detail = detail.replace("{" + ref + "}", spell(name))
+    if self.parameter is None:
+      return detail
     head = spell(self.parameter)
     if self.value is not self._UNSET:
       head += f"={_text(self.value)}"

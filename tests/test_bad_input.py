@@ -79,7 +79,7 @@ CASES = [
     Case("checkpoint_not_matching_unet_flags",
          ["--mode=export", "--num_steps=4", "--model_version=4",
           "--init_checkpoint={root}/run/pretrain", "--ch=64"],
-         ["--init_checkpoint", "ckpt-4", "does not match the UNet flags"]),
+         ["--init_checkpoint", "ckpt-4", "does not match the UNet (--image_size, --ch, --ch_mult"]),
     # A rerun resumes from the workdir's own checkpoint: the tree's pretrain checkpoint has ch 32.
     Case("resume_checkpoint_not_matching_unet_flags", ["--mode=pretrain", "--ch=64"],
          ["cannot resume from", "pretrain/checkpoints/ckpt-4", "--ch", "--workdir"]),

@@ -107,7 +107,7 @@ def test_checkpoint_restores_ema_and_raw_weights(trained, use_ema):
 def test_checkpoint_for_another_architecture_is_refused(trained):
   folder = trained[1]
   bigger = tiny_unet(image_size=8, channels=3)
-  with pytest.raises(checkpoints.CheckpointError, match="--init_checkpoint"):
+  with pytest.raises(checkpoints.CheckpointError, match="^init_checkpoint="):
     checkpoints.restore_unet(bigger, str(folder), use_ema=True)
 
 
@@ -123,7 +123,7 @@ def test_resume_check_refuses_another_unet_and_a_truncated_checkpoint(trained, t
   folder = trained[1]
   with pytest.raises(checkpoints.CheckpointError,
                      match=r"^cannot resume from .*ckpt-40: it does not hold this UNet's weights "
-                           r".*--ch, .*--workdir"):
+                           r".*image_size, ch, .*use another workdir"):
     checkpoints.check_resume(str(folder / "checkpoints"),
                              unet_factory=lambda: tiny_unet(image_size=8, channels=3))
   copy = tmp_path / "checkpoints"
@@ -132,7 +132,7 @@ def test_resume_check_refuses_another_unet_and_a_truncated_checkpoint(trained, t
   data.write_bytes(data.read_bytes()[:-4])  # Four bytes short: the last float32.
   with pytest.raises(checkpoints.CheckpointError,
                      match=r"ckpt-40: its tensor .* cannot be read .*complete checkpoint"
-                           r".*--workdir"):
+                           r".*use another workdir"):
     checkpoints.check_resume(str(copy), unet_factory=lambda: tiny_unet(image_size=8, channels=1))
 
 
@@ -152,7 +152,7 @@ def test_checkpoint_without_the_weight_list_is_refused(tmp_path):
   # The `unet` object alone misses the weights Keras 3 keeps in sublayer lists.
   prefix = tf.train.Checkpoint(unet=tiny_unet(image_size=8, channels=1)).save(
       str(tmp_path / "partial"))
-  with pytest.raises(checkpoints.CheckpointError, match="--init_checkpoint"):
+  with pytest.raises(checkpoints.CheckpointError, match="^init_checkpoint="):
     checkpoints.restore_unet(tiny_unet(image_size=8, channels=1), prefix, use_ema=False)
 
 

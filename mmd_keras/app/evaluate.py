@@ -25,7 +25,7 @@ def sweep(cfg, *, ddim_steps, finetuned, spaces, num_images, out_dir, init_check
                                    path=checkpoints.latest(init_checkpoint))]
   for k, path in sorted(finetuned.items()):
     unet = cfg.unet.factory()().build_for_inference()
-    checkpoints.restore_unet(unet, path, use_ema=False, flag="--finetuned_checkpoints")
+    checkpoints.restore_unet(unet, path, use_ema=False, parameter="finetuned_checkpoints")
     models.append(evaluate_lib.ModelSpec("MMD-DDM", unet, (k,), path=path))
   real_set, real_batches = inputs.real_set(cfg)
   runs.write_flags(cfg.run, out_dir)

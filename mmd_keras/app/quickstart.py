@@ -6,6 +6,7 @@ import glob
 import json
 import os
 
+from mmd_keras import atomic
 from mmd_keras import checkpoints
 from mmd_keras import distribute
 from mmd_keras import errors
@@ -63,9 +64,7 @@ def run(cfg):
   print(f"[1/3] MMD finetuning at K={k} ({cfg.finetune.steps} steps)")
   if distribute.is_chief(plan.strategy):  # Workers of a cluster share the workdir: one record.
     runs.mode_dir(cfg.run, finetune.run_dir_name(cfg))
-    with open(record + ".tmp", "w") as f:
-      json.dump(settings, f, indent=2)
-    os.replace(record + ".tmp", record)
+    atomic.write_json(record, settings)
   finetuned = finetune.run(cfg, plan)
   print(f"[2/3] evaluating DDIM K={k}, MMD-DDM K={k} and DDIM K={reference_k} on {num_images} "
         f"images")

@@ -10,6 +10,15 @@ from mmd_keras import errors
 from mmd_keras.errors import ParameterError
 
 
+# Library parameters that mean one configuration field wherever a mode passes them; a mode renames
+# the others (a batch size, a number of images) where it knows which field supplied them.
+LIBRARY_FIELDS = dict(
+    init_checkpoint="run.init_checkpoint", workdir="run.workdir", mode="run.mode",
+    dataset="data.dataset", data_dir="data.data_dir", image_size="data.image_size",
+    ch="unet.ch", ch_mult="unet.ch_mult", num_res_blocks="unet.num_res_blocks",
+    attn_resolutions="unet.attn_resolutions", finetuned_checkpoints="eval.finetuned_checkpoints")
+
+
 def mode_dir(run, name):
   """<workdir>/<name> of the RunConfig `run`, created and checked writable."""
   return errors.writable_dir(os.path.join(run.workdir, name), parameter="run.workdir",
@@ -71,7 +80,7 @@ def finetuned_checkpoints(cfg, steps):
     if k in found:
       raise ParameterError("eval.finetuned_checkpoints", f"gives K={k} twice ({found[k]} and "
                            f"{path}); expected one model per K")
-    checkpoints.check_readable(path, flag="--finetuned_checkpoints")
+    checkpoints.check_readable(path, parameter="finetuned_checkpoints")
     found[k] = path
   if cfg.eval.finetuned_checkpoints:
     return found
