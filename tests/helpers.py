@@ -1,5 +1,5 @@
-"""What several test modules share: tiny models, the finetuning setup, main.py as a subprocess,
-TensorBoard events, and a test file run as a script in its own process.
+"""What several test modules share: tiny models, the Gaussian ε-oracle, the finetuning setup,
+main.py as a subprocess, TensorBoard events, and a test file run as a script in its own process.
 
 Test modules import these (`from helpers import ...`); no test module imports another. conftest.py
 holds only fixtures and pytest hooks.
@@ -44,6 +44,20 @@ def randomize_weights(model, *, seed=0, scale=0.1):
   for weight in model.weights:
     weight.assign(rng.normal(0.0, scale, weight.shape).astype(np.float32))
   return model
+
+
+def gaussian_eps_model(means, stds, alphas_cumprod):
+  """The optimal ε-model for x0 ~ N(means, stds²), one Gaussian per channel:
+  ε*(x_t, t) = E[ε | x_t] = sqrt(1 − ᾱ_t) (x_t − sqrt(ᾱ_t) m) / (ᾱ_t s² + 1 − ᾱ_t)."""
+  m = tf.constant(means, tf.float32)
+  s2 = tf.constant(np.square(stds), tf.float32)
+  alphas_cumprod = tf.constant(alphas_cumprod, tf.float32)
+
+  def eps_model(x_t, t):
+    a = tf.gather(alphas_cumprod, t)[:, None, None, None]
+    return tf.sqrt(1.0 - a) * (x_t - tf.sqrt(a) * m) / (a * s2 + 1.0 - a)
+
+  return eps_model
 
 
 class RandomConvFeatures:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers import gaussian_eps_model
 from mmd_keras import ddim
 from mmd_keras import schedule as schedule_lib
 
@@ -19,19 +20,6 @@ SCHEDULE = schedule_lib.NoiseSchedule.linear()
 MEANS = np.array([0.3, -0.4])
 STDS = np.array([0.5, 0.25])
 NUM_SAMPLES = 20_000
-
-
-def gaussian_eps_model(means, stds, alphas_cumprod):
-  """The optimal ε-model for x0 ~ N(means, stds²), one Gaussian per channel."""
-  m = tf.constant(means, tf.float32)
-  s2 = tf.constant(np.square(stds), tf.float32)
-  alphas_cumprod = tf.constant(alphas_cumprod, tf.float32)
-
-  def eps_model(x_t, t):
-    a = tf.gather(alphas_cumprod, t)[:, None, None, None]
-    return tf.sqrt(1.0 - a) * (x_t - tf.sqrt(a) * m) / (a * s2 + 1.0 - a)
-
-  return eps_model
 
 
 def exact_ddim_moments(m, s, *, timesteps, alphas_cumprod, eta):
