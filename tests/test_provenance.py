@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from conftest import randomize_weights
-from conftest import tiny_unet
+from helpers import randomize_weights
+from helpers import tiny_unet
 from mmd_keras import provenance
 
 
