@@ -238,16 +238,15 @@ class Config:
   export: ExportConfig
   distribution: DistributionConfig
 
-  def __post_init__(self):
-    with renamed(num_steps="sampler.num_steps", num_timesteps="diffusion.num_timesteps",
-                 kind="sampler.timesteps"):
-      self.timesteps(self.sampler.num_steps)
-
   def timesteps(self, num_steps):
     """The K visited timesteps of this run's spacing; a ParameterError on `num_steps` (or `kind`)
     if K does not fit T (or the spacing)."""
-    return schedule_lib.timestep_subsequence(num_timesteps=self.diffusion.num_timesteps,
-                                             num_steps=num_steps, kind=self.sampler.timesteps)
+    return _timestep_subsequence(self.diffusion, self.sampler, num_steps)
+
+
+def _timestep_subsequence(diffusion, sampler, num_steps):
+  return schedule_lib.timestep_subsequence(num_timesteps=diffusion.num_timesteps,
+                                           num_steps=num_steps, kind=sampler.timesteps)
 
 @dataclasses.dataclass(frozen=True)
 class MergeConfig:
@@ -296,12 +295,16 @@ def build(values):
   section = lambda cls, name: cls(**{f.name: values[f"{name}.{f.name}"]
                                      for f in dataclasses.fields(cls)
                                      if f"{name}.{f.name}" in values})
+  run, data = section(RunConfig, "run"), section(DataConfig, "data")
+  diffusion, sampler = section(DiffusionConfig, "diffusion"), section(SamplerConfig, "sampler")
+  # K against T (and the spacing) before the UNet's shapes, as the sampling modes always did.
+  with renamed(num_steps="sampler.num_steps", num_timesteps="diffusion.num_timesteps",
+               kind="sampler.timesteps"):
+    _timestep_subsequence(diffusion, sampler, sampler.num_steps)
   return Config(
-      run=section(RunConfig, "run"),
-      data=section(DataConfig, "data"),
-      diffusion=section(DiffusionConfig, "diffusion"),
+      run=run, data=data, diffusion=diffusion,
       unet=section(UNetConfig, "unet"),
-      sampler=section(SamplerConfig, "sampler"),
+      sampler=sampler,
       pretrain=section(PretrainConfig, "pretrain"),
       features=section(FeatureConfig, "features"),
       finetune=section(FinetuneConfig, "finetune"),

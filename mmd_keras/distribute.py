@@ -147,9 +147,10 @@ def check_same_start(step, strategy, *, workdir):
     return
   steps = strategy.gather(strategy.run(lambda: tf.constant([step], tf.int64)), axis=0).numpy()
   if len(set(steps.tolist())) > 1:
-    raise UserError(f"the workers start at different steps {sorted(set(steps.tolist()))}: every "
-                    f"worker must read the chief's checkpoints, so put the work directory "
-                    f"{workdir} on a filesystem all workers share")
+    raise ParameterError(None, f"the workers start at different steps "
+                         f"{sorted(set(steps.tolist()))}: every worker must read the chief's "
+                         f"checkpoints, so put {{workdir}}={workdir} on a filesystem all workers "
+                         f"share", refs=("workdir",))
 
 
 def shard_global_batches(dataset):

@@ -174,4 +174,4 @@ def test_a_checkpoint_that_does_not_restore_is_a_one_line_resume_error(tmp_path)
                                         learning_rate=1e-3)
   message = str(error.value)
   assert message.startswith(f"cannot resume from {tmp_path / 'checkpoints' / 'ckpt-3'}: ")
-  assert "(3,)" in message and "--workdir" in message and "\n" not in message
+  assert "(3,)" in message and "use another workdir" in message and "\n" not in message
