@@ -157,10 +157,7 @@ class FinetuneConfig:
   rbf_bandwidths: tuple = (1.0,)
 
   def __post_init__(self):
-    _positive(self, "steps", "learning_rate")
-    if self.batch_size < 2:
-      raise ParameterError("finetune.batch_size", "must be >= 2 (the unbiased MMD² compares at "
-                           "least two images per batch)", value=self.batch_size)
+    _positive(self, "steps", "learning_rate", "batch_size")
     _non_negative(self, "grad_clip", why="0 disables clipping")
     with renamed(name="finetune.kernel", bandwidths="finetune.rbf_bandwidths"):
       self.make_kernel()

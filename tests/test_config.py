@@ -9,6 +9,7 @@ from mmd_keras import config as config_lib
 from mmd_keras import data as data_lib
 from mmd_keras import errors
 from mmd_keras import metrics
+from mmd_keras.app import finetune as finetune_app
 from mmd_keras.app import inputs
 from mmd_keras.errors import ParameterError
 
@@ -65,7 +66,7 @@ def test_build_resolves_defaults(monkeypatch, repo_root):
 
 @pytest.mark.parametrize("overrides, field", [
     ({"finetune.learning_rate": 0.0}, "finetune.learning_rate"),
-    ({"finetune.batch_size": 1}, "finetune.batch_size"),
+    ({"finetune.batch_size": 0}, "finetune.batch_size"),
     ({"sampler.num_steps": 1001}, "sampler.num_steps"),
     ({"sampler.eta": 1.5}, "sampler.eta"),
     ({"unet.ch_mult": ["1", "x"]}, "unet.ch_mult"),
@@ -83,6 +84,15 @@ def test_build_names_the_field(monkeypatch, repo_root, overrides, field):
   with pytest.raises(ParameterError) as caught:
     config_lib.build(_values(**overrides))
   assert caught.value.parameter == field
+
+
+def test_a_batch_of_one_is_refused_by_finetuning_only(main_module, monkeypatch, repo_root):
+  monkeypatch.chdir(repo_root)
+  main_module._parse_flags(["main.py", *FASHION, "--batch_size=1"])
+  cfg = main_module.configuration()  # A valid pretraining batch.
+  with pytest.raises(ParameterError) as caught:
+    finetune_app.check(cfg)
+  assert caught.value.message(main_module.flag_of).startswith("--batch_size=1 must be >= 2 ")
 
 
 def test_finetune_batch_errors_name_the_flag_that_set_it(main_module, monkeypatch, repo_root):

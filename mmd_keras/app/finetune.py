@@ -10,6 +10,7 @@ from mmd_keras import finetune as finetune_lib
 from mmd_keras.app import inputs
 from mmd_keras.app import runs
 from mmd_keras.app import runtime
+from mmd_keras.errors import ParameterError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,10 @@ def run_dir_name(cfg):
 
 def check(cfg):
   """Every setting and input file of the finetune, before any data is read."""
+  # Only a finetune needs two images (--batch_size=1 is a valid pretraining batch).
+  if cfg.finetune.batch_size < 2:
+    raise ParameterError("finetune.batch_size", "must be >= 2 (the unbiased MMD² compares at "
+                         "least two images per batch)", value=cfg.finetune.batch_size)
   inputs.check_feature_network(cfg, cfg.features.feature_net)
   strategy = runtime.strategy_for(cfg, batch_size=cfg.finetune.batch_size,
                                   batch_field="finetune.batch_size")
