@@ -75,6 +75,7 @@ def test_report_rows_files_and_shared_noise(setup, tmp_path):
                         clip_x0=True, batch_size=8, cache_dir=str(tmp_path / "reference"))
   assert [(r["model"], r["num_steps"]) for r in report["rows"]] == [
       ("DDIM", 2), ("DDIM", 5), ("MMD-DDM", 2)]
+  assert report["sampler"] == "ddim"
   assert report["rows"][0]["spaces"] == report["rows"][2]["spaces"]
   assert report["rows"][0]["spaces"]["heldout"]["fid"] != report["rows"][1]["spaces"]["heldout"][
       "fid"]
@@ -192,6 +193,7 @@ def test_another_feature_network_recomputes_features_and_rows(setup, tmp_path, m
 
 
 @pytest.mark.parametrize("change", [dict(seed=2), dict(eta=0.5), dict(clip_x0=False),
+                                    dict(sampler="dpm_solver_pp"),
                                     dict(timestep_kind="quadratic"), dict(batch_size=16)])
 def test_rows_are_keyed_by_every_sampler_setting(setup, tmp_path, monkeypatch, change):
   schedule, real = setup
