@@ -341,8 +341,10 @@ def merge_reports(reports, out_dir):
   sweep and a later run of the finetuned models); writes it to `out_dir` and returns it.
 
   Rows present in several reports must agree: with the same seed and N they are the same samples.
-  Everything of a report but its rows is a setting they share.
+  Everything of a report but its rows is a setting they share; a report without `sampler` is one
+  of DDIM, made before there was a choice.
   """
+  reports = [dict(provenance.SAMPLER_DEFAULTS, **report) for report in reports]
   first = reports[0]
   settings = [key for key in first if key != "rows"]
   for other in reports[1:]:

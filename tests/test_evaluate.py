@@ -293,6 +293,12 @@ def test_merged_reports_equal_one_run_over_all_models(setup, tmp_path, main_modu
   older = {k: v for k, v in later.items() if k != "clip_x0"}  # Written before clip_x0 was kept.
   with pytest.raises(UserError, match="clip_x0"):
     evaluate.merge_reports([sweep, older], str(tmp_path / "bad"))
+  # Written before --sampler: DDIM's, so it merges with DDIM reports and with no other.
+  before_sampler = {k: v for k, v in later.items() if k != "sampler"}
+  assert evaluate.merge_reports([sweep, before_sampler], str(tmp_path / "older")) == merged
+  with pytest.raises(UserError, match="sampler: 'dpm_solver_pp' vs 'ddim'"):
+    evaluate.merge_reports([dict(sweep, sampler="dpm_solver_pp"), before_sampler],
+                           str(tmp_path / "bad"))
   with pytest.raises(UserError, match="not the same samples"):
     evaluate.merge_reports([sweep, run([evaluate.ModelSpec("DDIM", finetuned, (2,))], "other")],
                            str(tmp_path / "bad"))
