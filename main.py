@@ -19,6 +19,7 @@ from mmd_keras import config as config_lib
 from mmd_keras import errors
 from mmd_keras import features as features_lib
 from mmd_keras import mmd
+from mmd_keras import samplers
 from mmd_keras.app import evaluate
 from mmd_keras.app import export
 from mmd_keras.app import finetune
@@ -87,8 +88,11 @@ flags.DEFINE_float("ema_decay", 0.9999, "EMA decay of the pretrained weights.")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the pretraining step.")
 
 # Sampling
-flags.DEFINE_integer("num_steps", 5, "K, the DDIM step budget.")
-flags.DEFINE_float("eta", 0.0, "DDIM η: 0 deterministic, 1 DDPM-like.")
+flags.DEFINE_enum("sampler", "ddim", list(samplers.SAMPLERS),
+                  "The K-step sampler of sample, finetune, evaluate and export: ddim, or "
+                  "dpm_solver_pp (DPM-Solver++(2M), deterministic: needs --eta=0).")
+flags.DEFINE_integer("num_steps", 5, "K, the sampler's step budget.")
+flags.DEFINE_float("eta", 0.0, "DDIM η: 0 deterministic, 1 DDPM-like (ddim only).")
 flags.DEFINE_string("timesteps", "uniform",
                     "The K timesteps the sampler visits: uniform (i·⌊T/K⌋, 'leading'), trailing "
                     "(from T-1 down by T/K), linspace (0 … T-1), quadratic (DDIM's CIFAR-10), or "
@@ -177,7 +181,8 @@ PARAMETERS = {
     "pretrain.steps": "train_steps", "pretrain.learning_rate": "pretrain_learning_rate",
     "pretrain.grad_clip": "pretrain_grad_clip", "pretrain.ema_decay": "ema_decay",
     "pretrain.jit_compile": "jit_compile",
-    "sampler.num_steps": "num_steps", "sampler.timesteps": "timesteps", "sampler.eta": "eta",
+    "sampler.sampler": "sampler", "sampler.num_steps": "num_steps",
+    "sampler.timesteps": "timesteps", "sampler.eta": "eta",
     "sampler.clip_x0": "clip_x0", "sampler.num_images": "num_images",
     "sampler.batch_size": "sample_batch_size",
     "features.feature_net": "feature_net", "features.inception_weights": "inception_weights",

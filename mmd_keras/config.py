@@ -15,6 +15,7 @@ from mmd_keras import distribute
 from mmd_keras import evaluate as evaluate_lib
 from mmd_keras import features as features_lib
 from mmd_keras import mmd
+from mmd_keras import samplers
 from mmd_keras import schedule as schedule_lib
 from mmd_keras import unet as unet_lib
 from mmd_keras.errors import ParameterError
@@ -95,6 +96,7 @@ class UNetConfig:
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   """The K-step sampler of sample / finetune / export (evaluation sweeps its own K)."""
+  sampler: str = "ddim"  # One of samplers.SAMPLERS.
   num_steps: int = 5
   timesteps: object = "uniform"  # A spacing of schedule.TIMESTEP_KINDS, or the K timesteps.
   eta: float = 0.0
@@ -105,6 +107,8 @@ class SamplerConfig:
   def __post_init__(self):
     _fraction(self, "eta", include_one=True)
     _positive(self, "num_images", "batch_size")
+    with renamed(sampler="sampler.sampler", eta="sampler.eta"):
+      samplers.check(self.sampler, eta=self.eta)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Step-budget sweeps: FID / KID / diversity of DDIM and MMD-DDM samples in several feature spaces.
+"""Step-budget sweeps: FID / KID / diversity of base and MMD-DDM samples in several feature spaces.
 
 Every (model, K) pair starts from the same noise (`sampling.initial_noise` keyed by the seed), so
 differences come from the model and the step budget only. Samples and real images are embedded
@@ -34,8 +34,9 @@ GRID_IMAGES = 100
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """A model to evaluate: its label ("DDIM" or "MMD-DDM"), UNet, the step budgets to run and the
-  weights file it was loaded from (`path`, named in the report with the weights' fingerprint)."""
+  """A model to evaluate: its label (the base model's sampler of `samplers.LABELS`, or
+  "MMD-DDM"), UNet, the step budgets to run and the weights file it was loaded from (`path`,
+  named in the report with the weights' fingerprint)."""
 
   label: str
   unet: object
@@ -176,9 +177,10 @@ def reference_features(spaces, real_images, *, num_images, batch_size, digests, 
 
 
 def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_dir,
-        timestep_kind="uniform", eta=0.0, clip_x0=False, batch_size=256, real_set="real",
-        cache_dir=None):
-  """Samples every (model, K), scores it in every feature space, writes the report; returns it.
+        sampler="ddim", timestep_kind="uniform", eta=0.0, clip_x0=False, batch_size=256,
+        real_set="real", cache_dir=None):
+  """Samples every (model, K) with `sampler`, scores it in every feature space, writes the report;
+  returns it.
 
   real_images: an array [M, H, W, C] or a function returning an iterable of batches (read only if
   a space's features are not cached); its first `num_images` images are the reference set.
@@ -197,8 +199,8 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
                                  real_set=real_set)
   reference_stats = {name: metrics.StreamingStats().update(features)
                      for name, features in reference.items()}
-  sampler = dict(schedule=schedule, timestep_kind=timestep_kind, eta=eta, clip_x0=clip_x0,
-                 seed=seed, batch_size=batch_size)
+  sampling_args = dict(schedule=schedule, sampler=sampler, timestep_kind=timestep_kind, eta=eta,
+                       clip_x0=clip_x0, seed=seed, batch_size=batch_size)
   rows, grids = [], []
   total = sum(len(m.steps) for m in models)
   # A finished row (and its grid) is kept under a key of its samples' settings and of what they
@@ -213,7 +215,7 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
     for num_steps in model.steps:
       samples = provenance.samples_settings(
           provenance.sampler_settings(
-              weights_sha256=weights, alphas_cumprod=schedule.alphas_cumprod,
+              sampler=sampler, weights_sha256=weights, alphas_cumprod=schedule.alphas_cumprod,
               timesteps=schedule.timesteps(num_steps, timestep_kind), eta=eta, clip_x0=clip_x0,
               image_shape=(model.unet.image_size, model.unet.image_size, model.unet.channels)),
           seed=seed, batch_size=batch_size, num_images=num_images)
@@ -228,13 +230,13 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
       else:
         row = _sample_and_score(model, num_steps, feature_spaces=feature_spaces,
                                 reference=reference, reference_stats=reference_stats,
-                                num_images=num_images, sampler=sampler, stem=stem,
+                                num_images=num_images, sampling_args=sampling_args, stem=stem,
                                 desc=f"[{len(rows) + 1}/{total}] {model.label} K={num_steps}")
         logging.info("  %s", _one_line(row))
       row["weights"] = dict(path=model.path, sha256=weights)
       rows.append(row)
       grids.append((f"samples_{slug}.png", stem + ".png"))
-  report = dict(num_images=num_images, seed=seed, timesteps=timestep_kind, eta=eta,
+  report = dict(num_images=num_images, seed=seed, sampler=sampler, timesteps=timestep_kind, eta=eta,
                 clip_x0=clip_x0, sample_batch_size=batch_size,
                 schedule=dict(num_timesteps=schedule.num_timesteps,
                               beta_start=float(schedule.betas[0]),
@@ -249,7 +251,7 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
 
 
 def _sample_and_score(model, num_steps, *, feature_spaces, reference, reference_stats, num_images,
-                      sampler, stem, desc):
+                      sampling_args, stem, desc):
   """One row: samples embedded batch by batch under a progress bar named `desc`; `<stem>.png` (the
   grid), then `<stem>.json`."""
   started = time.time()
@@ -258,7 +260,7 @@ def _sample_and_score(model, num_steps, *, feature_spaces, reference, reference_
   done = 0
   with console.ProgressBar(num_images, desc=desc, unit="images", rate_unit="img") as bar:
     for images in sampling.batches(model.unet, num_images=num_images, num_steps=num_steps,
-                                   **sampler):
+                                   **sampling_args):
       shown.append(images[:max(0, GRID_IMAGES - done)])
       for space in feature_spaces:
         fake[space.name].append(np.asarray(space.network(images), np.float64))
@@ -339,8 +341,10 @@ def merge_reports(reports, out_dir):
   sweep and a later run of the finetuned models); writes it to `out_dir` and returns it.
 
   Rows present in several reports must agree: with the same seed and N they are the same samples.
-  Everything of a report but its rows is a setting they share.
+  Everything of a report but its rows is a setting they share; a report without `sampler` is one
+  of DDIM, made before there was a choice.
   """
+  reports = [dict(provenance.SAMPLER_DEFAULTS, **report) for report in reports]
   first = reports[0]
   settings = [key for key in first if key != "rows"]
   for other in reports[1:]:
@@ -359,8 +363,8 @@ def merge_reports(reports, out_dir):
             raise UserError(f"{key[0]} K={key[1]} has FID {s['fid']} and "
                             f"{rows[key]['spaces'][name]['fid']} in {name}: not the same samples")
       rows.setdefault(key, row)
-  # DDIM first, then the finetuned models, each by K.
-  order = sorted(rows, key=lambda key: (key[0] != "DDIM", key[0], key[1]))
+  # The base model first, then the finetuned models, each by K.
+  order = sorted(rows, key=lambda key: (key[0] == "MMD-DDM", key[0], key[1]))
   merged = {key: first.get(key) for key in settings}
   merged["rows"] = [rows[key] for key in order]
   os.makedirs(out_dir, exist_ok=True)

@@ -1,6 +1,6 @@
-"""MMD finetuning (Aiello et al. 2023): train the K-step DDIM sampler end to end.
+"""MMD finetuning (Aiello et al. 2023): train the K-step sampler (DDIM or DPM-Solver++) end to end.
 
-  z ~ N(0, I) ─► x̂0 = DDIM_K(ε_θ, z) ─► φ(x̂0), φ(x_real) ─► L(θ) = MMD²_u(φ(x̂0), φ(x_real))
+  z ~ N(0, I) ─► x̂0 = S_K(ε_θ, z) ─► φ(x̂0), φ(x_real) ─► L(θ) = MMD²_u(φ(x̂0), φ(x_real))
 
 and θ ← Adam(∇_θ L) through all K UNet calls. Each call runs under `tf.recompute_grad`: the backward
 pass replays one UNet forward at a time, so activation memory is that of one call instead of K.
@@ -18,10 +18,10 @@ from absl import logging
 
 from mmd_keras import checkpoints
 from mmd_keras import console
-from mmd_keras import ddim
 from mmd_keras import distribute
 from mmd_keras import errors
 from mmd_keras import mmd
+from mmd_keras import samplers
 from mmd_keras import streams
 from mmd_keras import training_loop
 from mmd_keras.errors import ParameterError
@@ -46,14 +46,17 @@ def example_noise(shape, *, seed, step):
 
 
 class MMDFinetuner(keras.Model):
-  """Minimises MMD²_u(φ(DDIM_K(ε_θ, z)), φ(x_real)) over all UNet weights θ."""
+  """Minimises MMD²_u(φ(S_K(ε_θ, z)), φ(x_real)) over all UNet weights θ, S_K the K-step
+  sampler of `samplers` named `sampler`."""
 
   ema = None  # Finetuning keeps no EMA: its checkpoints hold the raw weights.
 
-  def __init__(self, unet, *, feature_net, schedule, num_steps, kernel, timestep_kind="uniform",
-               eta=0.0, grad_clip=None, recompute=True, dropout=False, clip_x0=False, seed=0,
-               **kwargs):
+  def __init__(self, unet, *, feature_net, schedule, num_steps, kernel, sampler="ddim",
+               timestep_kind="uniform", eta=0.0, grad_clip=None, recompute=True, dropout=False,
+               clip_x0=False, seed=0, **kwargs):
     super().__init__(**kwargs)
+    samplers.check(sampler, eta=eta)
+    self.sampler = sampler
     self.unet = unet
     self.feature_net = feature_net
     self.kernel = kernel
@@ -75,7 +78,7 @@ class MMDFinetuner(keras.Model):
     return [self.mmd2_tracker, self.grad_norm_tracker]
 
   def _eps_fn(self, dropout_seed):
-    """ε_θ(x, t) for `ddim.sample`; dropout masks are a function of (dropout_seed, t) alone."""
+    """ε_θ(x, t) for the sampler; dropout masks are a function of (dropout_seed, t) alone."""
     def call(x, t, seed):
       if self.dropout:
         return self.unet(x, t, training=True, dropout_seed=seed)
@@ -94,11 +97,11 @@ class MMDFinetuner(keras.Model):
     return eps
 
   def sample(self, z, *, seed):
-    """x̂0 = DDIM_K(ε_θ, z), differentiable in θ; `seed` fixes dropout masks and η-noise."""
+    """x̂0 = S_K(ε_θ, z), differentiable in θ; `seed` fixes dropout masks and η-noise."""
     dropout_seed, eta_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    return ddim.sample(self._eps_fn(dropout_seed), z, timesteps=self.timesteps,
-                       alphas_cumprod=self.alphas_cumprod, eta=self.eta, clip_x0=self.clip_x0,
-                       seed=eta_seed)
+    return samplers.sample(self.sampler, self._eps_fn(dropout_seed), z, timesteps=self.timesteps,
+                           alphas_cumprod=self.alphas_cumprod, eta=self.eta,
+                           clip_x0=self.clip_x0, seed=eta_seed)
 
   def compute_gradients(self, x_real, z=None):
     """(MMD² of the global batch, ∇_θ MMD² summed over replicas) for this replica's real batch.
@@ -139,8 +142,9 @@ def _check_positive(parameter, value):
 
 def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule, workdir, num_steps,
              finetune_steps, learning_rate, grad_clip, global_batch_size, checkpoint_every,
-             log_every, seed, strategy, init_checkpoint, use_ema=True, timestep_kind="uniform",
-             eta=0.0, clip_x0=False, recompute=True, dropout=False, num_sample_images=64):
+             log_every, seed, strategy, init_checkpoint, use_ema=True, sampler="ddim",
+             timestep_kind="uniform", eta=0.0, clip_x0=False, recompute=True, dropout=False,
+             num_sample_images=64):
   """MMD-finetunes (or resumes) the UNet in `workdir`; writes `<workdir>/unet.weights.h5` at the end.
 
   `dataset_fn(start_batch)` yields the global batches of real images from batch `start_batch` on;
@@ -158,20 +162,22 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
 
   def initialize(trainer):
     source = checkpoints.restore_unet(trainer.unet, init_checkpoint, use_ema=use_ema)
-    logging.info("finetuning %s (%s weights), K=%d", init_checkpoint, source, num_steps)
+    logging.info("finetuning %s (%s weights), %s K=%d", init_checkpoint, source, sampler,
+                 num_steps)
 
   run = training_loop.start(
       strategy=strategy, workdir=workdir, unet_factory=unet_factory,
       make_trainer=lambda unet: MMDFinetuner(
           unet, feature_net=feature_net_factory(), schedule=schedule, num_steps=num_steps,
-          kernel=kernel, timestep_kind=timestep_kind, eta=eta, grad_clip=grad_clip,
+          kernel=kernel, sampler=sampler, timestep_kind=timestep_kind, eta=eta, grad_clip=grad_clip,
           recompute=recompute, dropout=dropout, clip_x0=clip_x0, seed=seed),
       learning_rate=learning_rate, initialize=initialize)
   trainer = run.trainer
   grid = training_loop.GridSampler(
       unet_factory, weights=trainer.unet.weights,
       noise_seed=streams.key(seed, streams.FINETUNE_GRID), num_images=num_sample_images,
-      timesteps=trainer.timesteps, alphas_cumprod=schedule.alphas_cumprod, clip_x0=clip_x0)
+      sampler=sampler, timesteps=trainer.timesteps, alphas_cumprod=schedule.alphas_cumprod,
+      clip_x0=clip_x0)
   if run.start_step < finetune_steps:
     if os.path.exists(final_weights):
       raise ParameterError("workdir", f"holds a finished run: {final_weights} exists; move it "

@@ -32,18 +32,22 @@ def weights_sha256(weights):
 
 # What decides the images a sampler makes from given noise (not how many it may make at once, nor
 # how it is served).
-SAMPLER_KEYS = ("weights_sha256", "alphas_cumprod_sha256", "num_steps", "timesteps", "eta",
-                "clip_x0", "image_shape", "num_timesteps")
+SAMPLER_KEYS = ("sampler", "weights_sha256", "alphas_cumprod_sha256", "num_steps", "timesteps",
+                "eta", "clip_x0", "image_shape", "num_timesteps")
 # What decides the images `sampling.batches` draws: the sampler and its noise (x_T of batch i is
 # keyed by (seed, i), so the batch size counts too).
 SAMPLES_KEYS = SAMPLER_KEYS + ("seed", "batch_size", "num_images")
+# Settings that records written before they existed leave out, at the value they then had.
+SAMPLER_DEFAULTS = {"sampler": "ddim"}
+FINETUNE_DEFAULTS = {"sampler.sampler": "ddim"}
 
 
-def sampler_settings(*, weights_sha256, alphas_cumprod, timesteps, eta, clip_x0, image_shape):
-  """{SAMPLER_KEYS: JSON value} of a K-step DDIM sampler (`ddim.sample`) of a UNet whose weights
-  have the fingerprint `weights_sha256`."""
+def sampler_settings(*, sampler, weights_sha256, alphas_cumprod, timesteps, eta, clip_x0,
+                     image_shape):
+  """{SAMPLER_KEYS: JSON value} of the K-step sampler `sampler` (a name of `samplers.SAMPLERS`)
+  of a UNet whose weights have the fingerprint `weights_sha256`."""
   alphas_cumprod = np.asarray(alphas_cumprod, np.float32)
-  return dict(weights_sha256=weights_sha256,
+  return dict(sampler=sampler, weights_sha256=weights_sha256,
               alphas_cumprod_sha256=hashlib.sha256(alphas_cumprod.tobytes()).hexdigest(),
               num_steps=len(timesteps), timesteps=[int(t) for t in timesteps], eta=float(eta),
               clip_x0=bool(clip_x0), image_shape=[int(d) for d in image_shape],
@@ -56,10 +60,17 @@ def samples_settings(sampler, *, seed, batch_size, num_images):
   return dict(sampler, seed=int(seed), batch_size=int(batch_size), num_images=int(num_images))
 
 
+def sampler_record(record):
+  """`record` (a sampler's settings read back from a file; None if it could not be read) with
+  `SAMPLER_DEFAULTS` for the settings it leaves out."""
+  return None if record is None else dict(SAMPLER_DEFAULTS, **record)
+
+
 def same_sampler(record, settings):
   """Whether `record` (read back from a file; None if it could not be read) holds the sampler
   settings `settings` (`sampler_settings` or a dict that contains them)."""
   settings = json.loads(json.dumps(settings))  # Tuples as lists, as read back from a file.
+  record = sampler_record(record)
   return record is not None and all(record.get(key) == settings[key] for key in SAMPLER_KEYS)
 
 

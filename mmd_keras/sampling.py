@@ -1,4 +1,5 @@
-"""Drawing N images from a UNet with `ddim.sample`, batch by batch, with noise fixed by a seed.
+"""Drawing N images from a UNet with a sampler of `samplers`, batch by batch, with noise fixed by
+a seed.
 
 Batch i always starts from the same x_T = stateless_normal(fold_in(seed, i)), so two models (or two
 step budgets) compared on the same seed see exactly the same noise. Image j is drawn in batch
@@ -9,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from mmd_keras import console
-from mmd_keras import ddim
+from mmd_keras import samplers
 from mmd_keras import streams
 
 
@@ -19,8 +20,8 @@ def initial_noise(*, seed, batch_index, batch_size, image_shape):
                                     seed=streams.fold_in(seed, streams.SAMPLE_X_T, batch_index))
 
 
-def batches(unet, *, num_images, num_steps, schedule, timestep_kind="uniform", eta=0.0,
-            clip_x0=False, seed=0, batch_size=256):
+def batches(unet, *, num_images, num_steps, schedule, sampler="ddim", timestep_kind="uniform",
+            eta=0.0, clip_x0=False, seed=0, batch_size=256):
   """Yields the samples of `generate` batch by batch, so a caller can use each batch (embed it)
   and drop it: [≤ batch_size, H, W, C] float32 in [-1, 1] (NumPy)."""
   eps_fn = tf.function(lambda x, t: unet(x, t), reduce_retracing=True)
@@ -30,22 +31,22 @@ def batches(unet, *, num_images, num_steps, schedule, timestep_kind="uniform", e
     count = min(batch_size, num_images - start)
     noise = initial_noise(seed=seed, batch_index=batch_index, batch_size=batch_size,
                           image_shape=image_shape)[:count]
-    images = ddim.sample(eps_fn, noise, timesteps=timesteps,
-                         alphas_cumprod=schedule.alphas_cumprod, eta=eta, clip_x0=clip_x0,
-                         seed=streams.key(seed, streams.SAMPLE_STEPS + batch_index))
+    images = samplers.sample(sampler, eps_fn, noise, timesteps=timesteps,
+                             alphas_cumprod=schedule.alphas_cumprod, eta=eta, clip_x0=clip_x0,
+                             seed=streams.key(seed, streams.SAMPLE_STEPS + batch_index))
     yield np.clip(images.numpy(), -1.0, 1.0)
 
 
-def generate(unet, *, num_images, num_steps, schedule, timestep_kind="uniform", eta=0.0,
-             clip_x0=False, seed=0, batch_size=256):
-  """[num_images, H, W, C] float32 samples in [-1, 1] (NumPy), K = num_steps DDIM steps; a
-  progress bar on stderr."""
+def generate(unet, *, num_images, num_steps, schedule, sampler="ddim", timestep_kind="uniform",
+             eta=0.0, clip_x0=False, seed=0, batch_size=256):
+  """[num_images, H, W, C] float32 samples in [-1, 1] (NumPy), K = num_steps steps of `sampler`;
+  a progress bar on stderr."""
   outputs = []
   with console.ProgressBar(num_images, desc=f"sampling K={num_steps}", unit="images",
                            rate_unit="img") as bar:
     for images in batches(unet, num_images=num_images, num_steps=num_steps, schedule=schedule,
-                          timestep_kind=timestep_kind, eta=eta, clip_x0=clip_x0, seed=seed,
-                          batch_size=batch_size):
+                          sampler=sampler, timestep_kind=timestep_kind, eta=eta, clip_x0=clip_x0,
+                          seed=seed, batch_size=batch_size):
       outputs.append(images)
       bar.update(len(images))
   return np.concatenate(outputs, axis=0)

@@ -21,9 +21,9 @@ from absl import logging
 
 from mmd_keras import checkpoints
 from mmd_keras import console
-from mmd_keras import ddim
 from mmd_keras import distribute
 from mmd_keras import grid
+from mmd_keras import samplers
 from mmd_keras.errors import UserError
 
 
@@ -212,16 +212,17 @@ def start(*, strategy, workdir, unet_factory, make_trainer, learning_rate, initi
 
 
 class GridSampler:
-  """Draws the progress grid: fixed noise sampled in K DDIM steps with the current values of
-  `weights`, copied into a UNet of `unet_factory` outside the strategy."""
+  """Draws the progress grid: fixed noise sampled in K steps of `sampler` (η = 0) with the current
+  values of `weights`, copied into a UNet of `unet_factory` outside the strategy."""
 
   def __init__(self, unet_factory, *, weights, noise_seed, num_images, timesteps, alphas_cumprod,
-               clip_x0):
+               clip_x0, sampler="ddim"):
     self.unet = unet_factory().build_for_inference()
     self.weights = list(weights)
     self.noise = tf.random.stateless_normal(
         [num_images, self.unet.image_size, self.unet.image_size, self.unet.channels],
         seed=noise_seed)
+    self.sampler = sampler
     self.timesteps = timesteps
     self.alphas_cumprod = alphas_cumprod
     self.clip_x0 = clip_x0
@@ -236,8 +237,8 @@ class GridSampler:
 
   def __call__(self):
     self.synced_unet()
-    return ddim.sample(self.eps_fn, self.noise, timesteps=self.timesteps,
-                       alphas_cumprod=self.alphas_cumprod, clip_x0=self.clip_x0)
+    return samplers.sample(self.sampler, self.eps_fn, self.noise, timesteps=self.timesteps,
+                           alphas_cumprod=self.alphas_cumprod, clip_x0=self.clip_x0)
 
 
 def train_to(run, *, max_steps, dataset_fn, sample_fn, checkpoint_every, log_every,

@@ -75,12 +75,12 @@ class RandomConvFeatures:
 
 
 def make_finetuner(unet, *, num_steps=2, recompute=True, dropout=False, seed=0, lr=1e-3,
-                   grad_clip=None, optimizer=None):
+                   grad_clip=None, optimizer=None, sampler="ddim"):
   """An MMDFinetuner on FINETUNER_SCHEDULE with RandomConvFeatures and the polynomial kernel."""
   trainer = finetune.MMDFinetuner(
       unet, feature_net=RandomConvFeatures(), schedule=FINETUNER_SCHEDULE, num_steps=num_steps,
-      kernel=mmd.make_kernel("polynomial"), recompute=recompute, dropout=dropout, seed=seed,
-      grad_clip=grad_clip)
+      kernel=mmd.make_kernel("polynomial"), sampler=sampler, recompute=recompute,
+      dropout=dropout, seed=seed, grad_clip=grad_clip)
   # As the driver: no XLA, whatever the device.
   trainer.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate=lr), jit_compile=False)
   return trainer

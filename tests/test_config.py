@@ -69,6 +69,8 @@ def test_build_resolves_defaults(monkeypatch, repo_root):
     ({"finetune.batch_size": 0}, "finetune.batch_size"),
     ({"sampler.num_steps": 1001}, "sampler.num_steps"),
     ({"sampler.eta": 1.5}, "sampler.eta"),
+    ({"sampler.sampler": "plms"}, "sampler.sampler"),
+    ({"sampler.sampler": "dpm_solver_pp", "sampler.eta": 0.5}, "sampler.eta"),
     ({"unet.ch_mult": ["1", "x"]}, "unet.ch_mult"),
     ({"data.image_size": 30}, "data.image_size"),
     ({"data.dataset": "mnist"}, "data.dataset"),
@@ -154,6 +156,22 @@ def test_bad_timesteps_name_the_flag(main_module, monkeypatch, repo_root, timest
   with pytest.raises(ParameterError) as caught:
     main_module.configuration()
   assert caught.value.message(main_module.flag_of).startswith(message)
+
+
+def test_sampler_flag_selects_the_sampler(monkeypatch, repo_root):
+  monkeypatch.chdir(repo_root)
+  assert config_lib.build(_values()).sampler.sampler == "ddim"
+  cfg = config_lib.build(_values(**{"sampler.sampler": "dpm_solver_pp"}))
+  assert cfg.sampler.sampler == "dpm_solver_pp"
+
+
+def test_eta_with_dpm_solver_pp_names_both_flags(main_module, monkeypatch, repo_root):
+  monkeypatch.chdir(repo_root)
+  main_module._parse_flags(["main.py", *FASHION, "--sampler=dpm_solver_pp", "--eta=0.5"])
+  with pytest.raises(ParameterError) as caught:
+    main_module.configuration()
+  assert caught.value.message(main_module.flag_of) == (
+      "--eta=0.5 must be 0 with --sampler=dpm_solver_pp: it is deterministic")
 
 
 def test_every_field_has_a_flag_and_every_flag_a_field(main_module):

@@ -75,6 +75,7 @@ def test_report_rows_files_and_shared_noise(setup, tmp_path):
                         clip_x0=True, batch_size=8, cache_dir=str(tmp_path / "reference"))
   assert [(r["model"], r["num_steps"]) for r in report["rows"]] == [
       ("DDIM", 2), ("DDIM", 5), ("MMD-DDM", 2)]
+  assert report["sampler"] == "ddim"
   assert report["rows"][0]["spaces"] == report["rows"][2]["spaces"]
   assert report["rows"][0]["spaces"]["heldout"]["fid"] != report["rows"][1]["spaces"]["heldout"][
       "fid"]
@@ -192,6 +193,7 @@ def test_another_feature_network_recomputes_features_and_rows(setup, tmp_path, m
 
 
 @pytest.mark.parametrize("change", [dict(seed=2), dict(eta=0.5), dict(clip_x0=False),
+                                    dict(sampler="dpm_solver_pp"),
                                     dict(timestep_kind="quadratic"), dict(batch_size=16)])
 def test_rows_are_keyed_by_every_sampler_setting(setup, tmp_path, monkeypatch, change):
   schedule, real = setup
@@ -291,6 +293,12 @@ def test_merged_reports_equal_one_run_over_all_models(setup, tmp_path, main_modu
   older = {k: v for k, v in later.items() if k != "clip_x0"}  # Written before clip_x0 was kept.
   with pytest.raises(UserError, match="clip_x0"):
     evaluate.merge_reports([sweep, older], str(tmp_path / "bad"))
+  # Written before --sampler: DDIM's, so it merges with DDIM reports and with no other.
+  before_sampler = {k: v for k, v in later.items() if k != "sampler"}
+  assert evaluate.merge_reports([sweep, before_sampler], str(tmp_path / "older")) == merged
+  with pytest.raises(UserError, match="sampler: 'dpm_solver_pp' vs 'ddim'"):
+    evaluate.merge_reports([dict(sweep, sampler="dpm_solver_pp"), before_sampler],
+                           str(tmp_path / "bad"))
   with pytest.raises(UserError, match="not the same samples"):
     evaluate.merge_reports([sweep, run([evaluate.ModelSpec("DDIM", finetuned, (2,))], "other")],
                            str(tmp_path / "bad"))

@@ -1,4 +1,5 @@
-"""mmd_keras/export: the serving SavedModel and TFLite files against the in-process `ddim.sample`.
+"""mmd_keras/export: the serving SavedModel and TFLite files against the in-process `ddim.sample`
+(and `dpm_solver.sample` for a DPM-Solver++ export).
 
 Parity is only meaningful on a UNet whose outputs are not trivial and not exploding: an untrained
 UNet has zero output convolutions (ε̂ = 0) and its x̂0 at t ≈ T divides by sqrt(ᾱ_T) ≈ 0.006. So the
@@ -20,6 +21,7 @@ from ai_edge_litert.interpreter import Interpreter
 from helpers import REPO_ROOT
 from helpers import randomize_weights, tiny_unet
 from mmd_keras import ddim
+from mmd_keras import dpm_solver
 from mmd_keras import provenance
 from mmd_keras import schedule as schedule_lib
 from mmd_keras.app import export as export_app
@@ -158,6 +160,44 @@ def test_eta_saved_model_round_trip(unet, eta_sampler):
   assert _max_abs_diff(images, _reference(unet, noise, seed=tf.constant([0, 1], tf.int64),
                                           eta=0.5)) <= 1
   assert _max_abs_diff(images, _reference(unet, noise)) > 1  # η really adds noise.
+
+
+def test_dpm_solver_pp_export_records_its_sampler_and_serves_dpm_solver_sample(unet, tmp_path):
+  # K = 3: the middle step is second order. (Trailing would start at t = 999, where the random
+  # UNet's x̂0 saturates every pixel.)
+  sampler = sampler_module.Sampler.from_schedule(
+      unet, schedule=SCHEDULE, num_steps=3, sampler="dpm_solver_pp", clip_x0=True,
+      max_images=MAX_IMAGES)
+  path = writers.write_saved_model(sampler, export_dir=str(tmp_path), model_name="m", version=1)
+  timesteps = SCHEDULE.timesteps(3)
+  with open(os.path.join(path, "assets", "sampler.json")) as f:
+    meta = json.load(f)
+  assert meta["sampler"] == "dpm_solver_pp" and meta["timesteps"] == list(timesteps)
+  assert writers.same_model(meta, sampler.metadata())
+  loaded = tf.saved_model.load(path)
+  assert loaded.sampler.numpy() == b"dpm_solver_pp"
+  noise = _noise(3, seed=2)
+  out = loaded.signatures["from_noise"](noise=tf.constant(noise))
+  x_0 = dpm_solver.sample(lambda x, t: unet(x, t), tf.constant(noise), timesteps=timesteps,
+                          alphas_cumprod=SCHEDULE.alphas_cumprod, clip_x0=True)
+  reference = ddim.to_uint8(x_0).numpy()
+  assert reference.std() > 5  # Non-trivial images, or parity would prove nothing.
+  np.testing.assert_allclose(out["images_float"], np.clip(x_0, -1.0, 1.0), atol=1e-5)
+  assert _max_abs_diff(out["images"].numpy(), reference) <= 1
+  ddim_x_0 = ddim.sample(lambda x, t: unet(x, t), tf.constant(noise), timesteps=timesteps,
+                         alphas_cumprod=SCHEDULE.alphas_cumprod, clip_x0=True)
+  assert np.abs(out["images_float"] - np.clip(ddim_x_0, -1.0, 1.0)).max() > 1e-2  # Not DDIM.
+
+
+def test_a_record_without_a_sampler_is_a_ddim_export(unet):
+  metadata = _sampler(unet).metadata()
+  assert metadata["sampler"] == "ddim"
+  older = {key: value for key, value in metadata.items() if key != "sampler"}
+  assert writers.same_model(older, metadata)
+  dpm = sampler_module.Sampler.from_schedule(unet, schedule=SCHEDULE, num_steps=NUM_STEPS,
+                                             sampler="dpm_solver_pp", clip_x0=True,
+                                             max_images=MAX_IMAGES).metadata()
+  assert not writers.same_model(older, dpm)
 
 
 @pytest.mark.parametrize("num_images", [0, -1, MAX_IMAGES + 1])

@@ -1,5 +1,6 @@
 """MMDFinetuner: the unroll is real (every weight gets a gradient), recompute changes nothing but
-memory (also with dropout), finetuning lowers a held-out MMD², the driver checkpoints and resumes."""
+memory (also with dropout), both for DDIM and DPM-Solver++, finetuning lowers a held-out MMD², the
+driver checkpoints and resumes."""
 
 import os
 
@@ -18,6 +19,7 @@ from helpers import tensorboard_summaries
 from helpers import tiny_unet
 from mmd_keras import checkpoints
 from mmd_keras import distribute
+from mmd_keras import dpm_solver
 from mmd_keras import finetune
 from mmd_keras import mmd
 from mmd_keras.errors import UserError
@@ -32,11 +34,13 @@ def relative_error(a, b):
   return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
-def test_every_trainable_weight_gets_a_gradient_through_the_unroll():
+@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver_pp"])
+def test_every_trainable_weight_gets_a_gradient_through_the_unroll(sampler):
   # Attention at 4x4 too, so the down/up-level attention blocks are in the unroll.
   unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE, attn_resolutions=(4,)), seed=1,
                            scale=0.05)
-  loss, grads = gradients(make_finetuner(unet, num_steps=3), real_images(6, seed=0))
+  loss, grads = gradients(make_finetuner(unet, num_steps=3, sampler=sampler),
+                          real_images(6, seed=0))
   assert np.isfinite(loss)
   assert len(grads) == len(unet.trainable_weights) > 20
   silent = [w.path for w, g in zip(unet.trainable_weights, grads) if not np.any(g)]
@@ -63,27 +67,64 @@ def test_gradient_matches_finite_differences_of_the_whole_unroll():
   np.testing.assert_allclose((values[1] - values[-1]) / (2 * h), norm ** 2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver_pp"])
 @pytest.mark.parametrize("dropout", [False, True])
-def test_recompute_gives_the_same_gradients(dropout):
+def test_recompute_gives_the_same_gradients(dropout, sampler):
   unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE, dropout=0.3, attn_resolutions=(4,)),
                            seed=2, scale=0.05)
   x_real = real_images(6, seed=0)
   loss_plain, plain = gradients(make_finetuner(unet, num_steps=3, recompute=False,
-                                               dropout=dropout), x_real)
+                                               dropout=dropout, sampler=sampler), x_real)
   loss_recomputed, recomputed = gradients(make_finetuner(unet, num_steps=3, recompute=True,
-                                                         dropout=dropout), x_real)
+                                                         dropout=dropout, sampler=sampler),
+                                          x_real)
   np.testing.assert_allclose(loss_recomputed, loss_plain, rtol=1e-6)
   for weight, a, b in zip(unet.trainable_weights, recomputed, plain):
     assert relative_error(a, b) < 1e-5, weight.path
 
 
 def test_dropout_flag_changes_the_gradients():
-  # Guards the test above: with dropout on, the masks must actually be applied.
+  # Guards test_recompute_gives_the_same_gradients: with dropout on, the masks must actually be
+  # applied.
   unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE, dropout=0.3), seed=2, scale=0.05)
   x_real = real_images(6, seed=0)
   _, off = gradients(make_finetuner(unet, num_steps=2, dropout=False), x_real)
   _, on = gradients(make_finetuner(unet, num_steps=2, dropout=True), x_real)
   assert relative_error(on[0], off[0]) > 1e-3
+
+
+def test_dpm_solver_pp_unroll_is_dpm_solver_sample():
+  unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE), seed=1, scale=0.05)
+  trainer = make_finetuner(unet, num_steps=3, sampler="dpm_solver_pp", recompute=False)
+  z = tf.random.stateless_normal([2, IMAGE_SIZE, IMAGE_SIZE, 1], [3, 4])
+  expected = dpm_solver.sample(lambda x, t: unet(x, t), z, timesteps=trainer.timesteps,
+                               alphas_cumprod=trainer.alphas_cumprod)
+  np.testing.assert_allclose(trainer.sample(z, seed=tf.constant([0, 0])), expected, atol=1e-5)
+
+
+def test_dpm_solver_pp_gradient_reaches_each_of_the_k_recomputed_calls():
+  # A per-step offset on ε̂: the loss depends on each, so no step may be cut off the chain.
+  unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE), seed=1, scale=0.05)
+  trainer = make_finetuner(unet, num_steps=3, sampler="dpm_solver_pp", recompute=True)
+  offsets = {t: tf.Variable(0.0) for t in trainer.timesteps}
+  calls = []
+  eps_fn = trainer._eps_fn
+
+  def eps_fn_with_offsets(dropout_seed):
+    eps = eps_fn(dropout_seed)
+
+    def call(x, t):
+      calls.append(int(t[0]))
+      return eps(x, t) + offsets[int(t[0])]
+    return call
+
+  trainer._eps_fn = eps_fn_with_offsets
+  z = tf.random.stateless_normal([2, IMAGE_SIZE, IMAGE_SIZE, 1], [3, 4])
+  with tf.GradientTape() as tape:
+    loss = tf.reduce_sum(trainer.sample(z, seed=tf.constant([0, 0])) ** 2)
+  grads = tape.gradient(loss, list(offsets.values()))
+  assert calls == sorted(trainer.timesteps, reverse=True)
+  assert all(g is not None and abs(float(g)) > 0 for g in grads), grads
 
 
 def test_noise_is_a_function_of_seed_step_and_example():

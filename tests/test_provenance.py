@@ -47,8 +47,8 @@ def test_files_sha256_of_prefixes_and_directories(tmp_path):
 
 
 def _settings(**change):
-  kwargs = dict(weights_sha256="ab" * 32, alphas_cumprod=np.linspace(0.99, 0.01, 10),
-                timesteps=(9, 4), eta=0.0, clip_x0=False, image_shape=(8, 8, 1))
+  kwargs = dict(sampler="ddim", weights_sha256="ab" * 32,
+                alphas_cumprod=np.linspace(0.99, 0.01, 10), timesteps=(9, 4), eta=0.0, clip_x0=False, image_shape=(8, 8, 1))
   return provenance.sampler_settings(**dict(kwargs, **change))
 
 
@@ -62,10 +62,19 @@ def test_sampler_settings_are_plain_json_of_every_sampler_key():
 
 
 @pytest.mark.parametrize("change", [
-    dict(weights_sha256="cd" * 32), dict(alphas_cumprod=np.linspace(0.98, 0.01, 10)),
-    dict(timesteps=(9, 5)), dict(eta=0.5), dict(clip_x0=True), dict(image_shape=(8, 8, 3))])
+    dict(sampler="dpm_solver_pp"), dict(weights_sha256="cd" * 32),
+    dict(alphas_cumprod=np.linspace(0.98, 0.01, 10)), dict(timesteps=(9, 5)), dict(eta=0.5), dict(clip_x0=True), dict(image_shape=(8, 8, 3))])
 def test_same_sampler_compares_every_sampler_key(change):
   record = json.loads(json.dumps(dict(_settings(), max_images=4)))  # As read from sampler.json.
   assert provenance.same_sampler(record, _settings())
   assert not provenance.same_sampler(record, _settings(**change))
   assert not provenance.same_sampler(None, _settings())
+
+
+def test_a_record_from_before_the_sampler_choice_is_ddim():
+  older = {key: value for key, value in json.loads(json.dumps(_settings())).items()
+           if key != "sampler"}
+  assert provenance.sampler_record(older) == json.loads(json.dumps(_settings()))
+  assert provenance.same_sampler(older, _settings())
+  assert not provenance.same_sampler(older, _settings(sampler="dpm_solver_pp"))
+  assert provenance.sampler_record(None) is None

@@ -1,9 +1,11 @@
-"""sampling.py: noise fixed per batch index by the seed, whatever the number of images."""
+"""sampling.py: noise fixed per batch index by the seed, whatever the number of images; the
+configured sampler draws the images."""
 
 import numpy as np
 import pytest
 
 from helpers import randomize_weights, tiny_unet
+from mmd_keras import dpm_solver
 from mmd_keras import sampling
 from mmd_keras import schedule as schedule_lib
 
@@ -40,3 +42,20 @@ def test_fewer_images_are_a_prefix_of_more(unet):
 def test_progress_bar_counts_every_image(unet, capsys):
   sampling.generate(unet, num_images=6, num_steps=1, schedule=SCHEDULE, batch_size=4)
   assert "sampling K=1: 6/6 images (100%)" in capsys.readouterr().err
+
+
+def test_dpm_solver_pp_draws_dpm_solver_sample_from_the_same_noise(unet):
+  kwargs = dict(num_images=6, num_steps=3, schedule=SCHEDULE, timestep_kind="trailing",
+                clip_x0=True, seed=7, batch_size=4)
+  images = sampling.generate(unet, sampler="dpm_solver_pp", **kwargs)
+  timesteps = SCHEDULE.timesteps(3, "trailing")
+  expected = np.concatenate([
+      dpm_solver.sample(lambda x, t: unet(x, t),
+                        sampling.initial_noise(seed=7, batch_index=i, batch_size=4,
+                                               image_shape=(8, 8, 1))[:count],
+                        timesteps=timesteps, alphas_cumprod=SCHEDULE.alphas_cumprod,
+                        clip_x0=True).numpy()
+      for i, count in enumerate((4, 2))])
+  np.testing.assert_allclose(images, np.clip(expected, -1.0, 1.0), atol=1e-5)
+  ddim_images = sampling.generate(unet, **kwargs)
+  assert np.abs(images - ddim_images).max() > 1e-3

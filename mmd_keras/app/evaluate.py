@@ -1,11 +1,12 @@
-"""--mode=evaluate: the base model with DDIM at every K of eval.steps and each MMD-DDM model at
-its own K, scored in every feature space; report.json/.md, fid_vs_steps.png and sample grids."""
+"""--mode=evaluate: the base model with the sampler at every K of eval.steps and each MMD-DDM model
+at its own K, scored in every feature space; report.json/.md, fid_vs_steps.png and sample grids."""
 
 import os
 
 from mmd_keras import checkpoints
 from mmd_keras import errors
 from mmd_keras import evaluate as evaluate_lib
+from mmd_keras import samplers
 from mmd_keras.app import inputs
 from mmd_keras.app import runs
 
@@ -21,7 +22,7 @@ def sweep(cfg, *, ddim_steps, finetuned, spaces, num_images, out_dir, init_check
   """Samples and scores every (model, K); prints the table; returns the report."""
   base = runs.restored_unet(cfg, init_checkpoint)
   # A directory stands for its latest checkpoint: the report names (and hashes) that one.
-  models = [evaluate_lib.ModelSpec("DDIM", base, tuple(ddim_steps),
+  models = [evaluate_lib.ModelSpec(samplers.LABELS[cfg.sampler.sampler], base, tuple(ddim_steps),
                                    path=checkpoints.latest(init_checkpoint))]
   for k, path in sorted(finetuned.items()):
     unet = cfg.unet.factory()().build_for_inference()
@@ -33,7 +34,7 @@ def sweep(cfg, *, ddim_steps, finetuned, spaces, num_images, out_dir, init_check
   report = evaluate_lib.run(
       models=models, feature_spaces=spaces, real_images=real_batches,
       schedule=cfg.diffusion.schedule(), num_images=num_images, seed=cfg.run.seed,
-      out_dir=out_dir, timestep_kind=s.timesteps, eta=s.eta, clip_x0=s.clip_x0,
+      out_dir=out_dir, sampler=s.sampler, timestep_kind=s.timesteps, eta=s.eta, clip_x0=s.clip_x0,
       batch_size=s.batch_size, real_set=real_set,
       cache_dir=os.path.join(cfg.run.workdir, "reference"))
   print(evaluate_lib.markdown_table(report), end="")

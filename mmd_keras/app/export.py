@@ -68,8 +68,8 @@ def _run(cfg, *, init_checkpoint, next_free_version):
   export_writers.make_model_dir(export_dir=e.export_dir, model_name=e.model_name)
   sampler = export_sampler.Sampler.from_schedule(
       runs.restored_unet(cfg, init_checkpoint), schedule=cfg.diffusion.schedule(),
-      num_steps=s.num_steps, timestep_kind=s.timesteps, eta=s.eta, clip_x0=s.clip_x0,
-      max_images=e.max_images)
+      num_steps=s.num_steps, sampler=s.sampler, timestep_kind=s.timesteps, eta=s.eta,
+      clip_x0=s.clip_x0, max_images=e.max_images)
   metadata = sampler.metadata()
   version, reused = e.model_version, False
   if next_free_version:

@@ -1,5 +1,5 @@
 """--mode=finetune: MMD finetuning of the base model at K = sampler.num_steps in
-<workdir>/finetune_k<K>."""
+<workdir>/finetune_k<K> (finetune_<sampler>_k<K> through another sampler than DDIM)."""
 
 import dataclasses
 import os
@@ -21,7 +21,7 @@ class Plan:
 
 
 def run_dir_name(cfg):
-  return f"finetune_k{cfg.sampler.num_steps}"
+  return runs.finetune_dir_name(cfg, cfg.sampler.num_steps)
 
 
 def check(cfg):
@@ -52,8 +52,8 @@ def run(cfg, plan=None):
         unet_factory=cfg.unet.factory(),
         feature_net_factory=lambda: inputs.feature_network(cfg, cfg.features.feature_net),
         kernel=f.make_kernel(), dataset_fn=dataset_fn, schedule=cfg.diffusion.schedule(),
-        workdir=run_dir, num_steps=s.num_steps, timestep_kind=s.timesteps, eta=s.eta,
-        clip_x0=s.clip_x0, finetune_steps=f.steps, learning_rate=f.learning_rate,
+        workdir=run_dir, num_steps=s.num_steps, sampler=s.sampler, timestep_kind=s.timesteps,
+        eta=s.eta, clip_x0=s.clip_x0, finetune_steps=f.steps, learning_rate=f.learning_rate,
         grad_clip=f.grad_clip, global_batch_size=f.batch_size,
         checkpoint_every=cfg.run.checkpoint_every, log_every=cfg.run.log_every,
         seed=cfg.run.seed, strategy=plan.strategy, init_checkpoint=plan.init_checkpoint,

@@ -37,7 +37,7 @@ def check_reuse(cfg, settings):
                          f"code); {retry}", value=cfg.run.workdir,
                          refs=("run.workdir", "run.mode"))
   with open(record) as f:
-    saved = json.load(f)
+    saved = dict(provenance.FINETUNE_DEFAULTS, **json.load(f))
   for name, value in settings.items():
     if saved.get(name) != value:
       raise ParameterError("run.workdir", f"holds a finetune at K={k} made with another {{{name}}} "

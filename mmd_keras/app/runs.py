@@ -70,9 +70,17 @@ def restored_unet(cfg, path):
   return unet
 
 
+def finetune_dir_name(cfg, num_steps):
+  """The workdir's directory of a finetune at K = `num_steps` through the configured sampler:
+  finetune_k<K> for DDIM (the name it had before there was a choice), else finetune_<sampler>_k<K>,
+  so a finetune never resumes one through another sampler."""
+  sampler = cfg.sampler.sampler
+  return f"finetune_k{num_steps}" if sampler == "ddim" else f"finetune_{sampler}_k{num_steps}"
+
+
 def finetuned_checkpoints(cfg, steps):
   """{K: path} of `eval.finetuned_checkpoints` (checked readable), else the workdir's
-  finetune_k<K>/unet.weights.h5 for every K of `steps` that has one."""
+  `finetune_dir_name`/unet.weights.h5 for every K of `steps` that has one."""
   found = {}
   for k, path in cfg.eval.finetuned_checkpoints:
     with errors.renamed(num_steps="eval.finetuned_checkpoints", kind="sampler.timesteps"):
@@ -85,7 +93,7 @@ def finetuned_checkpoints(cfg, steps):
   if cfg.eval.finetuned_checkpoints:
     return found
   for k in steps:
-    path = os.path.join(cfg.run.workdir, f"finetune_k{k}", "unet.weights.h5")
+    path = os.path.join(cfg.run.workdir, finetune_dir_name(cfg, k), "unet.weights.h5")
     if os.path.exists(path):
       found[k] = path
   return found

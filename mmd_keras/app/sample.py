@@ -17,10 +17,10 @@ def run(cfg):
   runs.write_flags(cfg.run, run_dir)
   s = cfg.sampler
   images = sampling.generate(unet, num_images=s.num_images, num_steps=s.num_steps,
-                             schedule=cfg.diffusion.schedule(), timestep_kind=s.timesteps,
-                             eta=s.eta, clip_x0=s.clip_x0, seed=cfg.run.seed,
-                             batch_size=s.batch_size)
-  name = f"samples_k{s.num_steps}_eta{s.eta:g}_seed{cfg.run.seed}"
+                             schedule=cfg.diffusion.schedule(), sampler=s.sampler,
+                             timestep_kind=s.timesteps, eta=s.eta, clip_x0=s.clip_x0,
+                             seed=cfg.run.seed, batch_size=s.batch_size)
+  name = f"samples_{s.sampler}_k{s.num_steps}_eta{s.eta:g}_seed{cfg.run.seed}"
   grid.write_png(os.path.join(run_dir, name + ".png"), images[:256],
                  scale=max(1, 64 // images.shape[1]))
   np.savez_compressed(os.path.join(run_dir, name + ".npz"),

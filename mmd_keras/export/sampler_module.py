@@ -1,9 +1,9 @@
-"""The serving `tf.Module`: the fixed-K sampler of `ddim.sample` behind two signatures.
+"""The serving `tf.Module`: a fixed-K sampler of `samplers` behind two signatures.
 
   serving_default(seed: int64 [], num_images: int32 []) -> images: uint8 [N, H, W, C]
   from_noise(noise: float32 [N, H, W, C]) -> images: uint8, images_float: float32 in [-1, 1]
 
-K is fixed at construction, so `ddim.sample`'s Python loop unrolls into one K-step graph, traced once.
+K is fixed at construction, so the sampler's Python loop unrolls into one K-step graph, traced once.
 Randomness is stateless and a function of `seed` alone: x_T ~ stateless_normal(seed=(seed, 0)) and,
 for η > 0, step i draws its noise from fold_in((seed, 1), i) (inside `ddim.sample`; the stream ids
 are `streams.EXPORT_X_T` and `streams.EXPORT_STEP_NOISE`). One seed thus gives the same images in
@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from mmd_keras import ddim
 from mmd_keras import provenance
+from mmd_keras import samplers
 from mmd_keras import streams
 
 
@@ -34,7 +35,7 @@ def seeded_noise(seed, num_images, image_shape):
 
 
 def step_noise_seed(seed):
-  """The [2] seed `ddim.sample` folds the step index into for its η > 0 noise."""
+  """The [2] seed DDIM folds the step index into for its η > 0 noise."""
   return streams.key(seed, streams.EXPORT_STEP_NOISE, tf.int64)
 
 
@@ -44,16 +45,20 @@ def _constant(value, dtype=None):
 
 
 class Sampler(tf.Module):
-  """x_T -> x_0 in K DDIM steps of a UNet, with the sampler's settings saved beside the weights.
+  """x_T -> x_0 in K steps of the sampler `sampler` (DDIM by default) of a UNet, with the
+  sampler's settings saved beside the weights.
 
-  Saved attributes (read them from `tf.saved_model.load(path)`): `num_steps` K, `timesteps` [K],
-  `eta`, `clip_x0`, `image_shape` [H, W, C], `max_images`, `num_timesteps` T.
+  Saved attributes (read them from `tf.saved_model.load(path)`): `sampler` (its name), `num_steps`
+  K, `timesteps` [K], `eta`, `clip_x0`, `image_shape` [H, W, C], `max_images`, `num_timesteps` T.
   """
 
-  def __init__(self, unet, *, alphas_cumprod, timesteps, eta=0.0, clip_x0=False, max_images=64):
+  def __init__(self, unet, *, alphas_cumprod, timesteps, sampler="ddim", eta=0.0, clip_x0=False,
+               max_images=64):
     super().__init__(name="sampler")
     if max_images < 1:
       raise ValueError(f"max_images must be >= 1, got {max_images}")
+    samplers.check(sampler, eta=eta)
+    self._sampler = sampler
     # The UNet's variables are saved, not the Keras model itself: saving a Keras model object would
     # trace every layer's call for the SavedModel, which is slow and not needed for serving.
     self._eps_model = lambda x, t: unet(x, t)
@@ -67,6 +72,7 @@ class Sampler(tf.Module):
     # unet.weights, not unet.variables: the dropout layers' seed-generator states differ per build.
     # Read when the metadata is written, so it describes the values that are saved.
     self._unet_weights = lambda: unet.weights
+    self.sampler = _constant(sampler, tf.string)
     self.num_steps = _constant(len(self._timesteps), tf.int32)
     self.timesteps = _constant(self._timesteps, tf.int32)
     self.eta = _constant(self._eta, tf.float32)
@@ -90,7 +96,7 @@ class Sampler(tf.Module):
     """The settings as plain JSON values (what `assets/sampler.json` holds): the sampler's
     `provenance.sampler_settings` and how it is served."""
     settings = provenance.sampler_settings(
-        weights_sha256=provenance.weights_sha256(self._unet_weights()),
+        sampler=self._sampler, weights_sha256=provenance.weights_sha256(self._unet_weights()),
         alphas_cumprod=self._alphas_cumprod, timesteps=self._timesteps, eta=self._eta,
         clip_x0=self._clip_x0, image_shape=self._image_shape)
     return dict(settings, max_images=self._max_images,
@@ -101,10 +107,11 @@ class Sampler(tf.Module):
                                                 outputs=["images", "images_float"])))
 
   def sample(self, x_T, seed=None):
-    """x_0 in [-1, 1] (clipped) from x_T [N, H, W, C] by `ddim.sample`; `seed` for η > 0."""
-    x_0 = ddim.sample(self._eps_model, x_T, timesteps=self._timesteps,
-                      alphas_cumprod=self._alphas_cumprod, eta=self._eta, clip_x0=self._clip_x0,
-                      seed=None if seed is None else step_noise_seed(seed))
+    """x_0 in [-1, 1] (clipped) from x_T [N, H, W, C] by the sampler; `seed` for η > 0."""
+    x_0 = samplers.sample(self._sampler, self._eps_model, x_T, timesteps=self._timesteps,
+                          alphas_cumprod=self._alphas_cumprod, eta=self._eta,
+                          clip_x0=self._clip_x0,
+                          seed=None if seed is None else step_noise_seed(seed))
     return tf.clip_by_value(x_0, -1.0, 1.0)
 
   def tflite_function(self):

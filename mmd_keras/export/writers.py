@@ -108,7 +108,8 @@ def next_free_version(metadata, *, export_dir, model_name, first_version, num_st
     latest = existing[-1]
     saved = read_saved_metadata(version_dir(export_dir=export_dir, model_name=model_name,
                                             version=latest))
-    if saved == metadata and all(same_tflite(tflite(latest, f16)) for f16 in tflite_variants):
+    if provenance.sampler_record(saved) == metadata and all(
+        same_tflite(tflite(latest, f16)) for f16 in tflite_variants):
       return latest, True
   version = max([first_version] + [v + 1 for v in existing])
   while any(os.path.exists(p) for p in (
