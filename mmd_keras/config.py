@@ -249,6 +249,7 @@ def _timestep_subsequence(diffusion, sampler, num_steps):
   return schedule_lib.timestep_subsequence(num_timesteps=diffusion.num_timesteps,
                                            num_steps=num_steps, kind=sampler.timesteps)
 
+
 @dataclasses.dataclass(frozen=True)
 class MergeConfig:
   """--mode=merge_reports: the evaluations to merge; no model is built."""
