@@ -11,6 +11,7 @@ from mmd_keras import checkpoints
 from mmd_keras import distribute
 from mmd_keras import errors
 from mmd_keras import provenance
+from mmd_keras import samplers
 from mmd_keras.app import evaluate
 from mmd_keras.app import export
 from mmd_keras.app import finetune
@@ -55,7 +56,6 @@ def run(cfg):
   evaluate.check_steps(cfg, (reference_k,), field="diffusion.num_timesteps")
   export.check(cfg)
   inputs.check_eval_split(cfg, num_images=num_images, images_field="eval.quickstart_images")
-  inputs.check_feature_spaces(cfg)
   spaces = inputs.feature_spaces(cfg, num_images=num_images, images_field="eval.quickstart_images")
   # A directory stands for its latest checkpoint: that one is what the finetune starts from.
   settings = provenance.finetune_settings(
@@ -66,8 +66,9 @@ def run(cfg):
     runs.mode_dir(cfg.run, finetune.run_dir_name(cfg))
     atomic.write_json(record, settings)
   finetuned = finetune.run(cfg, plan)
-  print(f"[2/3] evaluating DDIM K={k}, MMD-DDM K={k} and DDIM K={reference_k} on {num_images} "
-        f"images")
+  base = samplers.LABELS[cfg.sampler.sampler]
+  print(f"[2/3] evaluating {base} K={k}, MMD-DDM K={k} and {base} K={reference_k} on "
+        f"{num_images} images")
   out_dir = runs.mode_dir(cfg.run, "quickstart")
   with errors.renamed(num_images="eval.quickstart_images"):
     evaluate.sweep(cfg, ddim_steps=sorted({k, reference_k}), finetuned={k: finetuned},
