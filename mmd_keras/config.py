@@ -54,6 +54,9 @@ class DataConfig:
   data_dir: Optional[str] = None
   random_flip: bool = False
 
+  def __post_init__(self):
+    _positive(self, "batch_size")
+
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
@@ -293,7 +296,6 @@ def build(values):
   values["eval.finetuned_checkpoints"] = _finetuned_entries(values["eval.finetuned_checkpoints"])
   values["eval.feature_nets"] = tuple(dict.fromkeys([feature_net,
                                                      *values["eval.feature_nets"]]))
-  _positive_value("data.batch_size", values["data.batch_size"])
   section = lambda cls, name: cls(**{f.name: values[f"{name}.{f.name}"]
                                      for f in dataclasses.fields(cls)
                                      if f"{name}.{f.name}" in values})
@@ -321,8 +323,6 @@ def _dataset_shape(dataset):
 
 
 def _ints(field, items):
-  if isinstance(items, (tuple, list)) and all(isinstance(v, int) for v in items):
-    return tuple(items)
   try:
     return tuple(int(v) for v in items)
   except ValueError:

@@ -15,8 +15,7 @@ def training_data(cfg, *, batch_size, batch_field):
       dataset=cfg.data.dataset, split="train", global_batch_size=batch_size,
       image_size=cfg.data.image_size, data_dir=cfg.data.data_dir,
       random_flip=cfg.data.random_flip, seed=cfg.run.seed, start_batch=start_batch)
-  with errors.renamed(global_batch_size=batch_field, data_dir="data.data_dir",
-                      dataset="data.dataset"):
+  with errors.renamed(global_batch_size=batch_field):
     make(0)
   return make
 
@@ -24,9 +23,8 @@ def training_data(cfg, *, batch_size, batch_field):
 def check_eval_split(cfg, *, num_images, images_field):
   """`eval.split` names a split with at least `num_images` images (when its size is known without
   reading it)."""
-  with errors.renamed(split="eval.split", data_dir="data.data_dir", dataset="data.dataset"):
-    available = data_lib.num_examples(dataset=cfg.data.dataset, split=cfg.eval.split,
-                                      data_dir=cfg.data.data_dir)
+  available = data_lib.num_examples(dataset=cfg.data.dataset, split=cfg.eval.split,
+                                    data_dir=cfg.data.data_dir)
   if available is not None and num_images > available:
     raise ParameterError(images_field, f"exceeds the {available} images of {{eval.split}}="
                          f"{cfg.eval.split} (the reference set is as many real images as samples)",
@@ -36,24 +34,19 @@ def check_eval_split(cfg, *, num_images, images_field):
 def real_set(cfg):
   """(a name of the reference images for the report and cache files, a function returning their
   batches); the data is opened now, so a missing file fails before any sampling."""
-  with errors.renamed(split="eval.split", data_dir="data.data_dir", dataset="data.dataset"):
-    dataset = data_lib.make_dataset(
-        dataset=cfg.data.dataset, split=cfg.eval.split, global_batch_size=cfg.sampler.batch_size,
-        image_size=cfg.data.image_size, data_dir=cfg.data.data_dir, shuffle=False, repeat=False,
-        drop_remainder=False)
+  dataset = data_lib.make_dataset(
+      dataset=cfg.data.dataset, split=cfg.eval.split, global_batch_size=cfg.sampler.batch_size,
+      image_size=cfg.data.image_size, data_dir=cfg.data.data_dir, shuffle=False, repeat=False,
+      drop_remainder=False)
   name = "".join(c if c.isalnum() or c in "-_." else "_"
                  for c in f"{cfg.data.dataset}_{cfg.eval.split}_{cfg.data.image_size}px")
   return name, lambda: (batch.numpy() for batch in dataset)
 
 
 def _feature_fields(cfg, name):
-  """The configuration fields behind the feature network parameters of `name`."""
+  """The field that named feature network `name` (its files' fields are runs.LIBRARY_FIELDS)."""
   return dict(feature_net=("features.feature_net" if name == cfg.features.feature_net
-                           else "eval.feature_nets"),
-              classifier_path="features.classifier_path",
-              inception_weights="features.inception_weights",
-              inception_resolution="features.inception_resolution", mode="run.mode",
-              image_size="data.image_size", dataset="data.dataset")
+                           else "eval.feature_nets"))
 
 
 def _network_args(cfg, name):
@@ -76,11 +69,9 @@ def feature_network(cfg, name):
 
 
 def check_feature_spaces(cfg):
-  """The report's feature spaces (`eval.feature_nets`, the trained one first), their files checked;
-  nothing is loaded."""
+  """The files of the report's feature spaces (`eval.feature_nets`) checked; nothing is loaded."""
   for name in cfg.eval.feature_nets:
     check_feature_network(cfg, name)
-  return cfg.eval.feature_nets
 
 
 def feature_spaces(cfg, *, num_images, images_field):

@@ -16,7 +16,9 @@ LIBRARY_FIELDS = dict(
     init_checkpoint="run.init_checkpoint", workdir="run.workdir", mode="run.mode",
     dataset="data.dataset", data_dir="data.data_dir", image_size="data.image_size",
     ch="unet.ch", ch_mult="unet.ch_mult", num_res_blocks="unet.num_res_blocks",
-    attn_resolutions="unet.attn_resolutions", finetuned_checkpoints="eval.finetuned_checkpoints")
+    attn_resolutions="unet.attn_resolutions", finetuned_checkpoints="eval.finetuned_checkpoints",
+    classifier_path="features.classifier_path", inception_weights="features.inception_weights",
+    inception_resolution="features.inception_resolution", split="eval.split")
 
 
 def mode_dir(run, name):
