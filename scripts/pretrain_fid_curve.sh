@@ -11,8 +11,9 @@ mkdir -p "$OUT/reports"
 touch "$OUT/curve.tsv"
 last=$(tail -n 1 "$OUT/curve.tsv" | cut -f1); last=${last:--1}
 while true; do
-  ckpt=$(ls "$PRETRAIN"/checkpoints/ckpt-*.index 2>/dev/null | sed 's/.*ckpt-\([0-9]*\).index/\1/' \
-         | sort -n | tail -n 1)
+  # No checkpoint yet is not an error (pipefail would end the watcher): wait for the first.
+  ckpt=$( (ls "$PRETRAIN"/checkpoints/ckpt-*.index 2>/dev/null || true) \
+         | sed 's/.*ckpt-\([0-9]*\).index/\1/' | sort -n | tail -n 1)
   if [ -n "$ckpt" ] && { [ "$ckpt" -ge $((last + EVERY)) ] || [ "$ckpt" -eq "$FINAL" ]; } \
      && [ "$ckpt" -ne "$last" ]; then
     # The checkpoint may be rotated away while we read it: copy it first.
