@@ -122,8 +122,8 @@ flags.DEFINE_integer("finetune_batch_size", None,
 flags.DEFINE_float("learning_rate", 5e-6, "Adam learning rate of MMD finetuning.")
 flags.DEFINE_float("grad_clip", 0.5, "Global-norm clip of the finetuning gradient (0: off).")
 flags.DEFINE_bool("recompute", True,
-                  "Wrap each UNet call of the unrolled sampler in tf.recompute_grad (memory of "
-                  "one call instead of K).")
+                  "Replay one sampler step at a time in the backward pass (activation memory of "
+                  "one UNet call instead of K; a graph that does not grow with K).")
 flags.DEFINE_bool("finetune_dropout", False, "Dropout on in the UNet while finetuning.")
 flags.DEFINE_enum("kernel", "polynomial", mmd.KERNELS,
                   "MMD kernel: polynomial (γxᵀy + 1)³, γ = 1/dim (KID's), or rbf.")

@@ -38,7 +38,7 @@ _STARTUP_NOISE = re.compile(
     r"|To enable the following instructions: .* rebuild TensorFlow")
 # TF Python warnings that every run triggers and a user cannot act on.
 _TF_LOG_NOISE = (
-    # tf.recompute_grad watches every argument of the UNet call, the int32 timesteps too.
+    # tf.recompute_grad (and tape.watch) on int32 arguments such as timesteps, at every trace.
     "The dtype of the watched tensor must be floating",
 )
 

@@ -1,11 +1,13 @@
 """The DDIM sampler (Song et al. 2021) as pure functions of an ε-model.
 
 `eps_model(x_t, t) -> ε̂` takes images [B, H, W, C] and integer timesteps [B]. Everything that samples
-(finetuning, where each call is wrapped in `tf.recompute_grad`; evaluation; the exported serving
-graph) calls `sample` below, unchanged.
+runs the steps of `Steps` below, unchanged: evaluation and the exported serving graph through
+`sample`, finetuning through `sample` or, replaying one step at a time, through `replay.py`.
 """
 
 import tensorflow as tf
+
+from mmd_keras import steps as steps_lib
 
 
 def _alpha_bar(alphas_cumprod, t):
@@ -46,29 +48,57 @@ def ddim_step(eps_model, x_t, *, t, t_prev, alphas_cumprod, eta=0.0, clip_x0=Fal
   return x_prev, x0_pred
 
 
+class Steps:
+  """DDIM's K steps by index i = 0 … K−1 (step i goes from the (K−i)-th largest timestep down):
+  `step` takes i as a Python int (an unrolled loop) or an int32 scalar tensor (a `tf.while_loop`,
+  as finetuning's replayed backward pass runs it). The state is (x_t,).
+
+  η > 0 needs `seed` ([2] int): step i draws its noise from stateless_normal(fold_in(seed, i)), so a
+  seed fixes the whole trajectory.
+  """
+
+  def __init__(self, timesteps, *, alphas_cumprod, eta=0.0, clip_x0=False, seed=None):
+    if eta and seed is None:
+      raise ValueError("ddim.sample: eta > 0 needs a `seed` ([2] int) for its stateless noise")
+    timesteps = [int(t) for t in timesteps]
+    if not timesteps:
+      raise ValueError("ddim.sample: `timesteps` is empty")
+    self.num_steps = len(timesteps)
+    self._t = timesteps[::-1]
+    self._t_prev = ([-1] + timesteps[:-1])[::-1]
+    self._alphas_cumprod = tf.convert_to_tensor(alphas_cumprod, tf.float32)
+    self._eta = eta
+    self._clip_x0 = clip_x0
+    self._seed = seed
+
+  def initial_state(self, x_T):
+    return (x_T,)
+
+  def step(self, eps_model, state, i):
+    (x,) = state
+    noise = None
+    if self._eta:
+      noise = tf.random.stateless_normal(
+          tf.shape(x), seed=tf.random.experimental.stateless_fold_in(self._seed, i),
+          dtype=x.dtype)
+    x, _ = ddim_step(eps_model, x, t=steps_lib.at_step(self._t, i),
+                     t_prev=steps_lib.at_step(self._t_prev, i),
+                     alphas_cumprod=self._alphas_cumprod, eta=self._eta, clip_x0=self._clip_x0,
+                     noise=noise)
+    return (x,)
+
+  def output(self, state):
+    return state[0]
+
+
 def sample(eps_model, x_T, *, timesteps, alphas_cumprod, eta=0.0, clip_x0=False, seed=None):
   """x_T ~ N(0, I) -> x_0 over the increasing timestep subsequence `timesteps` (length K).
 
   The loop is unrolled in Python: K is fixed per call, gradients flow through every step, and a
-  `tf.function` around this traces the K-step graph once. η > 0 needs `seed` ([2] int): step i draws
-  its noise from stateless_normal(fold_in(seed, i)), so a seed fixes the whole trajectory.
+  `tf.function` around this traces the K-step graph once. η > 0 needs `seed` (see `Steps`).
   """
-  if eta and seed is None:
-    raise ValueError("ddim.sample: eta > 0 needs a `seed` ([2] int) for its stateless noise")
-  timesteps = [int(t) for t in timesteps]
-  if not timesteps:
-    raise ValueError("ddim.sample: `timesteps` is empty")
-  alphas_cumprod = tf.convert_to_tensor(alphas_cumprod, tf.float32)
-  previous = [-1] + timesteps[:-1]
-  x = x_T
-  for i, (t, t_prev) in enumerate(zip(reversed(timesteps), reversed(previous))):
-    noise = None
-    if eta:
-      noise = tf.random.stateless_normal(
-          tf.shape(x), seed=tf.random.experimental.stateless_fold_in(seed, i), dtype=x.dtype)
-    x, _ = ddim_step(eps_model, x, t=t, t_prev=t_prev, alphas_cumprod=alphas_cumprod, eta=eta,
-                     clip_x0=clip_x0, noise=noise)
-  return x
+  steps = Steps(timesteps, alphas_cumprod=alphas_cumprod, eta=eta, clip_x0=clip_x0, seed=seed)
+  return steps_lib.run(steps, eps_model, x_T)
 
 
 def to_uint8(images):

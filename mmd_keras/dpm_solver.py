@@ -11,54 +11,84 @@ The first step, having no x̂0(x_{t_last}), and the last one, to t_prev = −1 (
 λ = +∞), are first order (D = x̂0). First order is DDIM with η = 0.
 
 `eps_model(x_t, t) -> ε̂` takes images [B, H, W, C] and int32 timesteps [B], and is called once per
-step, so finetuning can wrap each call in `tf.recompute_grad` as it does for `ddim.sample`.
+step, so finetuning replays one step at a time as it does for DDIM (`replay.py`).
 """
 
+import numpy as np
 import tensorflow as tf
+
+from mmd_keras import steps as steps_lib
 
 
 def _alpha_sigma(alphas_cumprod, t):
   """(α_t, σ_t) in float64, with ᾱ_{−1} = 1: α = 1, σ = 0."""
   if t < 0:
-    return tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)
-  alpha_bar = tf.gather(alphas_cumprod, t)
-  return tf.sqrt(alpha_bar), tf.sqrt(1.0 - alpha_bar)
+    return 1.0, 0.0
+  return np.sqrt(alphas_cumprod[t]), np.sqrt(1.0 - alphas_cumprod[t])
 
 
 def _log_snr(alphas_cumprod, t):
   """λ_t = log(α_t / σ_t), for t ≥ 0 only (λ_{−1} = +∞)."""
   alpha, sigma = _alpha_sigma(alphas_cumprod, t)
-  return tf.math.log(alpha) - tf.math.log(sigma)
+  return np.log(alpha) - np.log(sigma)
 
 
-def dpm_solver_step(eps_model, x_t, *, t, t_prev, alphas_cumprod, x0_last=None, t_last=None,
-                    clip_x0=False):
-  """One DPM-Solver++ step x_t -> x_{t_prev}; returns (x_{t_prev}, x̂0(x_t)).
+class Steps:
+  """DPM-Solver++(2M)'s K steps by index i = 0 … K−1 (see `steps.py`); the state is
+  (x_t, x̂0 of the previous step's input), the latter zeros before the first step.
 
-  Second order when x0_last, the x̂0 of the previous step's input x_{t_last}, is given and
-  t_prev ≥ 0; first order otherwise. t, t_prev, t_last are Python ints, t_prev = −1 at the end.
-  `alphas_cumprod` is cast to float64 for the coefficients: with float64 ᾱ, 1 − ᾱ_t near t = 0
-  keeps its digits.
+  Every coefficient is computed once, in float64 NumPy: with float64 ᾱ, 1 − ᾱ_t near t = 0 keeps
+  its digits. Step i is x_{t_prev} = c_x x_t + c_D D with D = x̂0 + w (x̂0 − x̂0_last), w = 1/(2r)
+  on second-order steps and 0 on the first and the last (first-order) ones.
   """
-  t, t_prev = int(t), int(t_prev)
-  alphas_cumprod = tf.cast(alphas_cumprod, tf.float64)
-  alpha, sigma = _alpha_sigma(alphas_cumprod, t)
-  alpha_prev, sigma_prev = _alpha_sigma(alphas_cumprod, t_prev)
-  dtype = x_t.dtype
-  batch = tf.shape(x_t)[0]
-  eps = eps_model(x_t, tf.fill([batch], tf.constant(t, tf.int32)))
-  x0_pred = (x_t - tf.cast(sigma, dtype) * eps) / tf.cast(alpha, dtype)
-  if clip_x0:
-    x0_pred = tf.clip_by_value(x0_pred, -1.0, 1.0)
-  data = x0_pred
-  if x0_last is not None and t_prev >= 0:
-    lam = _log_snr(alphas_cumprod, t)
-    r = (lam - _log_snr(alphas_cumprod, int(t_last))) / (_log_snr(alphas_cumprod, t_prev) - lam)
-    data = x0_pred + tf.cast(0.5 / r, dtype) * (x0_pred - x0_last)
-  # −α_prev (e^{−h} − 1) = α_prev − σ_prev α_t / σ_t: no λ_prev, so σ_prev = 0 (λ = +∞) is exact.
-  x_prev = (tf.cast(sigma_prev / sigma, dtype) * x_t
-            + tf.cast(alpha_prev - sigma_prev * alpha / sigma, dtype) * data)
-  return x_prev, x0_pred
+
+  def __init__(self, timesteps, *, alphas_cumprod, clip_x0=False):
+    timesteps = [int(t) for t in timesteps]
+    if not timesteps:
+      raise ValueError("dpm_solver.sample: `timesteps` is empty")
+    if any(later <= earlier for earlier, later in zip(timesteps, timesteps[1:])):
+      # Equal timesteps would make h = 0 and r infinite.
+      raise ValueError(f"dpm_solver.sample: `timesteps` must increase strictly, got {timesteps}")
+    alphas_cumprod = np.asarray(alphas_cumprod).astype(np.float64)
+    self.num_steps = len(timesteps)
+    self._clip_x0 = clip_x0
+    columns = {name: [] for name in ("t", "alpha", "sigma", "c_x", "c_d", "w")}
+    t_last = None
+    for t, t_prev in zip(timesteps[::-1], ([-1] + timesteps[:-1])[::-1]):
+      alpha, sigma = _alpha_sigma(alphas_cumprod, t)
+      alpha_prev, sigma_prev = _alpha_sigma(alphas_cumprod, t_prev)
+      w = 0.0
+      if t_last is not None and t_prev >= 0:
+        lam = _log_snr(alphas_cumprod, t)
+        r = (lam - _log_snr(alphas_cumprod, t_last)) / (_log_snr(alphas_cumprod, t_prev) - lam)
+        w = 0.5 / r
+      # −α_prev (e^{−h} − 1) = α_prev − σ_prev α_t / σ_t: no λ_prev, so σ_prev = 0 (λ = +∞) is
+      # exact.
+      c_d = alpha_prev - sigma_prev * alpha / sigma
+      for name, value in (("alpha", alpha), ("sigma", sigma), ("c_x", sigma_prev / sigma),
+                          ("c_d", c_d), ("w", w)):
+        columns[name].append(float(np.float32(value)))  # As the float32 images will see them.
+      columns["t"].append(t)
+      t_last = t
+    self._columns = columns
+
+  def _at(self, name, i):
+    return steps_lib.at_step(self._columns[name], i)
+
+  def initial_state(self, x_T):
+    return (x_T, tf.zeros_like(x_T))
+
+  def step(self, eps_model, state, i):
+    x, x0_last = state
+    eps = eps_model(x, tf.fill([tf.shape(x)[0]], tf.cast(self._at("t", i), tf.int32)))
+    x0_pred = (x - self._at("sigma", i) * eps) / self._at("alpha", i)
+    if self._clip_x0:
+      x0_pred = tf.clip_by_value(x0_pred, -1.0, 1.0)
+    data = x0_pred + self._at("w", i) * (x0_pred - x0_last)
+    return (self._at("c_x", i) * x + self._at("c_d", i) * data, x0_pred)
+
+  def output(self, state):
+    return state[0]
 
 
 def sample(eps_model, x_T, *, timesteps, alphas_cumprod, clip_x0=False):
@@ -68,17 +98,5 @@ def sample(eps_model, x_T, *, timesteps, alphas_cumprod, clip_x0=False):
   As `ddim.sample`, the loop is unrolled in Python (K fixed per call) and gradients flow through
   every step. `clip_x0` clips each x̂0 to [−1, 1] before it enters D, so x_0 = x̂0 is in range.
   """
-  timesteps = [int(t) for t in timesteps]
-  if not timesteps:
-    raise ValueError("dpm_solver.sample: `timesteps` is empty")
-  if any(later <= earlier for earlier, later in zip(timesteps, timesteps[1:])):
-    # Equal timesteps would make h = 0 and r infinite.
-    raise ValueError(f"dpm_solver.sample: `timesteps` must increase strictly, got {timesteps}")
-  alphas_cumprod = tf.cast(alphas_cumprod, tf.float64)
-  previous = [-1] + timesteps[:-1]
-  x, x0_last, t_last = x_T, None, None
-  for t, t_prev in zip(reversed(timesteps), reversed(previous)):
-    x, x0_last = dpm_solver_step(eps_model, x, t=t, t_prev=t_prev, alphas_cumprod=alphas_cumprod,
-                                 x0_last=x0_last, t_last=t_last, clip_x0=clip_x0)
-    t_last = t
-  return x
+  return steps_lib.run(Steps(timesteps, alphas_cumprod=alphas_cumprod, clip_x0=clip_x0),
+                       eps_model, x_T)

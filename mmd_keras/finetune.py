@@ -2,8 +2,9 @@
 
   z ~ N(0, I) ─► x̂0 = S_K(ε_θ, z) ─► φ(x̂0), φ(x_real) ─► L(θ) = MMD²_u(φ(x̂0), φ(x_real))
 
-and θ ← Adam(∇_θ L) through all K UNet calls. Each call runs under `tf.recompute_grad`: the backward
-pass replays one UNet forward at a time, so activation memory is that of one call instead of K.
+and θ ← Adam(∇_θ L) through all K UNet calls. With `recompute` (the default) the gradient comes from
+`replay.value_and_gradients`: the backward pass replays one sampler step at a time in a
+`tf.while_loop`, so activation memory is that of one UNet call and the graph does not grow with K.
 
 Under a tf.distribute strategy the features of all replicas are gathered, so every replica computes
 the MMD² of the *global* batch (the estimator is not a mean over examples: a per-replica MMD² would
@@ -21,7 +22,9 @@ from mmd_keras import console
 from mmd_keras import distribute
 from mmd_keras import errors
 from mmd_keras import mmd
+from mmd_keras import replay
 from mmd_keras import samplers
+from mmd_keras import steps as steps_lib
 from mmd_keras import streams
 from mmd_keras import training_loop
 from mmd_keras.errors import ParameterError
@@ -78,30 +81,29 @@ class MMDFinetuner(keras.Model):
     return [self.mmd2_tracker, self.grad_norm_tracker]
 
   def _eps_fn(self, dropout_seed):
-    """ε_θ(x, t) for the sampler; dropout masks are a function of (dropout_seed, t) alone."""
-    def call(x, t, seed):
-      if self.dropout:
-        return self.unet(x, t, training=True, dropout_seed=seed)
-      return self.unet(x, t, training=False)
-
-    if self.recompute:
-      # The seed is an explicit input: the replayed forward pass draws the same masks. t and the
-      # seed are arguments, not closed over, because recompute_grad makes only its arguments wait
-      # for the incoming gradient; closed-over inputs would let grappler merge the replayed masks
-      # with the forward ones and keep K calls' masks alive. (The tape warns, at most 5 times per
-      # process, that it watches integer arguments.)
-      call = tf.recompute_grad(call)
-
+    """ε_θ(x, t) for the sampler; dropout masks are a function of (dropout_seed, t) alone, so a
+    replayed step draws the same masks."""
     def eps(x, t):
-      return call(x, t, tf.random.experimental.stateless_fold_in(dropout_seed, t[0]))
+      if self.dropout:
+        return self.unet(x, t, training=True,
+                         dropout_seed=tf.random.experimental.stateless_fold_in(dropout_seed, t[0]))
+      return self.unet(x, t, training=False)
     return eps
 
-  def sample(self, z, *, seed):
-    """x̂0 = S_K(ε_θ, z), differentiable in θ; `seed` fixes dropout masks and η-noise."""
+  def _steps(self, seed):
+    """(the sampler's K steps, ε_θ) of one finetuning step; `seed` fixes dropout masks and
+    η-noise."""
     dropout_seed, eta_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    return samplers.sample(self.sampler, self._eps_fn(dropout_seed), z, timesteps=self.timesteps,
-                           alphas_cumprod=self.alphas_cumprod, eta=self.eta,
-                           clip_x0=self.clip_x0, seed=eta_seed)
+    steps = samplers.steps(self.sampler, timesteps=self.timesteps,
+                           alphas_cumprod=self.alphas_cumprod, eta=self.eta, clip_x0=self.clip_x0,
+                           seed=eta_seed)
+    return steps, self._eps_fn(dropout_seed)
+
+  def sample(self, z, *, seed):
+    """x̂0 = S_K(ε_θ, z), unrolled and differentiable in θ; `seed` fixes dropout masks and
+    η-noise."""
+    steps, eps = self._steps(seed)
+    return steps_lib.run(steps, eps, z)
 
   def compute_gradients(self, x_real, z=None):
     """(MMD² of the global batch, ∇_θ MMD² summed over replicas) for this replica's real batch.
@@ -115,14 +117,22 @@ class MMDFinetuner(keras.Model):
       z = example_noise(tf.shape(x_real), seed=self.seed, step=step)
     real_features = replica.all_gather(tf.stop_gradient(self.feature_net(x_real)), axis=0)
     weights = self.unet.trainable_weights
-    with tf.GradientTape() as tape:
-      x_fake = self.sample(z, seed=streams.step_seed(self.seed, step))
+
+    def loss_fn(x_fake):
       fake_features = replica.all_gather(self.feature_net(x_fake), axis=0)
-      loss = mmd.mmd2_unbiased(fake_features, real_features, kernel=self.kernel)
-      # all_gather's gradient sums the (identical) upstream gradients of all N replicas, so the
-      # local gradient of L/N is exactly this replica's examples' share of ∇L.
-      scaled_loss = loss / num_replicas
-    grads = tape.gradient(scaled_loss, weights)
+      return mmd.mmd2_unbiased(fake_features, real_features, kernel=self.kernel)
+
+    steps, eps = self._steps(streams.step_seed(self.seed, step))
+    # all_gather's gradient sums the (identical) upstream gradients of all N replicas, so the
+    # local gradient of L/N is exactly this replica's examples' share of ∇L.
+    if self.recompute:
+      loss, grads = replay.value_and_gradients(steps, eps, z, loss_fn=loss_fn, weights=weights,
+                                               gradient_scale=1.0 / num_replicas)
+    else:
+      with tf.GradientTape() as tape:
+        loss = loss_fn(steps_lib.run(steps, eps, z))
+        scaled_loss = loss / num_replicas
+      grads = tape.gradient(scaled_loss, weights)
     return loss, replica.all_reduce(tf.distribute.ReduceOp.SUM, grads)
 
   def train_step(self, x_real):

@@ -6,8 +6,8 @@ onto this model one variable at a time (see `checkpoints.py`). Conventions that 
 mapping are kept: GroupNorm(32, ε=1e-6), attention logits scaled by C^-1/2, TF 'SAME' padding for the
 stride-2 conv (extra pad at bottom/right), sin-then-cos timestep embedding.
 
-Dropout can be made a pure function of an explicit seed (`dropout_seed`), which `tf.recompute_grad`
-needs: a stateful generator would draw a different mask when the forward pass is replayed.
+Dropout can be made a pure function of an explicit seed (`dropout_seed`), which a replayed forward
+pass needs (`replay.py`, `tf.recompute_grad`): a stateful generator would draw another mask.
 """
 
 import math

@@ -220,9 +220,11 @@ def _toy_eps_model(x_t, t):
 
 def test_clip_x0_keeps_the_prediction_in_range():
   x_t = 3.0 * tf.random.stateless_normal([8, 4, 4, 1], seed=[3, 3])
-  kwargs = dict(t=999, t_prev=899, alphas_cumprod=SCHEDULE.alphas_cumprod)
-  _, unclipped = dpm_solver.dpm_solver_step(_toy_eps_model, x_t, **kwargs)
-  _, clipped = dpm_solver.dpm_solver_step(_toy_eps_model, x_t, clip_x0=True, **kwargs)
+  kwargs = dict(timesteps=[899, 999], alphas_cumprod=SCHEDULE.alphas_cumprod)
+  # The state after the first step (999 -> 899) holds that step's x̂0.
+  _, unclipped = dpm_solver.Steps(**kwargs).step(_toy_eps_model, (x_t, tf.zeros_like(x_t)), 0)
+  _, clipped = dpm_solver.Steps(clip_x0=True, **kwargs).step(_toy_eps_model,
+                                                             (x_t, tf.zeros_like(x_t)), 0)
   assert np.abs(unclipped.numpy()).max() > 1.0
   assert np.abs(clipped.numpy()).max() <= 1.0
   samples = dpm_solver.sample(_toy_eps_model, x_t, timesteps=SCHEDULE.timesteps(5),

@@ -78,9 +78,15 @@ def test_recompute_gives_the_same_gradients(dropout, sampler):
   loss_recomputed, recomputed = gradients(make_finetuner(unet, num_steps=3, recompute=True,
                                                          dropout=dropout, sampler=sampler),
                                           x_real)
-  np.testing.assert_allclose(loss_recomputed, loss_plain, rtol=1e-6)
+  # Float32 rounding only: the replayed loop runs the same steps in another graph (constants
+  # gathered, not folded).
+  np.testing.assert_allclose(loss_recomputed, loss_plain, rtol=1e-5)
+  # Some gradients are 0 in exact arithmetic (a conv bias right before a GroupNorm with one channel
+  # per group, attention's key bias under the softmax): there both sides are rounding noise
+  # (~1e-9), so the floor is relative to the whole gradient.
+  total = np.sqrt(sum(np.sum(b.astype(np.float64) ** 2) for b in plain))
   for weight, a, b in zip(unet.trainable_weights, recomputed, plain):
-    assert relative_error(a, b) < 1e-5, weight.path
+    assert np.linalg.norm(a - b) <= max(1e-5 * np.linalg.norm(b), 1e-6 * total), weight.path
 
 
 def test_dropout_flag_changes_the_gradients():
@@ -102,7 +108,7 @@ def test_dpm_solver_pp_unroll_is_dpm_solver_sample():
   np.testing.assert_allclose(trainer.sample(z, seed=tf.constant([0, 0])), expected, atol=1e-5)
 
 
-def test_dpm_solver_pp_gradient_reaches_each_of_the_k_recomputed_calls():
+def test_dpm_solver_pp_gradient_reaches_each_of_the_k_calls():
   # A per-step offset on ε̂: the loss depends on each, so no step may be cut off the chain.
   unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE), seed=1, scale=0.05)
   trainer = make_finetuner(unet, num_steps=3, sampler="dpm_solver_pp", recompute=True)
