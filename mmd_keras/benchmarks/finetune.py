@@ -1,39 +1,89 @@
-"""Peak memory and step time of the unrolled K-step MMD finetuning step, with and without recompute.
+"""Memory and time the unrolled K-step MMD finetuning step costs a user's machine.
 
-  python -m mmd_keras.benchmarks finetune [--ks=2,5,10,20] [--batch_size=64] [--steps=2] [--dropout=0]
+  python -m mmd_keras.benchmarks finetune [--configs=fashion,small] [--ks=5,20] [--batch_size=N]
+      [--steps=2] [--compare_ref=<git rev>] [--json_out=<file>]
 
-Each (K, recompute) variant runs in a fresh interpreter, so no variant inherits another's heap. After
-building the model and one warm-up step (tracing), the child resets the peak counter of TF's CPU
-allocator (`tf.config.experimental.reset_memory_stats`), runs the timed steps and reads its peak: peak
-minus the bytes live before the step is the step's transient memory (activations kept for the
-backward pass, gradients, recomputed forwards). Every tensor buffer goes through that allocator, so
-this is what the step really holds. The resident set's high-water mark (VmHWM after
-`clear_refs`, glibc's mmap threshold pinned at 64 KiB) is printed beside it only for comparison: it
-stays far below the allocator's figure, so the targets are read from the allocator. The UNet is the fashion_mnist config's (28×28, ch 32, ch_mult 1,2,2, 2 res blocks,
-attention at 7) at the config's finetune batch; the feature network is a fixed random conv feature
-map, so the unroll is what is measured. `--dropout=1` finetunes with the UNet's dropout (0.1) on: the
-masks are then drawn in every forward and replayed by recompute, which must not keep K calls' masks.
+Each (config, K) variant runs in a fresh Python process, so none inherits another's heap or
+graphs. The child builds the config's UNet, `MMDFinetuner(..., recompute=True)` with Adam and a
+fixed random pixel projection as feature network (so the unroll, not the features, is measured),
+runs one step and then `--steps` timed steps on a fixed real batch, and reports:
+
+- peak RSS: the process's resident-set high-water mark (VmHWM in /proc/self/status), from process
+  start to the end of the timed steps: imports, tracing and graph optimisation included. This is
+  the memory the machine must hold for the run; nothing is reset (no clear_refs) and glibc is not
+  tuned (no MALLOC_* variables), so allocator slack counts as it would for a user.
+- RSS after imports: VmRSS once TensorFlow, Keras and the project are imported, before any model;
+  the part of the peak that `import tensorflow` alone costs.
+- first step s: trace, graph optimisation and the first run; step s: the mean of the timed steps.
+- TF allocator peak: the peak of TF's CPU allocator over the process, a breakdown of the peak
+  RSS, not a substitute: it counts tensor buffers only (and, in TF 2.21, none under ~256 KiB, so
+  it is near zero for `tiny`); the rest is the interpreter, libraries, graphs and allocator slack.
+  null where TF does not track it.
+
+Configs: `fashion` is configs/fashion_mnist.cfg's UNet at batch 64; `small` the same with one res
+block per level and no attention, at batch 32; `tiny` an 8-px UNet at batch 4 (for the tests).
+Their dropout is off while finetuning (the finetuner's default). `--batch_size` overrides the
+config's batch.
+
+`--compare_ref=<rev>` also measures another git revision of the code: a temporary detached
+worktree of <rev> is first on the child's PYTHONPATH, so `import mmd_keras` loads the old code
+while the child script is this file (it uses only APIs both trees have). The variants alternate,
+ref then current for each config and K, so machine noise hits both alike. The output is a header
+line (command, date, commit, TensorFlow, CPUs), a table per config, the ratios peak RSS at the
+largest K over the smallest per config and tree, and a JSON line with all of it; progress goes to
+stderr.
 """
 
+import collections
+import contextlib
+import datetime
+import importlib.metadata
 import json
 import os
+import pathlib
+import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
-FASHION_UNET = dict(image_size=28, channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
-                    attn_resolutions=(7,), dropout=0.1)
+REPO = pathlib.Path(__file__).resolve().parents[2]
+FEATURE_DIM = 256
+
+Config = collections.namedtuple("Config", "unet batch_size")
+CONFIGS = dict(
+    fashion=Config(dict(image_size=28, channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
+                        attn_resolutions=(7,), dropout=0.1), 64),
+    small=Config(dict(image_size=28, channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                      attn_resolutions=(), dropout=0.1), 32),
+    tiny=Config(dict(image_size=8, channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                     attn_resolutions=(), dropout=0.0), 4))
+
+Options = collections.namedtuple("Options", "configs ks batch_size steps compare_ref json_out")
+DEFAULTS = dict(configs="fashion,small", ks="5,20", batch_size=None, steps="2", compare_ref=None,
+                json_out=None)
+
+# (row key, column title, format) of the tables.
+COLUMNS = (("step_s", "step s", ".2f"), ("peak_rss_mib", "peak RSS MiB", ".0f"),
+           ("first_step_s", "first step s", ".1f"),
+           ("rss_after_imports_mib", "RSS after imports MiB", ".0f"),
+           ("tf_allocator_peak_mib", "TF allocator peak MiB", ".0f"))
 
 
-def _status_kib(field):
+def _status_mib(field):
   with open("/proc/self/status") as f:
     for line in f:
       if line.startswith(field + ":"):
-        return int(line.split()[1])
+        return int(line.split()[1]) / 1024  # The kernel reports kB.
   raise KeyError(field)
 
 
-def _child(num_steps, recompute, batch_size, steps, dropout):
+def _child(*, config, k, batch_size, steps, tree):
+  """Measures one variant in this fresh process; prints its figures as one JSON line."""
+  import mmd_keras
+  if pathlib.Path(mmd_keras.__file__).resolve().parents[1] != pathlib.Path(tree).resolve():
+    sys.exit(f"error: mmd_keras was imported from {mmd_keras.__file__}, not from {tree}")
   import keras
   import numpy as np
   import tensorflow as tf
@@ -43,87 +93,220 @@ def _child(num_steps, recompute, batch_size, steps, dropout):
   from mmd_keras import schedule as schedule_lib
   from mmd_keras import unet as unet_lib
 
-  kernel = np.random.default_rng(0).normal(0.0, 1.0 / 3.0, [3, 3, 1, 64]).astype(np.float32)
-
-  def features(images):
-    h = tf.nn.relu(tf.nn.conv2d(images, kernel, strides=1, padding="SAME"))
-    return tf.reduce_mean(h, axis=[1, 2])
-
-  unet = unet_lib.UNet(**FASHION_UNET).build_for_inference()
+  rss_after_imports = _status_mib("VmRSS")
+  unet = unet_lib.UNet(**CONFIGS[config].unet).build_for_inference()
+  image_shape = [unet.image_size, unet.image_size, unet.channels]
+  dim = int(np.prod(image_shape))
+  projection = tf.constant(
+      np.random.default_rng(0).normal(size=[dim, FEATURE_DIM]) / np.sqrt(dim), tf.float32)
   trainer = finetune.MMDFinetuner(
-      unet, feature_net=features, schedule=schedule_lib.NoiseSchedule.linear(),
-      num_steps=num_steps, kernel=mmd.make_kernel("polynomial"), grad_clip=0.5,
-      recompute=recompute, dropout=dropout)
+      unet, feature_net=lambda images: tf.reshape(images, [-1, dim]) @ projection,
+      schedule=schedule_lib.NoiseSchedule.linear(), num_steps=k,
+      kernel=mmd.make_kernel("polynomial"), grad_clip=0.5, recompute=True)
   trainer.compile(optimizer=keras.optimizers.Adam(5e-6))
   trainer.optimizer.build(unet.trainable_weights)
   step = tf.function(trainer.train_step)
-  x_real = tf.random.uniform([batch_size, 28, 28, 1], -1.0, 1.0, seed=0)
-  step(x_real)  # Trace, optimise the graph and warm up: the steady-state step is measured.
-  # TF's CPU allocator counts every tensor buffer: its peak is the memory the step really holds.
-  tf.config.experimental.reset_memory_stats("CPU:0")
-  baseline = tf.config.experimental.get_memory_info("CPU:0")["current"]
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-  rss_baseline = _status_kib("VmRSS")
+  x_real = tf.constant(np.random.default_rng(1).uniform(-1.0, 1.0, [batch_size, *image_shape]),
+                       tf.float32)
+  start = time.perf_counter()
+  float(step(x_real)["mmd2"])  # Reading the result waits for the step to finish.
+  first_step_s = time.perf_counter() - start
   start = time.perf_counter()
   for _ in range(steps):
     float(step(x_real)["mmd2"])
-  seconds = (time.perf_counter() - start) / steps
-  peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
-  rss_peak = _status_kib("VmHWM")
-  print(json.dumps(dict(k=num_steps, recompute=recompute, dropout=dropout, peak_mib=(peak - baseline) / 2**20,
-                        rss_peak_mib=(rss_peak - rss_baseline) / 1024, step_s=seconds)))
+  step_s = (time.perf_counter() - start) / steps
+  peak_rss = _status_mib("VmHWM")
+  try:
+    allocator_peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20
+  except ValueError:  # This build's CPU allocator does not track its peak.
+    allocator_peak = None
+  print(json.dumps(dict(rss_after_imports_mib=rss_after_imports, peak_rss_mib=peak_rss,
+                        first_step_s=first_step_s, step_s=step_s,
+                        tf_allocator_peak_mib=allocator_peak)))
+
+
+def _git(*args):
+  return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def _ints(option, text, *, single):
+  try:
+    values = [int(value) for value in text.split(",")]
+  except ValueError:
+    values = []
+  if not values or min(values) < 1 or (single and len(values) > 1):
+    expected = "an integer >= 1" if single else "comma-separated integers >= 1"
+    sys.exit(f"error: --{option}={text}: expected {expected}")
+  return values
 
 
 def _parse(argv):
-  options = dict(ks="2,5,10,20", batch_size="64", steps="2", dropout="0")
+  """Options from `--name=value` arguments; exits with a one-line error on bad input."""
+  options = dict(DEFAULTS)
   for arg in argv:
-    name, _, value = arg.lstrip("-").partition("=")
-    if name not in options:
-      sys.exit(f"unknown option {arg}; options: {', '.join('--' + o for o in options)}")
-    options[name] = value
-  if options["dropout"] not in ("0", "1"):
-    sys.exit(f"--dropout must be 0 or 1, got {options['dropout']}")
-  return ([int(k) for k in options["ks"].split(",")], int(options["batch_size"]),
-          int(options["steps"]), options["dropout"] == "1")
+    name, equals, value = arg.partition("=")
+    if name.startswith("--") and name[2:] in options and not equals:
+      sys.exit(f"error: {name}: expected {name}=<value>")
+    if not (name.startswith("--") and name[2:] in options):
+      sys.exit(f"error: unknown option {arg!r}; expected --name=value, name one of "
+               f"{', '.join(options)}")
+    options[name[2:]] = value
+  configs = list(dict.fromkeys(options["configs"].split(",")))
+  unknown = [name for name in configs if name not in CONFIGS]
+  if unknown:
+    sys.exit(f"error: --configs={options['configs']}: unknown config {unknown[0]!r}; expected "
+             f"names from {', '.join(CONFIGS)}")
+  batch_size = options["batch_size"]
+  if batch_size is not None:
+    [batch_size] = _ints("batch_size", batch_size, single=True)
+  json_out = options["json_out"]
+  if json_out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(json_out))):
+    sys.exit(f"error: --json_out={json_out}: expected a file in an existing directory")
+  return Options(configs=configs, ks=list(dict.fromkeys(_ints("ks", options["ks"], single=False))),
+                 batch_size=batch_size, steps=_ints("steps", options["steps"], single=True)[0],
+                 compare_ref=options["compare_ref"], json_out=json_out)
+
+
+def _resolve(rev):
+  """The full commit hash of `rev`; exits with a one-line error if git cannot resolve it."""
+  result = _git("rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}")
+  if result.returncode != 0:
+    sys.exit(f"error: --compare_ref={rev}: expected a git revision of {REPO}; git cannot "
+             "resolve it")
+  return result.stdout.strip()
+
+
+def _current_commit():
+  head = _git("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
+  # Uncommitted changes to tracked files are measured too: say so.
+  return head + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no").stdout else "")
+
+
+def _tensorflow_version():
+  """The installed TensorFlow's version, read without importing it (the parent stays small)."""
+  distributions = importlib.metadata.packages_distributions().get("tensorflow")
+  return importlib.metadata.version(distributions[0]) if distributions else "not installed"
+
+
+@contextlib.contextmanager
+def _worktree(commit):
+  """A temporary detached git worktree of `commit`, removed on exit, also on error."""
+  parent = tempfile.mkdtemp(prefix="mmd_keras_bench_")
+  path = os.path.join(parent, commit[:12])
+  try:
+    result = _git("worktree", "add", "--detach", path, commit)
+    if result.returncode != 0:
+      sys.exit(f"error: git worktree add {commit} failed: {result.stderr.strip()}")
+    yield pathlib.Path(path)
+  finally:
+    _git("worktree", "remove", "--force", path)
+    shutil.rmtree(parent, ignore_errors=True)
+
+
+def _run_child(*, tree, config, k, batch_size, steps):
+  """One variant's figures, measured in a fresh process that imports mmd_keras from `tree`."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
+  spec = json.dumps(dict(config=config, k=k, batch_size=batch_size, steps=steps, tree=str(tree)))
+  # -P keeps this file's directory off sys.path: PYTHONPATH alone decides which mmd_keras loads.
+  result = subprocess.run([sys.executable, "-P", os.path.abspath(__file__), "--child", spec],
+                          cwd=tree, env=env, capture_output=True, text=True)
+  if result.returncode != 0:
+    sys.exit(f"error: the {config} K={k} child on {tree} failed with exit code "
+             f"{result.returncode}:\n{result.stderr[-3000:]}")
+  return json.loads(result.stdout.splitlines()[-1])
+
+
+def _measure(options, *, trees, commits):
+  """Every variant's row, ref and current alternating for each config and K."""
+  variants = [(config, k, name) for config in options.configs for k in options.ks
+              for name in trees]
+  rows = []
+  for index, (config, k, name) in enumerate(variants, 1):
+    batch_size = options.batch_size or CONFIGS[config].batch_size
+    print(f"[{index}/{len(variants)}] {config} K={k} batch {batch_size} {name} "
+          f"({commits[name]}) ...", end="", file=sys.stderr, flush=True)
+    figures = _run_child(tree=trees[name], config=config, k=k, batch_size=batch_size,
+                         steps=options.steps)
+    print(f" {figures['step_s']:.2f} s/step, peak RSS {figures['peak_rss_mib']:.0f} MiB, "
+          f"first step {figures['first_step_s']:.1f} s", file=sys.stderr, flush=True)
+    rows.append(dict(config=config, k=k, batch_size=batch_size, steps=options.steps, tree=name,
+                     commit=commits[name], **figures))
+  return rows
+
+
+def _cell(value, spec):
+  return "null" if value is None else format(value, spec)
+
+
+def _print_tables(rows, *, configs, ks, trees):
+  by = {(row["config"], row["k"], row["tree"]): row for row in rows}
+  compare = len(trees) > 1
+  for config in configs:
+    first = by[(config, ks[0], trees[-1])]
+    print(f"\n{config}: batch {first['batch_size']}; step s: the mean of the {first['steps']} "
+          f"timed step(s) after the first")
+    titles = ["K"]
+    for key, title, _ in COLUMNS:
+      titles += [f"{title} {tree}" for tree in trees] if compare else [title]
+      if key == "step_s" and compare:
+        titles.append("speed-up ref/current")
+    print("| " + " | ".join(titles) + " |")
+    print("|" + "---|" * len(titles))
+    for k in ks:
+      cells = [str(k)]
+      for key, _, spec in COLUMNS:
+        cells += [_cell(by[(config, k, tree)][key], spec) for tree in trees]
+        if key == "step_s" and compare:
+          speed_up = by[(config, k, "ref")]["step_s"] / by[(config, k, "current")]["step_s"]
+          cells.append(f"{speed_up:.2f}")
+      print("| " + " | ".join(cells) + " |")
+
+
+def _ratios(rows, *, configs, ks, trees):
+  """peak RSS(K = max) / peak RSS(K = min) per config and tree: how the unroll's memory grows."""
+  if len(ks) < 2:
+    return []
+  by = {(row["config"], row["k"], row["tree"]): row["peak_rss_mib"] for row in rows}
+  return [dict(config=config, tree=tree, k_min=min(ks), k_max=max(ks),
+               peak_rss_ratio=by[(config, max(ks), tree)] / by[(config, min(ks), tree)])
+          for config in configs for tree in trees]
 
 
 def main():
-  if len(sys.argv) > 1 and sys.argv[1] == "--child":
-    k, recompute, batch_size, steps, dropout = sys.argv[2:7]
-    _child(int(k), recompute == "1", int(batch_size), int(steps), dropout == "1")
-    return
-  ks, batch_size, steps, dropout = _parse(sys.argv[1:])
-  env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TF_CPP_MIN_LOG_LEVEL="2")
-  rows = []
-  for recompute in (True, False):
-    for k in ks:
-      out = subprocess.run(
-          [sys.executable, "-m", "mmd_keras.benchmarks.finetune", "--child", str(k),
-           str(int(recompute)), str(batch_size), str(steps), str(int(dropout))],
-          env=env, capture_output=True, text=True, check=True)
-      rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-      print(f"  K={k} recompute={recompute}: {rows[-1]['peak_mib']:.0f} MiB, "
-            f"{rows[-1]['step_s']:.2f} s/step", file=sys.stderr)
-  by = {(r["k"], r["recompute"]): r for r in rows}
-  print(f"MMD finetune step, fashion_mnist UNet, batch {batch_size}, dropout "
-        f"{'on' if dropout else 'off'}: transient peak of TF's CPU allocator (MiB), mean step time "
-        f"(s), and the resident set's high-water mark (MiB)")
-  print(f"{'K':>4} | {'recompute MiB':>13} | {'plain MiB':>9} | {'plain/recompute':>15} | "
-        f"{'recompute s':>11} | {'plain s':>7} | {'RSS recompute':>13} | {'RSS plain':>9}")
-  for k in ks:
-    r, p = by[(k, True)], by[(k, False)]
-    print(f"{k:>4} | {r['peak_mib']:>13.0f} | {p['peak_mib']:>9.0f} | "
-          f"{p['peak_mib'] / r['peak_mib']:>15.2f} | {r['step_s']:>11.2f} | {p['step_s']:>7.2f} | "
-          f"{r['rss_peak_mib']:>13.0f} | {p['rss_peak_mib']:>9.0f}")
-  summary = dict(batch_size=batch_size, dropout=dropout, rows=rows)
-  if 5 in ks and 20 in ks:
-    summary["recompute_peak_k20_over_k5"] = by[(20, True)]["peak_mib"] / by[(5, True)]["peak_mib"]
-    summary["plain_over_recompute_k20"] = by[(20, False)]["peak_mib"] / by[(20, True)]["peak_mib"]
-    print(f"targets: recompute peak(K=20)/peak(K=5) = {summary['recompute_peak_k20_over_k5']:.2f} "
-          f"(≤ 1.3); plain/recompute at K=20 = {summary['plain_over_recompute_k20']:.2f} (≥ 3)")
-  print(json.dumps(summary))
+  argv = sys.argv[1:]
+  options = _parse(argv)
+  commits = {"current": _current_commit()}
+  if options.compare_ref is not None:
+    ref_commit = _resolve(options.compare_ref)
+    commits = {"ref": _git("rev-parse", "--short", ref_commit).stdout.strip(), **commits}
+  header = dict(command=shlex.join(["python", "-m", "mmd_keras.benchmarks", "finetune", *argv]),
+                date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                commit=commits["current"], tensorflow=_tensorflow_version(), cpus=os.cpu_count())
+  if options.compare_ref is not None:
+    header["compare_ref"] = f"{options.compare_ref} ({commits['ref']})"
+  print("# " + " | ".join(f"{key}: {value}" for key, value in header.items()), flush=True)
+  with contextlib.ExitStack() as stack:
+    trees = {"current": REPO}
+    if options.compare_ref is not None:
+      trees = {"ref": stack.enter_context(_worktree(ref_commit)), **trees}
+    rows = _measure(options, trees=trees, commits=commits)
+  names = list(trees)
+  _print_tables(rows, configs=options.configs, ks=options.ks, trees=names)
+  ratios = _ratios(rows, configs=options.configs, ks=options.ks, trees=names)
+  if ratios:
+    print(f"\npeak RSS(K={max(options.ks)}) / peak RSS(K={min(options.ks)}): " + ", ".join(
+        f"{r['config']} {r['tree']} {r['peak_rss_ratio']:.2f}" for r in ratios))
+  report = dict(header, rows=rows, ratios=ratios)
+  print(json.dumps(report))
+  if options.json_out is not None:
+    with open(options.json_out, "w") as f:
+      json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
-  main()
+  # Children run this file by path (see _run_child), against the tree PYTHONPATH names.
+  if sys.argv[1:2] == ["--child"]:
+    _child(**json.loads(sys.argv[2]))
+  else:
+    main()

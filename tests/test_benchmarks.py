@@ -1,0 +1,114 @@
+"""`python -m mmd_keras.benchmarks finetune`: smoke runs on the tiny config (each variant a fresh
+TensorFlow process, hence slow) and its refusal of bad input before any child starts.
+
+The sampler benchmark's smoke test is in test_export.py, beside the exported graphs it times.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mmd_keras.benchmarks import finetune as finetune_benchmark
+
+FIGURES = ("rss_after_imports_mib", "peak_rss_mib", "first_step_s", "step_s")
+
+
+def _run(repo_root, *args, env=None):
+  return subprocess.run([sys.executable, "-m", "mmd_keras.benchmarks", "finetune", *args],
+                        cwd=repo_root, capture_output=True, text=True, timeout=900, env=env)
+
+
+def _check_figures(row):
+  for name in FIGURES:
+    assert isinstance(row[name], float) and row[name] > 0, (name, row)
+  # The peak counts the imports, the model and the steps: above what the imports alone hold.
+  assert row["peak_rss_mib"] > row["rss_after_imports_mib"], row
+
+
+@pytest.mark.slow
+def test_finetune_benchmark_smoke(repo_root, tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  json_out = tmp_path / "finetune.json"
+  result = _run(repo_root, "--configs=tiny", "--ks=1,2", "--steps=1", f"--json_out={json_out}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith("# command: python -m mmd_keras.benchmarks finetune --configs=tiny "
+                             "--ks=1,2 --steps=1 --json_out=")
+  for field in ("| date: ", "| commit: ", f"| tensorflow: {tf.__version__} |",
+                f"| cpus: {os.cpu_count()}"):
+    assert field in lines[0], (field, lines[0])
+  assert "| K | step s | peak RSS MiB | first step s |" in result.stdout
+  assert "[2/2] tiny K=2 batch 4 current" in result.stderr
+  report = json.loads(lines[-1])
+  assert report == json.loads(json_out.read_text())
+  assert report["tensorflow"] == tf.__version__
+  assert [(row["config"], row["k"], row["batch_size"], row["tree"]) for row in report["rows"]] == [
+      ("tiny", 1, 4, "current"), ("tiny", 2, 4, "current")]
+  for row in report["rows"]:
+    _check_figures(row)
+  [ratio] = report["ratios"]
+  assert ratio["k_min"] == 1 and ratio["k_max"] == 2 and ratio["peak_rss_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_finetune_benchmark_compare_ref_smoke(repo_root, tmp_path):
+  head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_root,
+                        capture_output=True, text=True, check=True).stdout.strip()
+  # The ref worktree goes under TMPDIR: here, so the test sees that it is removed.
+  result = _run(repo_root, "--configs=tiny", "--ks=1", "--steps=1", "--compare_ref=HEAD",
+                env=dict(os.environ, TMPDIR=str(tmp_path)))
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.splitlines()
+  assert lines[0].endswith(f"| compare_ref: HEAD ({head})")
+  assert "| K | step s ref | step s current | speed-up ref/current |" in result.stdout
+  report = json.loads(lines[-1])
+  assert [(row["k"], row["tree"]) for row in report["rows"]] == [(1, "ref"), (1, "current")]
+  assert report["rows"][0]["commit"] == head
+  for row in report["rows"]:
+    _check_figures(row)
+  assert report["ratios"] == []  # One K: nothing to compare.
+  assert os.listdir(tmp_path) == []
+  worktrees = subprocess.run(["git", "worktree", "list"], cwd=repo_root, capture_output=True,
+                             text=True, check=True).stdout
+  assert str(tmp_path) not in worktrees
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--ks=0"], ["--ks=0", "comma-separated integers >= 1"]),
+    (["--ks=5,x"], ["--ks=5,x", "comma-separated integers >= 1"]),
+    (["--batch_size=0"], ["--batch_size=0", "an integer >= 1"]),
+    (["--batch_size=8,16"], ["--batch_size=8,16", "an integer >= 1"]),
+    (["--steps=0"], ["--steps=0", "an integer >= 1"]),
+    (["--configs=fashion,huge"], ["--configs=fashion,huge", "'huge'", "fashion, small, tiny"]),
+    (["--compare_ref=no-such-rev"], ["--compare_ref=no-such-rev", "git revision"]),
+    (["--dropout=1"], ["'--dropout=1'", "configs, ks, batch_size, steps, compare_ref, json_out"]),
+    (["--steps"], ["--steps", "--steps=<value>"]),
+    (["--json_out=/no/such/dir/out.json"], ["--json_out=/no/such/dir/out.json",
+                                            "existing directory"]),
+], ids=["k_zero", "k_not_int", "batch_zero", "batch_list", "steps_zero", "unknown_config",
+        "unknown_ref", "unknown_option", "option_without_value", "json_out_dir_missing"])
+def test_finetune_benchmark_refuses_bad_input(monkeypatch, capsys, args, names):
+  def no_child(**kwargs):
+    raise AssertionError(f"a child started despite the bad input: {kwargs}")
+
+  monkeypatch.setattr(sys, "argv", ["finetune", *args])
+  monkeypatch.setattr(finetune_benchmark, "_run_child", no_child)
+  with pytest.raises(SystemExit) as exit_info:
+    finetune_benchmark.main()
+  # sys.exit(<str>) prints the string to stderr and exits with status 1.
+  message = exit_info.value.code
+  assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message
+  for name in names:
+    assert name in message, (name, message)
+  assert capsys.readouterr().out == ""  # Refused before the header, let alone a child.
+
+
+@pytest.mark.slow
+def test_finetune_benchmark_bad_input_exit_code(repo_root):
+  result = _run(repo_root, "--configs=tiny", "--ks=0")
+  assert result.returncode != 0
+  assert result.stderr == "error: --ks=0: expected comma-separated integers >= 1\n"
+  assert result.stdout == ""
