@@ -104,4 +104,3 @@ def q_sample(x0, t, noise, *, alphas_cumprod):
   """x_t ~ q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 − ᾱ_t) I), given the noise ε."""
   a = tf.gather(alphas_cumprod, t)[:, None, None, None]
   return tf.sqrt(a) * x0 + tf.sqrt(1.0 - a) * noise
-
