@@ -131,6 +131,16 @@ class Downsample(keras.layers.Layer):
     return self.conv(x)
 
 
+def upsample_nearest_2x(x):
+  """Nearest-neighbour 2x upsampling, NHWC: each pixel becomes a 2x2 block. The same values as
+  tf.image.resize(method="nearest"), but its gradient (a sum over the blocks) compiles with XLA,
+  which has no kernel for ResizeNearestNeighborGrad."""
+  shape = tf.shape(x)
+  blocks = tf.broadcast_to(x[:, :, None, :, None, :],
+                           [shape[0], shape[1], 2, shape[2], 2, shape[3]])
+  return tf.reshape(blocks, [shape[0], 2 * shape[1], 2 * shape[2], shape[3]])
+
+
 class Upsample(keras.layers.Layer):
 
   def __init__(self, name=None):
@@ -140,9 +150,7 @@ class Upsample(keras.layers.Layer):
     self.conv = _conv(input_shape[-1], "conv")
 
   def call(self, x):
-    shape = tf.shape(x)
-    x = tf.image.resize(x, [2 * shape[1], 2 * shape[2]], method="nearest")
-    return self.conv(x)
+    return self.conv(upsample_nearest_2x(x))
 
 
 class TimestepEmbed(keras.layers.Layer):

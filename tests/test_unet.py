@@ -92,3 +92,21 @@ def test_channels_not_divisible_by_groups_names_the_parameter():
 def test_empty_ch_mult_names_the_parameter():
   with pytest.raises(UserError, match="^ch_mult= must list positive"):
     unet_lib.check_architecture(image_size=32, ch=32, ch_mult=())
+
+
+def test_upsample_is_nearest_neighbour_resize_and_compiles_with_its_gradient():
+  x = tf.random.stateless_normal([2, 3, 5, 4], seed=[1, 2])
+  expected = tf.image.resize(x, [6, 10], method="nearest")
+  np.testing.assert_array_equal(unet_lib.upsample_nearest_2x(x), expected)
+  # Each output pixel copies one input pixel: the gradient sums the 2x2 block, under XLA too.
+  weights = tf.random.stateless_normal([2, 6, 10, 4], seed=[3, 4])
+
+  @tf.function(jit_compile=True)
+  def gradient(x):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = tf.reduce_sum(unet_lib.upsample_nearest_2x(x) * weights)
+    return tape.gradient(y, x)
+
+  block_sums = tf.reduce_sum(tf.reshape(weights, [2, 3, 2, 5, 2, 4]), axis=[2, 4])
+  np.testing.assert_allclose(gradient(x), block_sums, rtol=1e-6)
