@@ -112,3 +112,39 @@ def test_finetune_benchmark_bad_input_exit_code(repo_root):
   assert result.returncode != 0
   assert result.stderr == "error: --ks=0: expected comma-separated integers >= 1\n"
   assert result.stdout == ""
+
+
+@pytest.mark.slow
+def test_unet_pass_benchmark_smoke(repo_root):
+  result = subprocess.run(
+      [sys.executable, "-m", "mmd_keras.benchmarks", "unet_pass", "--config=tiny", "--repeats=1"],
+      cwd=repo_root, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith("# command: python -m mmd_keras.benchmarks unet_pass --config=tiny")
+  report = json.loads(lines[-1])
+  assert list(report["variants"]) == ["float32 graph", "XLA", "mixed_bfloat16 graph"]
+  for row in report["variants"].values():
+    assert row["forward_backward_s"] > 0 and row["forward_s"] > 0
+  # The model's numbers follow from the measured F and V.
+  f, v = (report["variants"]["float32 graph"][key] for key in ("forward_s", "forward_backward_s"))
+  assert report["step_model"]["5"]["replayed_s"] == pytest.approx(4 * f + 5 * v)
+  # The profile saw the UNet's convolutions.
+  assert any("Conv2D" in op for op in report["op_seconds"]), report["op_seconds"]
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--config=huge"], ["--config=huge", "fashion, small, tiny"]),
+    (["--batch_size=0"], ["--batch_size=0", "an integer >= 1"]),
+    (["--repeats=x"], ["--repeats=x", "an integer >= 1"]),
+    (["--ks=5"], ["--ks=5", "--config=..."]),
+], ids=["unknown_config", "batch_zero", "repeats_not_int", "unknown_option"])
+def test_unet_pass_benchmark_refuses_bad_input(monkeypatch, args, names):
+  from mmd_keras.benchmarks import unet_pass  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sys, "argv", ["unet_pass", *args])
+  with pytest.raises(SystemExit) as exit_info:
+    unet_pass.main()
+  message = exit_info.value.code
+  assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message
+  for name in names:
+    assert name in message, (name, message)

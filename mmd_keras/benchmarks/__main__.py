@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-NAMES = ("finetune", "sampler")
+NAMES = ("finetune", "sampler", "unet_pass")
 
 
 def main():

@@ -176,7 +176,7 @@ def _resolve(rev):
   return result.stdout.strip()
 
 
-def _current_commit():
+def current_commit():
   head = _git("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
   # Uncommitted changes to tracked files are measured too: say so.
   return head + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no").stdout else "")
@@ -276,7 +276,7 @@ def _ratios(rows, *, configs, ks, trees):
 def main():
   argv = sys.argv[1:]
   options = _parse(argv)
-  commits = {"current": _current_commit()}
+  commits = {"current": current_commit()}
   if options.compare_ref is not None:
     ref_commit = _resolve(options.compare_ref)
     commits = {"ref": _git("rev-parse", "--short", ref_commit).stdout.strip(), **commits}
