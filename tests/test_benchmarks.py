@@ -13,7 +13,8 @@ import pytest
 
 from mmd_keras.benchmarks import finetune as finetune_benchmark
 
-FIGURES = ("rss_after_imports_mib", "peak_rss_mib", "first_step_s", "step_s")
+FIGURES = ("rss_after_imports_mib", "rss_after_model_mib", "rss_after_trace_mib",
+           "rss_after_first_step_mib", "peak_rss_mib", "first_step_s", "step_s")
 
 
 def _run(repo_root, *args, env=None):
@@ -24,8 +25,10 @@ def _run(repo_root, *args, env=None):
 def _check_figures(row):
   for name in FIGURES:
     assert isinstance(row[name], float) and row[name] > 0, (name, row)
-  # The peak counts the imports, the model and the steps: above what the imports alone hold.
+  # The peak counts the imports, the model and the steps: above what the imports alone hold; the
+  # high-water marks of the stages never decrease.
   assert row["peak_rss_mib"] > row["rss_after_imports_mib"], row
+  assert row["rss_after_trace_mib"] <= row["rss_after_first_step_mib"] <= row["peak_rss_mib"], row
 
 
 @pytest.mark.slow

@@ -13,7 +13,9 @@ runs one step and then `--steps` timed steps on a fixed real batch, and reports:
   the memory the machine must hold for the run; nothing is reset (no clear_refs) and glibc is not
   tuned (no MALLOC_* variables), so allocator slack counts as it would for a user.
 - RSS after imports: VmRSS once TensorFlow, Keras and the project are imported, before any model;
-  the part of the peak that `import tensorflow` alone costs.
+  the part of the peak that `import tensorflow` alone costs. Then the stages of the peak: VmRSS
+  once the UNet and Adam are built, VmHWM once the step is traced (Python builds the graph), and
+  once the first step has run (graph optimisation, kernels, the step's tensors).
 - first step s: trace, graph optimisation and the first run; step s: the mean of the timed steps.
 - TF allocator peak: the peak of TF's CPU allocator over the process, a breakdown of the peak
   RSS, not a substitute: it counts tensor buffers only (and, in TF 2.21, none under ~256 KiB, so
@@ -68,6 +70,9 @@ DEFAULTS = dict(configs="fashion,small", ks="5,20", batch_size=None, steps="2", 
 COLUMNS = (("step_s", "step s", ".2f"), ("peak_rss_mib", "peak RSS MiB", ".0f"),
            ("first_step_s", "first step s", ".1f"),
            ("rss_after_imports_mib", "RSS after imports MiB", ".0f"),
+           ("rss_after_model_mib", "RSS after model MiB", ".0f"),
+           ("rss_after_trace_mib", "peak RSS after tracing MiB", ".0f"),
+           ("rss_after_first_step_mib", "peak RSS after first step MiB", ".0f"),
            ("tf_allocator_peak_mib", "TF allocator peak MiB", ".0f"))
 
 
@@ -108,9 +113,14 @@ def _child(*, config, k, batch_size, steps, tree):
   step = tf.function(trainer.train_step)
   x_real = tf.constant(np.random.default_rng(1).uniform(-1.0, 1.0, [batch_size, *image_shape]),
                        tf.float32)
+  rss_after_model = _status_mib("VmRSS")
   start = time.perf_counter()
+  # Tracing alone first (Python builds the graph), so the peak can be split into its stages.
+  step.get_concrete_function(x_real)
+  rss_after_trace = _status_mib("VmHWM")
   float(step(x_real)["mmd2"])  # Reading the result waits for the step to finish.
   first_step_s = time.perf_counter() - start
+  rss_after_first_step = _status_mib("VmHWM")
   start = time.perf_counter()
   for _ in range(steps):
     float(step(x_real)["mmd2"])
@@ -122,7 +132,9 @@ def _child(*, config, k, batch_size, steps, tree):
     allocator_peak = None
   print(json.dumps(dict(rss_after_imports_mib=rss_after_imports, peak_rss_mib=peak_rss,
                         first_step_s=first_step_s, step_s=step_s,
-                        tf_allocator_peak_mib=allocator_peak)))
+                        tf_allocator_peak_mib=allocator_peak,
+                        rss_after_model_mib=rss_after_model, rss_after_trace_mib=rss_after_trace,
+                        rss_after_first_step_mib=rss_after_first_step)))
 
 
 def _git(*args):
