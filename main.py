@@ -20,6 +20,7 @@ from mmd_keras import errors
 from mmd_keras import features as features_lib
 from mmd_keras import mmd
 from mmd_keras import samplers
+from mmd_keras import schedule
 from mmd_keras.app import evaluate
 from mmd_keras.app import export
 from mmd_keras.app import finetune
@@ -131,7 +132,8 @@ flags.DEFINE_list("rbf_bandwidths", ["1.0"], "Bandwidths σ of --kernel=rbf (sum
 
 # Evaluation
 flags.DEFINE_list("eval_steps", ["5", "10", "20", "50", "100"],
-                  "Step budgets K at which --mode=evaluate samples the base model with DDIM.")
+                  "Step budgets K at which --mode=evaluate samples the base model with --sampler "
+                  "(and --eval_samplers).")
 flags.DEFINE_integer("num_eval_images", 5000,
                      "Samples per (model, K); the reference is as many real images.")
 flags.DEFINE_list("finetuned_checkpoints", [],
@@ -143,6 +145,13 @@ flags.DEFINE_list("eval_feature_nets", ["classifier", "classifier_heldout"],
 flags.DEFINE_string("eval_split", "test", "Split of the real reference images.")
 flags.DEFINE_integer("quickstart_eval_images", 1000,
                      "Samples per (model, K) in --mode=quickstart (kept small for a CPU).")
+flags.DEFINE_list(
+    "eval_samplers", [],
+    "Training-free samplers to score beside --sampler with --timesteps, on the same noise: "
+    "--mode=evaluate runs each on the base model at every K of --eval_steps, --mode=quickstart at "
+    f"--num_steps. Entries <sampler>:<spacing>, sampler {'|'.join(samplers.SAMPLERS)}, spacing "
+    f"{'|'.join(schedule.TIMESTEP_KINDS)} (an explicit timestep list only through --timesteps), "
+    "e.g. ddim:trailing,dpm_solver_pp:trailing. Empty: --sampler with --timesteps only.")
 flags.DEFINE_list("reports", [],
                   "--mode=merge_reports: the evaluations to merge (report.json files or their "
                   "directories); the merged report goes to <workdir>/merged.")
@@ -197,6 +206,7 @@ PARAMETERS = {
     "eval.steps": "eval_steps", "eval.num_images": "num_eval_images",
     "eval.finetuned_checkpoints": "finetuned_checkpoints", "eval.feature_nets": "eval_feature_nets",
     "eval.split": "eval_split", "eval.quickstart_images": "quickstart_eval_images",
+    "eval.samplers": "eval_samplers",
     "export.export_dir": "export_dir", "export.model_name": "model_name",
     "export.model_version": "model_version", "export.max_images": "max_images",
     "export.overwrite": "overwrite", "export.tflite_float16": "tflite_float16",

@@ -181,6 +181,8 @@ class EvalConfig:
   feature_nets: tuple = ("classifier", "classifier_heldout")
   split: str = "test"
   quickstart_images: int = 1000
+  # ((sampler, spacing), ...): training-free samplers also run on the base model.
+  samplers: tuple = ()
 
   def __post_init__(self):
     _positive(self, "num_images", "quickstart_images")
@@ -294,6 +296,7 @@ def build(values):
   values["finetune.rbf_bandwidths"] = _floats("finetune.rbf_bandwidths",
                                               values["finetune.rbf_bandwidths"])
   values["eval.finetuned_checkpoints"] = _finetuned_entries(values["eval.finetuned_checkpoints"])
+  values["eval.samplers"] = _eval_samplers(values["eval.samplers"])
   values["eval.feature_nets"] = tuple(dict.fromkeys([feature_net,
                                                      *values["eval.feature_nets"]]))
   section = lambda cls, name: cls(**{f.name: values[f"{name}.{f.name}"]
@@ -363,6 +366,28 @@ def _finetuned_entries(entries):
       raise ParameterError("eval.finetuned_checkpoints", f"entries must look like "
                            f"5:/path/to/unet.weights.h5, got {entry!r}")
     parsed.append((int(k), path))
+  return tuple(parsed)
+
+
+def _eval_samplers(entries):
+  """((sampler, spacing), ...) from "sampler:spacing" strings. Whether each fits η and every K is
+  checked by the modes that run them (a flagfile's entries must not refuse --eta in other modes)."""
+  parsed = []
+  for entry in (e.strip() for e in entries if e.strip()):
+    name, sep, spacing = (part.strip() for part in entry.partition(":"))
+    if not sep:
+      raise ParameterError("eval.samplers", f"entries must look like <sampler>:<spacing> (e.g. "
+                           f"dpm_solver_pp:trailing), got {entry!r}")
+    if name not in samplers.SAMPLERS:
+      raise ParameterError("eval.samplers", f"entry {entry!r}: the sampler must be one of "
+                           f"{'|'.join(samplers.SAMPLERS)}")
+    if spacing not in schedule_lib.TIMESTEP_KINDS:
+      raise ParameterError("eval.samplers", f"entry {entry!r}: the spacing must be one of "
+                           f"{'|'.join(schedule_lib.TIMESTEP_KINDS)} (explicit timesteps only "
+                           f"through {{sampler.timesteps}})", refs=("sampler.timesteps",))
+    if (name, spacing) in parsed:
+      raise ParameterError("eval.samplers", f"lists {name}:{spacing} more than once")
+    parsed.append((name, spacing))
   return tuple(parsed)
 
 

@@ -1,10 +1,10 @@
 """Step-budget sweeps: FID / KID / diversity of base and MMD-DDM samples in several feature spaces.
 
-Every (model, K) pair starts from the same noise (`sampling.initial_noise` keyed by the seed), so
-differences come from the model and the step budget only. Samples and real images are embedded
-batch by batch: only their features (and the images of one sample grid) are kept. The report and
-the sample grids are written to temporary names and renamed at the end: an interrupted evaluation
-never leaves a report that looks complete, nor changes what an earlier complete run left.
+Every (model, sampler, K) starts from the same noise (`sampling.initial_noise` keyed by the seed),
+so differences come from the model, the sampler and the step budget only. Samples and real images
+are embedded batch by batch: only their features (and the images of one sample grid) are kept. The
+report and the sample grids are written to temporary names and renamed at the end: an interrupted
+evaluation never leaves a report that looks complete, nor changes what an earlier complete run left.
 """
 
 import contextlib
@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import time
 
@@ -30,18 +31,24 @@ from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 
 GRID_IMAGES = 100
+FINETUNED = "MMD-DDM"  # The label of finetuned models; every other row is training-free.
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """A model to evaluate: its label (the base model's sampler of `samplers.LABELS`, or
-  "MMD-DDM"), UNet, the step budgets to run and the weights file it was loaded from (`path`,
-  named in the report with the weights' fingerprint)."""
+  """A model to evaluate: its label (the base model's sampler of `samplers.LABELS`, "DDIM
+  (trailing)" for another sampler or spacing, or "MMD-DDM"), UNet, the step budgets to run and the
+  weights file it was loaded from (`path`, named in the report with the weights' fingerprint).
+
+  `sampler` and `timesteps` (a spacing of `schedule.TIMESTEP_KINDS`) override the run's.
+  """
 
   label: str
   unet: object
   steps: tuple
   path: str = None
+  sampler: str = None
+  timesteps: object = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,8 +186,8 @@ def reference_features(spaces, real_images, *, num_images, batch_size, digests, 
 def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_dir,
         sampler="ddim", timestep_kind="uniform", eta=0.0, clip_x0=False, batch_size=256,
         real_set="real", cache_dir=None):
-  """Samples every (model, K) with `sampler`, scores it in every feature space, writes the report;
-  returns it.
+  """Samples every (model, K) with `sampler` over `timestep_kind` (or the model's own), scores it
+  in every feature space, writes the report; returns it.
 
   real_images: an array [M, H, W, C] or a function returning an iterable of batches (read only if
   a space's features are not cached); its first `num_images` images are the reference set.
@@ -199,8 +206,6 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
                                  real_set=real_set)
   reference_stats = {name: metrics.StreamingStats().update(features)
                      for name, features in reference.items()}
-  sampling_args = dict(schedule=schedule, sampler=sampler, timestep_kind=timestep_kind, eta=eta,
-                       clip_x0=clip_x0, seed=seed, batch_size=batch_size)
   rows, grids = [], []
   total = sum(len(m.steps) for m in models)
   # A finished row (and its grid) is kept under a key of its samples' settings and of what they
@@ -212,14 +217,19 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
                                            for s in feature_spaces])))
   for model in models:
     weights = provenance.weights_sha256(model.unet.weights)
+    model_sampler = model.sampler or sampler
+    kind = timestep_kind if model.timesteps is None else model.timesteps
+    sampling_args = dict(schedule=schedule, sampler=model_sampler, timestep_kind=kind, eta=eta,
+                         clip_x0=clip_x0, seed=seed, batch_size=batch_size)
     for num_steps in model.steps:
       samples = provenance.samples_settings(
           provenance.sampler_settings(
-              sampler=sampler, weights_sha256=weights, alphas_cumprod=schedule.alphas_cumprod,
-              timesteps=schedule.timesteps(num_steps, timestep_kind), eta=eta, clip_x0=clip_x0,
+              sampler=model_sampler, weights_sha256=weights,
+              alphas_cumprod=schedule.alphas_cumprod, timesteps=schedule.timesteps(num_steps, kind),
+              eta=eta, clip_x0=clip_x0,
               image_shape=(model.unet.image_size, model.unet.image_size, model.unet.channels)),
           seed=seed, batch_size=batch_size, num_images=num_images)
-      slug = f"{model.label.lower().replace('-', '_')}_k{num_steps}"
+      slug = f"{label_slug(model.label)}_k{num_steps}"
       key = _cache_digest([], json.dumps(samples, sort_keys=True) + scoring)
       stem = os.path.join(row_dir, f"{slug}_{key[:16]}")
       if os.path.exists(stem + ".json") and os.path.exists(stem + ".png"):
@@ -233,7 +243,9 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
                                 num_images=num_images, sampling_args=sampling_args, stem=stem,
                                 desc=f"[{len(rows) + 1}/{total}] {model.label} K={num_steps}")
         logging.info("  %s", _one_line(row))
+      # On every row, cached or not: rows cached by older code lack the sampler and spacing.
       row["weights"] = dict(path=model.path, sha256=weights)
+      row.update(sampler=model_sampler, timesteps=_json_timesteps(kind))
       rows.append(row)
       grids.append((f"samples_{slug}.png", stem + ".png"))
   report = dict(num_images=num_images, seed=seed, sampler=sampler, timesteps=timestep_kind, eta=eta,
@@ -281,6 +293,17 @@ def _sample_and_score(model, num_steps, *, feature_spaces, reference, reference_
   return row
 
 
+def label_slug(label):
+  """A row label in file names: "MMD-DDM" -> "mmd_ddm", "DPM-Solver++ (trailing)" ->
+  "dpm_solver++_trailing" (the grids and cached rows of older labels keep their names)."""
+  return re.sub(r"[ ()]+", "_", label.lower().replace("-", "_")).strip("_")
+
+
+def _json_timesteps(kind):
+  """A spacing name, or explicit timesteps as a list of ints (as read back from report.json)."""
+  return kind if isinstance(kind, str) else [int(t) for t in kind]
+
+
 def _cache_digest(arrays, text=""):
   """sha256 hex digest of arrays' bytes and a string."""
   h = hashlib.sha256(text.encode())
@@ -294,8 +317,32 @@ def _one_line(row):
   return f"{row['model']} K={row['num_steps']}  " + "  ".join(parts)
 
 
+def trained_space(report):
+  """The name of the report's trained feature space, or None."""
+  return next((name for name, kind in report["feature_spaces"].items() if kind == "trained"),
+              None)
+
+
+def best_training_free(report):
+  """{K: the training-free row (any model but MMD-DDM) of lowest FID in the trained space at K},
+  for every K of an MMD-DDM row with such a row; {} without a trained space."""
+  space = trained_space(report)
+  if space is None:
+    return {}
+  finetuned_steps = {row["num_steps"] for row in report["rows"] if row["model"] == FINETUNED}
+  fid = lambda row: row["spaces"][space]["fid"]
+  best = {}
+  for row in report["rows"]:
+    k = row["num_steps"]
+    if row["model"] != FINETUNED and k in finetuned_steps and (k not in best
+                                                               or fid(row) < fid(best[k])):
+      best[k] = row
+  return dict(sorted(best.items()))
+
+
 def markdown_table(report):
-  """The report as a Markdown table: one row per (model, K), FID/KID/coverage per space."""
+  """The report as a Markdown table: one row per (model, K), FID/KID/coverage per space; then, for
+  each K of an MMD-DDM row, the best training-free row at that K (`best_training_free`)."""
   spaces = list(report["feature_spaces"])
   header = ["model", "K"]
   for name in spaces:
@@ -309,11 +356,20 @@ def markdown_table(report):
       cells += [f"{s['fid']:.2f}", f"{1e3 * s['kid']:.2f} ± {1e3 * s['kid_std']:.2f}",
                 f"{s['recall']:.3f}", f"{s['coverage']:.3f}"]
     lines.append("| " + " | ".join(cells) + " |")
+  best = best_training_free(report)
+  space = trained_space(report)
+  finetuned = {row["num_steps"]: row for row in report["rows"] if row["model"] == FINETUNED}
+  fid = lambda row: row["spaces"][space]["fid"]
+  lines += [""] if best else []
+  for k, row in best.items():
+    lines.append(f"- best training-free at K={k}: {row['model']}, FID {fid(row):.2f} in {space} "
+                 f"(trained); {FINETUNED} K={k}: {fid(finetuned[k]):.2f}")
   return "\n".join(lines) + "\n"
 
 
 def plot_fid_vs_steps(report, path):
-  """FID against K for each model, one panel per feature space."""
+  """FID against K, one curve per row label (each training-free sampler, MMD-DDM), one panel per
+  feature space."""
   import matplotlib  # Imported here: only the report needs it.
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
@@ -342,7 +398,8 @@ def merge_reports(reports, out_dir):
 
   Rows present in several reports must agree: with the same seed and N they are the same samples.
   Everything of a report but its rows is a setting they share; a report without `sampler` is one
-  of DDIM, made before there was a choice.
+  of DDIM, made before there was a choice. Rows without `sampler` and `timesteps` (older code)
+  were sampled with the report's.
   """
   reports = [dict(provenance.SAMPLER_DEFAULTS, **report) for report in reports]
   first = reports[0]
@@ -356,6 +413,8 @@ def merge_reports(reports, out_dir):
   rows = {}
   for report in reports:
     for row in report["rows"]:
+      row = dict(row, sampler=row.get("sampler", report["sampler"]),
+                 timesteps=row.get("timesteps", report["timesteps"]))
       key = (row["model"], row["num_steps"])
       if key in rows:
         for name, s in row["spaces"].items():
@@ -363,8 +422,8 @@ def merge_reports(reports, out_dir):
             raise UserError(f"{key[0]} K={key[1]} has FID {s['fid']} and "
                             f"{rows[key]['spaces'][name]['fid']} in {name}: not the same samples")
       rows.setdefault(key, row)
-  # The base model first, then the finetuned models, each by K.
-  order = sorted(rows, key=lambda key: (key[0] == "MMD-DDM", key[0], key[1]))
+  # The training-free rows first, then the finetuned models, each by label and K.
+  order = sorted(rows, key=lambda key: (key[0] == FINETUNED, key[0], key[1]))
   merged = {key: first.get(key) for key in settings}
   merged["rows"] = [rows[key] for key in order]
   os.makedirs(out_dir, exist_ok=True)

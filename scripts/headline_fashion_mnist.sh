@@ -3,8 +3,9 @@
 #  1. learning-rate sweep of the K=5 finetune, scored in the TRAINED feature space only
 #     (--eval_feature_nets=classifier: the held-out space is not even computed here);
 #  2. K=10 finetune with the chosen learning rate;
-#  3. evaluation at N=5000 in both spaces: DDIM K=5,10,20,50,100 and MMD-DDM K=5, K=10, merged into
-#     WORKDIR/merged/{report.md,report.json,fid_vs_steps.png}.
+#  3. evaluation at N=5000 in both spaces: DDIM K=5,10,20,50,100, MMD-DDM K=5, K=10 and the
+#     flagfile's --eval_samplers at K=5,10 (the best training-free sampler at MMD-DDM's K), merged
+#     into WORKDIR/merged/{report.md,report.json,fid_vs_steps.png}.
 # Usage: bash scripts/headline_fashion_mnist.sh [WORKDIR]   (default runs/headline; ~2.5 h on 2 free cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +26,9 @@ for lr in "${LRS[@]}"; do
   fi
   if [ ! -f "$dir/evaluate/report.json" ]; then
     echo "$(stamp) [sweep] score K=5 lr=$lr in the trained space (N=1000)"
+    # Only MMD-DDM's FID chooses the rate: no other training-free samplers here.
     python main.py --flagfile=$CFG --mode=evaluate --workdir="$dir" --eval_steps=5 \
-      --num_eval_images=1000 --eval_feature_nets=classifier \
+      --num_eval_images=1000 --eval_feature_nets=classifier --eval_samplers= \
       --finetuned_checkpoints=5:"$dir/finetune_k5/unet.weights.h5"
   fi
 done
@@ -56,12 +58,14 @@ fi
 # The base model's sweep (the long part: 185 sampling steps per image) does not depend on the
 # finetuning, so it is its own run; the finetuned models are evaluated with DDIM at their K beside
 # them, and the two reports are merged (the shared rows must agree: same noise, same samples).
+# The other training-free samplers run at the finetuned models' K only: at every K they would
+# take 3x the base model's sweep.
 if [ ! -f "$WORK/ddim/evaluate/report.json" ]; then
   echo "$(stamp) [final] evaluate DDIM K=5,10,20,50,100, N=5000, both spaces"
   python main.py --flagfile=$CFG --mode=evaluate --workdir="$WORK/ddim" --num_eval_images=5000 \
-    --eval_steps=5,10,20,50,100
+    --eval_steps=5,10,20,50,100 --eval_samplers=
 fi
-echo "$(stamp) [final] evaluate MMD-DDM K=5,10 (and DDIM K=5,10), N=5000, both spaces"
+echo "$(stamp) [final] evaluate MMD-DDM, DDIM and --eval_samplers at K=5,10, N=5000, both spaces"
 python main.py --flagfile=$CFG --mode=evaluate --workdir="$WORK/final" --num_eval_images=5000 \
   --eval_steps=5,10
 python main.py --mode=merge_reports --workdir="$WORK" \

@@ -15,6 +15,7 @@ from helpers import TINY_UNET
 from helpers import assert_user_error
 from helpers import run_main
 from mmd_keras import checkpoints
+from mmd_keras import evaluate
 from mmd_keras import provenance
 from mmd_keras import unet as unet_lib
 
@@ -180,7 +181,7 @@ def _check_report(folder, *, rows, stdout):
   assert table in stdout  # The printed table is the report's.
   for model, k in rows:
     assert f"\n| {model} | {k} |" in table
-    png = os.path.join(folder, f"samples_{model.lower().replace('-', '_')}_k{k}.png")
+    png = os.path.join(folder, f"samples_{evaluate.label_slug(model)}_k{k}.png")
     # 100 images of 28 px in 10 columns with 1-px gaps, upscaled 2x (64 // 28).
     assert tf.io.decode_png(tf.io.read_file(png)).shape == (578, 578, 1)
   assert tf.io.decode_png(tf.io.read_file(os.path.join(folder, "fid_vs_steps.png"))).shape[0] > 0
@@ -207,12 +208,18 @@ def test_evaluate_end_to_end(tmp_path):
   workdir = str(tmp_path / "run")
   result = run_main(f"--workdir={workdir}", "--mode=evaluate", f"--init_checkpoint={base}",
                     *E2E_UNET, *E2E_EVAL, "--eval_steps=2,3", "--num_eval_images=130",
-                    f"--finetuned_checkpoints=2:{finetuned}")
+                    f"--finetuned_checkpoints=2:{finetuned}",
+                    "--eval_samplers=ddim:uniform,dpm_solver_pp:trailing")
   assert result.returncode == 0, result.stderr
+  # ddim:uniform is --sampler with --timesteps: its rows are the DDIM rows.
   report = _check_report(os.path.join(workdir, "evaluate"), stdout=result.stdout,
-                         rows=[("DDIM", 2), ("DDIM", 3), ("MMD-DDM", 2)])
+                         rows=[("DDIM", 2), ("DDIM", 3), ("DPM-Solver++ (trailing)", 2),
+                               ("DPM-Solver++ (trailing)", 3), ("MMD-DDM", 2)])
+  assert [(r["sampler"], r["timesteps"]) for r in report["rows"]] == (
+      [("ddim", "uniform")] * 2 + [("dpm_solver_pp", "trailing")] * 2 + [("ddim", "uniform")])
+  assert "\n- best training-free at K=2: " in result.stdout
   assert [r["weights"] for r in report["rows"]] == (
-      [dict(path=base, sha256=_fingerprint(base))] * 2
+      [dict(path=base, sha256=_fingerprint(base))] * 4
       + [dict(path=finetuned, sha256=_fingerprint(finetuned))])
   assert len(glob.glob(os.path.join(workdir, "reference", "*.npz"))) == 2
   assert glob.glob(os.path.join(workdir, "evaluate", "flags_evaluate_*.cfg"))
@@ -228,7 +235,8 @@ def quickstart(tmp_path_factory):
   command = [f"--workdir={workdir}", f"--export_dir={export}", "--mode=quickstart",
              f"--init_checkpoint={base}", *E2E_UNET, *E2E_EVAL, "--num_steps=2",
              "--finetune_steps=2", "--batch_size=4", "--checkpoint_every=2", "--log_every=1",
-             "--learning_rate=1e-4", "--quickstart_eval_images=130"]
+             "--learning_rate=1e-4", "--quickstart_eval_images=130",
+             "--eval_samplers=dpm_solver_pp:trailing"]
   return command, workdir, export, run_main(*command)
 
 
@@ -237,11 +245,16 @@ def test_quickstart_end_to_end(quickstart):
   _, workdir, export, result = quickstart
   assert result.returncode == 0, result.stderr
   assert "[1/3]" in result.stdout and "[3/3]" in result.stdout
-  # DDIM at K and at the reference K = min(100, T) = 10, and the finetuned model at K.
+  # DDIM at K and at the reference K = min(100, T) = 10, --eval_samplers and the finetuned model
+  # at K only.
+  assert ("[2/3] evaluating DDIM K=2, DPM-Solver++ (trailing) K=2, MMD-DDM K=2 and DDIM K=10 "
+          "on 130 images") in result.stdout
   report = _check_report(os.path.join(workdir, "quickstart"), stdout=result.stdout,
-                         rows=[("DDIM", 2), ("DDIM", 10), ("MMD-DDM", 2)])
+                         rows=[("DDIM", 2), ("DDIM", 10), ("DPM-Solver++ (trailing)", 2),
+                               ("MMD-DDM", 2)])
+  assert "\n- best training-free at K=2: " in result.stdout
   weights = os.path.join(workdir, "finetune_k2", "unet.weights.h5")
-  assert report["rows"][2]["weights"] == dict(path=weights, sha256=_fingerprint(weights))
+  assert report["rows"][3]["weights"] == dict(path=weights, sha256=_fingerprint(weights))
   assert os.path.exists(os.path.join(export, "mmd_ddm", "1", "saved_model.pb"))
   # The export records the fingerprint of the same weights.
   with open(os.path.join(export, "mmd_ddm", "1", "assets", "sampler.json")) as f:
@@ -259,7 +272,7 @@ def test_quickstart_rerun_reuses_only_its_own_finetune(quickstart):
   # The same command again reuses the finetune, the scored rows and the export of these weights.
   again = run_main(*command)
   assert again.returncode == 0, again.stderr
-  assert "already finetuned" in again.stderr and again.stderr.count("reusing") == 3
+  assert "already finetuned" in again.stderr and again.stderr.count("reusing") == 4
   assert "reusing SavedModel" in again.stdout
   with open(os.path.join(workdir, "quickstart", "report.json")) as f:
     assert json.load(f)["rows"] == rows

@@ -9,6 +9,7 @@ from mmd_keras import config as config_lib
 from mmd_keras import data as data_lib
 from mmd_keras import errors
 from mmd_keras import metrics
+from mmd_keras.app import evaluate as evaluate_app
 from mmd_keras.app import finetune as finetune_app
 from mmd_keras.app import inputs
 from mmd_keras.errors import ParameterError
@@ -55,6 +56,8 @@ def test_build_resolves_defaults(monkeypatch, repo_root):
   assert cfg.finetune.batch_size == cfg.data.batch_size == 64  # --finetune_batch_size unset.
   assert cfg.eval.steps == (5, 10, 20, 50, 100)
   assert cfg.eval.feature_nets == ("classifier", "classifier_heldout")
+  assert cfg.eval.samplers == (("ddim", "trailing"), ("dpm_solver_pp", "uniform"),
+                              ("dpm_solver_pp", "trailing"))
   assert cfg.features.classifier_path.endswith("pretrained/fashion_mnist/classifier.weights.h5")
   assert cfg.features.classifier_path_of("classifier_heldout").endswith(
       "pretrained/fashion_mnist/classifier_heldout.weights.h5")
@@ -77,6 +80,10 @@ def test_build_resolves_defaults(monkeypatch, repo_root):
     ({"diffusion.beta_start": 0.5}, "diffusion.beta_start"),
     ({"eval.steps": ["5", "5"]}, "eval.steps"),
     ({"eval.finetuned_checkpoints": ["5"]}, "eval.finetuned_checkpoints"),
+    ({"eval.samplers": ["plms:uniform"]}, "eval.samplers"),
+    ({"eval.samplers": ["ddim:cosine"]}, "eval.samplers"),
+    ({"eval.samplers": ["ddim"]}, "eval.samplers"),
+    ({"eval.samplers": ["ddim:trailing", "ddim:trailing"]}, "eval.samplers"),
     ({"export.model_version": 0}, "export.model_version"),
     ({"distribution.num_cpu_devices": 2}, "distribution.num_cpu_devices"),
     ({"run.workdir": "gs://bucket/run"}, "run.workdir"),
@@ -172,6 +179,39 @@ def test_eta_with_dpm_solver_pp_names_both_flags(main_module, monkeypatch, repo_
     main_module.configuration()
   assert caught.value.message(main_module.flag_of) == (
       "--eta=0.5 must be 0 with --sampler=dpm_solver_pp: it is deterministic")
+
+
+def test_eval_samplers_flag_lists_sampler_and_spacing_pairs(monkeypatch, repo_root):
+  monkeypatch.chdir(repo_root)
+  assert config_lib.build(_values(**{"eval.samplers": []})).eval.samplers == ()
+  cfg = config_lib.build(_values(**{"eval.samplers": ["ddim:uniform", " dpm_solver_pp : trailing",
+                                                      ""]}))
+  assert cfg.eval.samplers == (("ddim", "uniform"), ("dpm_solver_pp", "trailing"))
+  # --sampler=ddim --timesteps=uniform: the base model's own rows are already those of ddim:uniform.
+  assert evaluate_app.extra_samplers(cfg) == (("dpm_solver_pp", "trailing"),)
+  assert evaluate_app.sampler_label("dpm_solver_pp", "trailing") == "DPM-Solver++ (trailing)"
+  # Modes that run no evaluation take any η: the evaluating modes check the entries against it.
+  cfg = config_lib.build(_values(**{"sampler.eta": 0.5,
+                                    "eval.samplers": ["dpm_solver_pp:trailing"]}))
+  assert (cfg.sampler.eta, cfg.eval.samplers) == (0.5, (("dpm_solver_pp", "trailing"),))
+
+
+@pytest.mark.parametrize("entries, message", [
+    ("ddim:trailing,plms:uniform",
+     "--eval_samplers entry 'plms:uniform': the sampler must be one of ddim|dpm_solver_pp"),
+    ("ddim:cosine", "--eval_samplers entry 'ddim:cosine': the spacing must be one of "
+                    "uniform|trailing|linspace|quadratic (explicit timesteps only through "
+                    "--timesteps)"),
+    ("dpm_solver_pp", "--eval_samplers entries must look like <sampler>:<spacing> (e.g. "
+                      "dpm_solver_pp:trailing), got 'dpm_solver_pp'"),
+    ("ddim:trailing,ddim:trailing", "--eval_samplers lists ddim:trailing more than once"),
+])
+def test_bad_eval_samplers_name_the_flag(main_module, monkeypatch, repo_root, entries, message):
+  monkeypatch.chdir(repo_root)
+  main_module._parse_flags(["main.py", *FASHION, f"--eval_samplers={entries}"])
+  with pytest.raises(ParameterError) as caught:
+    main_module.configuration()
+  assert caught.value.message(main_module.flag_of) == message
 
 
 def test_every_field_has_a_flag_and_every_flag_a_field(main_module):

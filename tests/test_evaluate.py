@@ -12,6 +12,7 @@ from scipy import linalg
 
 from mmd_keras import checkpoints
 from mmd_keras import evaluate
+from mmd_keras import samplers
 from mmd_keras import schedule as schedule_lib
 from mmd_keras import unet as unet_lib
 from mmd_keras.errors import UserError
@@ -423,3 +424,127 @@ def test_rows_name_the_weights_file_and_the_fingerprint_the_export_records(setup
   metadata = sampler_module.Sampler.from_schedule(exported, schedule=schedule,
                                                   num_steps=2).metadata()
   assert report["rows"][0]["weights"] == dict(path=path, sha256=metadata["weights_sha256"])
+
+
+def _record_batches(monkeypatch):
+  """[((sampler, spacing, K), [image batches])] of every row sampled from now on."""
+  sampled = []
+  batches = evaluate.sampling.batches
+
+  def recording(*args, **kwargs):
+    images = []
+    sampled.append(((kwargs["sampler"], kwargs["timestep_kind"], kwargs["num_steps"]), images))
+    for batch in batches(*args, **kwargs):
+      images.append(batch)
+      yield batch
+
+  monkeypatch.setattr(evaluate.sampling, "batches", recording)
+  return sampled
+
+
+def test_rows_of_other_samplers_share_the_noise(setup, tmp_path, monkeypatch):
+  schedule, real = setup
+  unet = _tiny_unet(8)
+  sampled = _record_batches(monkeypatch)
+  models = [
+      evaluate.ModelSpec("DDIM", unet, (2, 3)),
+      evaluate.ModelSpec("DDIM (uniform)", unet, (2,), sampler="ddim", timesteps="uniform"),
+      evaluate.ModelSpec("DDIM (trailing)", unet, (2,), sampler="ddim", timesteps="trailing"),
+      evaluate.ModelSpec("DPM-Solver++ (trailing)", unet, (3,), sampler="dpm_solver_pp",
+                         timesteps="trailing")]
+  report = evaluate.run(models=models, feature_spaces=_spaces(8), real_images=real,
+                        schedule=schedule, num_images=20, seed=3, out_dir=str(tmp_path),
+                        clip_x0=True, batch_size=8)
+  assert [(r["model"], r["num_steps"], r["sampler"], r["timesteps"]) for r in report["rows"]] == [
+      ("DDIM", 2, "ddim", "uniform"), ("DDIM", 3, "ddim", "uniform"),
+      ("DDIM (uniform)", 2, "ddim", "uniform"), ("DDIM (trailing)", 2, "ddim", "trailing"),
+      ("DPM-Solver++ (trailing)", 3, "dpm_solver_pp", "trailing")]
+  rows = {(r["model"], r["num_steps"]): r for r in report["rows"]}
+  # The run's sampler and spacing under another label: the same noise, so the same samples.
+  assert rows["DDIM (uniform)", 2]["spaces"] == rows["DDIM", 2]["spaces"]
+  assert rows["DDIM (trailing)", 2]["spaces"] != rows["DDIM", 2]["spaces"]
+  # The DPM-Solver++ row scores samplers.sample from each batch's noise.
+  [batches] = [images for settings, images in sampled if settings[0] == "dpm_solver_pp"]
+  for i, images in enumerate(batches):
+    noise = evaluate.sampling.initial_noise(seed=3, batch_index=i, batch_size=8,
+                                            image_shape=(8, 8, 1))[:len(images)]
+    expected = samplers.sample("dpm_solver_pp", lambda x, t: unet(x, t), noise,
+                               timesteps=schedule.timesteps(3, "trailing"),
+                               alphas_cumprod=schedule.alphas_cumprod, clip_x0=True)
+    np.testing.assert_allclose(images, np.clip(expected, -1.0, 1.0), atol=1e-5)
+  for name in ("samples_ddim_uniform_k2.png", "samples_ddim_trailing_k2.png",
+               "samples_dpm_solver++_trailing_k3.png"):
+    assert (tmp_path / name).exists(), name
+  assert json.loads((tmp_path / "report.json").read_text())["rows"] == report["rows"]
+
+
+def test_rows_of_other_samplers_are_cached_apart(setup, tmp_path, monkeypatch):
+  schedule, real = setup
+  unet = _tiny_unet(9)
+  common = dict(feature_spaces=_spaces(8), real_images=real, schedule=schedule, num_images=16,
+                seed=1, clip_x0=True, batch_size=8, out_dir=str(tmp_path))
+  ddim = evaluate.ModelSpec("DDIM", unet, (2,))
+  others = [evaluate.ModelSpec("DDIM (trailing)", unet, (2,), sampler="ddim", timesteps="trailing"),
+            evaluate.ModelSpec("DPM-Solver++ (uniform)", unet, (2,), sampler="dpm_solver_pp",
+                               timesteps="uniform")]
+  first = evaluate.run(models=[ddim], **common)
+  sampled = _record_batches(monkeypatch)
+  second = evaluate.run(models=[ddim, *others], **common)
+  # The cached DDIM-uniform row stands for the DDIM row only.
+  assert [settings for settings, _ in sampled] == [("ddim", "trailing", 2),
+                                                   ("dpm_solver_pp", "uniform", 2)]
+  assert second["rows"][0] == first["rows"][0]
+  assert len({json.dumps(row["spaces"]) for row in second["rows"]}) == 3
+  third = evaluate.run(models=[ddim, *others], **common)
+  assert len(sampled) == 2 and third["rows"] == second["rows"]
+
+
+def _row(model, k, fids, **settings):
+  """A report row with the FID `fids[space]` in each space (its other figures fixed)."""
+  spaces = {name: dict(fid=fid, kid=1e-3, kid_std=1e-4, recall=0.5, coverage=0.5)
+            for name, fid in fids.items()}
+  return dict(model=model, num_steps=k, num_images=16, spaces=spaces, **settings)
+
+
+def _report(rows):
+  # The trained space second: it is found by its kind, not its place.
+  return dict(num_images=16, seed=0, sampler="ddim", timesteps="uniform", eta=0.0, clip_x0=False,
+              sample_batch_size=8, feature_spaces={"heldout": "held-out", "tr": "trained"},
+              rows=rows)
+
+
+def test_table_names_the_best_training_free_row_at_each_finetuned_k():
+  report = _report([_row("DDIM", 5, dict(tr=60.0, heldout=10.0)),
+                    _row("DDIM", 10, dict(tr=30.0, heldout=9.0)),
+                    _row("DDIM (trailing)", 5, dict(tr=40.0, heldout=30.0)),
+                    _row("DPM-Solver++ (trailing)", 5, dict(tr=45.0, heldout=5.0)),
+                    _row("MMD-DDM", 5, dict(tr=20.0, heldout=8.0))])
+  assert {k: row["model"] for k, row in evaluate.best_training_free(report).items()} == {
+      5: "DDIM (trailing)"}
+  assert evaluate.markdown_table(report).endswith(
+      " |\n\n- best training-free at K=5: DDIM (trailing), FID 40.00 in tr (trained); "
+      "MMD-DDM K=5: 20.00\n")
+  # Without an MMD-DDM row, or without a trained space, the table is all.
+  for other in (_report(report["rows"][:4]),
+                dict(report, feature_spaces={"heldout": "held-out", "tr": "held-out"})):
+    assert evaluate.best_training_free(other) == {}
+    assert evaluate.markdown_table(other).endswith(" |\n")
+
+
+def test_merge_keeps_the_rows_of_other_samplers_and_completes_older_rows(tmp_path):
+  fids = dict(tr=50.0, heldout=10.0)
+  # Written before rows said how they were sampled (and before reports named a sampler).
+  older = {k: v for k, v in _report([_row("DDIM", 5, fids), _row("DDIM", 10, fids)]).items()
+           if k != "sampler"}
+  newer = _report([_row("DDIM", 5, fids, sampler="ddim", timesteps="uniform"),
+                   _row("DPM-Solver++ (trailing)", 5, dict(tr=30.0, heldout=9.0),
+                        sampler="dpm_solver_pp", timesteps="trailing"),
+                   _row("MMD-DDM", 5, dict(tr=20.0, heldout=8.0), sampler="ddim",
+                        timesteps="uniform")])
+  merged = evaluate.merge_reports([older, newer], str(tmp_path))
+  assert [(r["model"], r["num_steps"], r["sampler"], r["timesteps"]) for r in merged["rows"]] == [
+      ("DDIM", 5, "ddim", "uniform"), ("DDIM", 10, "ddim", "uniform"),
+      ("DPM-Solver++ (trailing)", 5, "dpm_solver_pp", "trailing"),
+      ("MMD-DDM", 5, "ddim", "uniform")]
+  assert "best training-free at K=5: DPM-Solver++ (trailing), FID 30.00" in (
+      tmp_path / "report.md").read_text()

@@ -1,5 +1,6 @@
-"""--mode=evaluate: the base model with the sampler at every K of eval.steps and each MMD-DDM model
-at its own K, scored in every feature space; report.json/.md, fid_vs_steps.png and sample grids."""
+"""--mode=evaluate: the base model with the sampler at every K of eval.steps (and with each
+training-free sampler of eval.samplers) and each MMD-DDM model at its own K, scored in every feature
+space; report.json/.md, fid_vs_steps.png and sample grids."""
 
 import os
 
@@ -7,8 +8,10 @@ from mmd_keras import checkpoints
 from mmd_keras import errors
 from mmd_keras import evaluate as evaluate_lib
 from mmd_keras import samplers
+from mmd_keras import schedule as schedule_lib
 from mmd_keras.app import inputs
 from mmd_keras.app import runs
+from mmd_keras.errors import ParameterError
 
 
 def check_steps(cfg, steps, *, field):
@@ -18,16 +21,51 @@ def check_steps(cfg, steps, *, field):
       cfg.timesteps(k)
 
 
-def sweep(cfg, *, ddim_steps, finetuned, spaces, num_images, out_dir, init_checkpoint):
-  """Samples and scores every (model, K); prints the table; returns the report."""
+def extra_samplers(cfg):
+  """The (sampler, spacing) pairs of eval.samplers other than the run's own (sampler.sampler,
+  sampler.timesteps), whose rows the base model's rows are."""
+  own = (cfg.sampler.sampler, cfg.sampler.timesteps)
+  return tuple(pair for pair in cfg.eval.samplers if pair != own)
+
+
+def sampler_label(name, spacing):
+  """How a report names the base model sampled by `name` over `spacing` (an eval.samplers row)."""
+  return f"{samplers.LABELS[name]} ({spacing})"
+
+
+def check_samplers(cfg, steps):
+  """Every sampler of `extra_samplers` takes sampler.eta (η > 0: DDIM only), and its spacing gives
+  K distinct timesteps for every K of `steps`."""
+  num_timesteps = cfg.diffusion.num_timesteps
+  for name, spacing in extra_samplers(cfg):
+    with errors.renamed(sampler="eval.samplers", eta="sampler.eta"):
+      samplers.check(name, eta=cfg.sampler.eta)
+    for k in steps:
+      try:
+        schedule_lib.timestep_subsequence(num_timesteps=num_timesteps, num_steps=k, kind=spacing)
+      except ParameterError:
+        raise ParameterError("eval.samplers", f"entry {name}:{spacing} has no K={k} distinct "
+                             f"timesteps out of T={num_timesteps} ({{diffusion.num_timesteps}}); "
+                             f"use another spacing", refs=("diffusion.num_timesteps",)) from None
+
+
+def sweep(cfg, *, ddim_steps, sampler_steps, finetuned, spaces, num_images, out_dir,
+          init_checkpoint):
+  """Samples and scores every (model, K): the base model with the run's sampler at `ddim_steps` and
+  with each of `extra_samplers` at `sampler_steps`, each finetuned model at its K; prints the
+  table; returns the report."""
   base = runs.restored_unet(cfg, init_checkpoint)
   # A directory stands for its latest checkpoint: the report names (and hashes) that one.
+  base_path = checkpoints.latest(init_checkpoint)
   models = [evaluate_lib.ModelSpec(samplers.LABELS[cfg.sampler.sampler], base, tuple(ddim_steps),
-                                   path=checkpoints.latest(init_checkpoint))]
+                                   path=base_path)]
+  models += [evaluate_lib.ModelSpec(sampler_label(name, spacing), base, tuple(sampler_steps),
+                                    path=base_path, sampler=name, timesteps=spacing)
+             for name, spacing in extra_samplers(cfg)]
   for k, path in sorted(finetuned.items()):
     unet = cfg.unet.factory()().build_for_inference()
     checkpoints.restore_unet(unet, path, use_ema=False, parameter="finetuned_checkpoints")
-    models.append(evaluate_lib.ModelSpec("MMD-DDM", unet, (k,), path=path))
+    models.append(evaluate_lib.ModelSpec(evaluate_lib.FINETUNED, unet, (k,), path=path))
   real_set, real_batches = inputs.real_set(cfg)
   runs.write_flags(cfg.run, out_dir)
   s = cfg.sampler
@@ -45,6 +83,7 @@ def sweep(cfg, *, ddim_steps, finetuned, spaces, num_images, out_dir, init_check
 def run(cfg):
   steps = cfg.eval.steps
   check_steps(cfg, steps, field="eval.steps")
+  check_samplers(cfg, steps)
   inputs.check_eval_split(cfg, num_images=cfg.eval.num_images, images_field="eval.num_images")
   finetuned = runs.finetuned_checkpoints(cfg, steps)
   inputs.check_feature_spaces(cfg)
@@ -53,5 +92,5 @@ def run(cfg):
   spaces = inputs.feature_spaces(cfg, num_images=cfg.eval.num_images,
                                  images_field="eval.num_images")
   with errors.renamed(num_images="eval.num_images"):
-    sweep(cfg, ddim_steps=steps, finetuned=finetuned, spaces=spaces,
+    sweep(cfg, ddim_steps=steps, sampler_steps=steps, finetuned=finetuned, spaces=spaces,
           num_images=cfg.eval.num_images, out_dir=out_dir, init_checkpoint=init_checkpoint)

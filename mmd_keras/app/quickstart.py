@@ -1,6 +1,7 @@
-"""--mode=quickstart: finetune at K from the base model, compare DDIM-K / MMD-DDM-K / DDIM-100 on a
-small evaluation, export the finetuned sampler. A rerun reuses the finetune only if the settings it
-was made with (recorded beside it) are the same."""
+"""--mode=quickstart: finetune at K from the base model, compare DDIM-K (and the training-free
+samplers of --eval_samplers at K) / MMD-DDM-K / DDIM-100 on a small evaluation, export the
+finetuned sampler. A rerun reuses the finetune only if the settings it was made with (recorded
+beside it) are the same."""
 
 import glob
 import json
@@ -54,6 +55,7 @@ def run(cfg):
   # The evaluation's and export's settings are checked before minutes of finetuning.
   plan = finetune.check(cfg)
   evaluate.check_steps(cfg, (reference_k,), field="diffusion.num_timesteps")
+  evaluate.check_samplers(cfg, (k,))
   export.check(cfg)
   inputs.check_eval_split(cfg, num_images=num_images, images_field="eval.quickstart_images")
   spaces = inputs.feature_spaces(cfg, num_images=num_images, images_field="eval.quickstart_images")
@@ -67,12 +69,15 @@ def run(cfg):
     atomic.write_json(record, settings)
   finetuned = finetune.run(cfg, plan)
   base = samplers.LABELS[cfg.sampler.sampler]
-  print(f"[2/3] evaluating {base} K={k}, MMD-DDM K={k} and {base} K={reference_k} on "
+  others = "".join(f", {evaluate.sampler_label(*pair)} K={k}"
+                   for pair in evaluate.extra_samplers(cfg))
+  print(f"[2/3] evaluating {base} K={k}{others}, MMD-DDM K={k} and {base} K={reference_k} on "
         f"{num_images} images")
   out_dir = runs.mode_dir(cfg.run, "quickstart")
   with errors.renamed(num_images="eval.quickstart_images"):
-    evaluate.sweep(cfg, ddim_steps=sorted({k, reference_k}), finetuned={k: finetuned},
-                   spaces=spaces, num_images=num_images, out_dir=out_dir,
+    # The training-free samplers of eval.samplers at K only: the comparison MMD-DDM is made for.
+    evaluate.sweep(cfg, ddim_steps=sorted({k, reference_k}), sampler_steps=(k,),
+                   finetuned={k: finetuned}, spaces=spaces, num_images=num_images, out_dir=out_dir,
                    init_checkpoint=plan.init_checkpoint)
   print(f"[3/3] exporting the MMD-DDM K={k} sampler")
   export.run(cfg, init_checkpoint=finetuned, next_free_version=True)
