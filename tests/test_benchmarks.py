@@ -31,6 +31,17 @@ def _check_figures(row):
   assert row["rss_after_trace_mib"] <= row["rss_after_first_step_mib"] <= row["peak_rss_mib"], row
 
 
+def _assert_refused(main, names):
+  """main() exits with a one-line "error: ..." message naming every string of `names`."""
+  with pytest.raises(SystemExit) as exit_info:
+    main()
+  # sys.exit(<str>) prints the string to stderr and exits with status 1.
+  message = exit_info.value.code
+  assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message
+  for name in names:
+    assert name in message, (name, message)
+
+
 @pytest.mark.slow
 def test_finetune_benchmark_smoke(repo_root, tmp_path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -99,13 +110,7 @@ def test_finetune_benchmark_refuses_bad_input(monkeypatch, capsys, args, names):
 
   monkeypatch.setattr(sys, "argv", ["finetune", *args])
   monkeypatch.setattr(finetune_benchmark, "_run_child", no_child)
-  with pytest.raises(SystemExit) as exit_info:
-    finetune_benchmark.main()
-  # sys.exit(<str>) prints the string to stderr and exits with status 1.
-  message = exit_info.value.code
-  assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message
-  for name in names:
-    assert name in message, (name, message)
+  _assert_refused(finetune_benchmark.main, names)
   assert capsys.readouterr().out == ""  # Refused before the header, let alone a child.
 
 
@@ -145,9 +150,4 @@ def test_unet_pass_benchmark_smoke(repo_root):
 def test_unet_pass_benchmark_refuses_bad_input(monkeypatch, args, names):
   from mmd_keras.benchmarks import unet_pass  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(sys, "argv", ["unet_pass", *args])
-  with pytest.raises(SystemExit) as exit_info:
-    unet_pass.main()
-  message = exit_info.value.code
-  assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message
-  for name in names:
-    assert name in message, (name, message)
+  _assert_refused(unet_pass.main, names)
