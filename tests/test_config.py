@@ -17,6 +17,14 @@ from mmd_keras.errors import ParameterError
 FASHION = ["--flagfile=configs/fashion_mnist.cfg"]
 
 
+def _configuration_error(main_module, *flags):
+  """The message, with flag names, of the ParameterError that building the configuration of the
+  Fashion-MNIST flagfile plus `flags` raises."""
+  main_module._parse_flags(["main.py", *FASHION, *flags])
+  with pytest.raises(ParameterError) as caught:
+    main_module.configuration()
+  return caught.value.message(main_module.flag_of)
+
 def _values(**overrides):
   """The {field: value} mapping of the Fashion-MNIST flagfile, as main.py builds it."""
   import main
@@ -159,10 +167,7 @@ def test_timesteps_flag_takes_a_spacing_or_the_timesteps(monkeypatch, repo_root,
 ])
 def test_bad_timesteps_name_the_flag(main_module, monkeypatch, repo_root, timesteps, message):
   monkeypatch.chdir(repo_root)
-  main_module._parse_flags(["main.py", *FASHION, f"--timesteps={timesteps}"])
-  with pytest.raises(ParameterError) as caught:
-    main_module.configuration()
-  assert caught.value.message(main_module.flag_of).startswith(message)
+  assert _configuration_error(main_module, f"--timesteps={timesteps}").startswith(message)
 
 
 def test_sampler_flag_selects_the_sampler(monkeypatch, repo_root):
@@ -174,10 +179,7 @@ def test_sampler_flag_selects_the_sampler(monkeypatch, repo_root):
 
 def test_eta_with_dpm_solver_pp_names_both_flags(main_module, monkeypatch, repo_root):
   monkeypatch.chdir(repo_root)
-  main_module._parse_flags(["main.py", *FASHION, "--sampler=dpm_solver_pp", "--eta=0.5"])
-  with pytest.raises(ParameterError) as caught:
-    main_module.configuration()
-  assert caught.value.message(main_module.flag_of) == (
+  assert _configuration_error(main_module, "--sampler=dpm_solver_pp", "--eta=0.5") == (
       "--eta=0.5 must be 0 with --sampler=dpm_solver_pp: it is deterministic")
 
 
@@ -208,10 +210,7 @@ def test_eval_samplers_flag_lists_sampler_and_spacing_pairs(monkeypatch, repo_ro
 ])
 def test_bad_eval_samplers_name_the_flag(main_module, monkeypatch, repo_root, entries, message):
   monkeypatch.chdir(repo_root)
-  main_module._parse_flags(["main.py", *FASHION, f"--eval_samplers={entries}"])
-  with pytest.raises(ParameterError) as caught:
-    main_module.configuration()
-  assert caught.value.message(main_module.flag_of) == message
+  assert _configuration_error(main_module, f"--eval_samplers={entries}") == message
 
 
 def test_every_field_has_a_flag_and_every_flag_a_field(main_module):
