@@ -20,7 +20,7 @@ while true; do
     mkdir -p "$OUT/ckpt"; rm -f "$OUT"/ckpt/*
     cp "$PRETRAIN/checkpoints/ckpt-$ckpt".* "$OUT/ckpt/"
     python main.py --flagfile=configs/fashion_mnist.cfg --mode=evaluate --workdir="$OUT/work" \
-      --init_checkpoint="$OUT/ckpt/ckpt-$ckpt" --eval_steps=100 --num_eval_images="$N" \
+      --init_checkpoint="$OUT/ckpt/ckpt-$ckpt" --eval_steps=100 --num_eval_images="$N" --eval_samplers= \
       > "$OUT/reports/step_$ckpt.log" 2>&1
     cp "$OUT/work/evaluate/report.json" "$OUT/reports/step_$ckpt.json"
     python - "$OUT/reports/step_$ckpt.json" "$ckpt" >> "$OUT/curve.tsv" <<'PY'
