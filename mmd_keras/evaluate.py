@@ -41,6 +41,8 @@ class ModelSpec:
   weights file it was loaded from (`path`, named in the report with the weights' fingerprint).
 
   `sampler` and `timesteps` (a spacing of `schedule.TIMESTEP_KINDS`) override the run's.
+  `finetune`: the settings a finetuned model was made with ({config field: value}, seed included),
+  copied into its rows so that `merge_reports` can average seeds of one setting.
   """
 
   label: str
@@ -49,6 +51,7 @@ class ModelSpec:
   path: str = None
   sampler: str = None
   timesteps: object = None
+  finetune: dict = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +249,8 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
       # On every row, cached or not: rows cached by older code lack the sampler and spacing.
       row["weights"] = dict(path=model.path, sha256=weights)
       row.update(sampler=model_sampler, timesteps=_json_timesteps(kind))
+      if model.finetune is not None:
+        row["finetune"] = model.finetune
       rows.append(row)
       grids.append((f"samples_{slug}.png", stem + ".png"))
   report = dict(num_images=num_images, seed=seed, sampler=sampler, timesteps=timestep_kind, eta=eta,
@@ -350,11 +355,20 @@ def markdown_table(report):
     header += [f"FID {name} ({kind})", f"KID×1e3 {name}", f"recall {name}", f"coverage {name}"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in report["rows"]:
-    cells = [row["model"], str(row["num_steps"])]
-    for name in spaces:
-      s = row["spaces"][name]
-      cells += [f"{s['fid']:.2f}", f"{1e3 * s['kid']:.2f} ± {1e3 * s['kid_std']:.2f}",
-                f"{s['recall']:.3f}", f"{s['coverage']:.3f}"]
+    if "seeds" in row:
+      cells = [f"{row['model']} ({len(row['seeds'])} seeds)", str(row["num_steps"])]
+      for name in spaces:
+        s, sd = row["spaces"][name], row["seed_std"][name]
+        cells += [f"{s['fid']:.2f} ± {sd['fid']:.2f}",
+                  f"{1e3 * s['kid']:.2f} ± {1e3 * sd['kid']:.2f}",
+                  f"{s['recall']:.3f} ± {sd['recall']:.3f}",
+                  f"{s['coverage']:.3f} ± {sd['coverage']:.3f}"]
+    else:
+      cells = [row["model"], str(row["num_steps"])]
+      for name in spaces:
+        s = row["spaces"][name]
+        cells += [f"{s['fid']:.2f}", f"{1e3 * s['kid']:.2f} ± {1e3 * s['kid_std']:.2f}",
+                  f"{s['recall']:.3f}", f"{s['coverage']:.3f}"]
     lines.append("| " + " | ".join(cells) + " |")
   best = best_training_free(report)
   space = trained_space(report)
@@ -364,6 +378,10 @@ def markdown_table(report):
   for k, row in best.items():
     lines.append(f"- best training-free at K={k}: {row['model']}, FID {fid(row):.2f} in {space} "
                  f"(trained); {FINETUNED} K={k}: {fid(finetuned[k]):.2f}")
+  if any("seeds" in row for row in report["rows"]):
+    lines += [] if best else [""]
+    lines.append("- rows over seeds: mean ± standard deviation over the seeds' finetunes; "
+                 "elsewhere KID's ± is its estimate's standard deviation")
   return "\n".join(lines) + "\n"
 
 
@@ -379,8 +397,10 @@ def plot_fid_vs_steps(report, path):
     for label in sorted({r["model"] for r in report["rows"]}):
       rows = sorted((r for r in report["rows"] if r["model"] == label),
                     key=lambda r: r["num_steps"])
-      ax.plot([r["num_steps"] for r in rows], [r["spaces"][name]["fid"] for r in rows],
-              marker="o", label=label)
+      # Rows over seeds: their spread as error bars.
+      ax.errorbar([r["num_steps"] for r in rows], [r["spaces"][name]["fid"] for r in rows],
+                  yerr=[r.get("seed_std", {}).get(name, {}).get("fid", 0.0) for r in rows],
+                  marker="o", capsize=3, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("sampling steps K")
     ax.set_ylabel("FID")
@@ -397,9 +417,11 @@ def merge_reports(reports, out_dir):
   sweep and a later run of the finetuned models); writes it to `out_dir` and returns it.
 
   Rows present in several reports must agree: with the same seed and N they are the same samples.
-  Everything of a report but its rows is a setting they share; a report without `sampler` is one
-  of DDIM, made before there was a choice. Rows without `sampler` and `timesteps` (older code)
-  were sampled with the report's.
+  MMD-DDM rows of one K from different weights are seeds when their finetunes' recorded settings
+  (`ModelSpec.finetune`) differ in run.seed alone: they become one row of means over the seeds
+  (`_seeds_row`). Everything of a report but its rows is a setting they share; a report without
+  `sampler` is one of DDIM, made before there was a choice. Rows without `sampler` and
+  `timesteps` (older code) were sampled with the report's.
   """
   reports = [dict(provenance.SAMPLER_DEFAULTS, **report) for report in reports]
   first = reports[0]
@@ -410,24 +432,91 @@ def merge_reports(reports, out_dir):
       if other.get(key) != first.get(key):
         raise UserError(f"reports differ in {key}: {first.get(key)!r} vs {other.get(key)!r}; "
                         f"only runs with the same samples and feature spaces can be merged")
-  rows = {}
+  groups = {}
   for report in reports:
     for row in report["rows"]:
       row = dict(row, sampler=row.get("sampler", report["sampler"]),
                  timesteps=row.get("timesteps", report["timesteps"]))
-      key = (row["model"], row["num_steps"])
-      if key in rows:
-        for name, s in row["spaces"].items():
-          if not np.isclose(s["fid"], rows[key]["spaces"][name]["fid"], rtol=1e-4):
-            raise UserError(f"{key[0]} K={key[1]} has FID {s['fid']} and "
-                            f"{rows[key]['spaces'][name]['fid']} in {name}: not the same samples")
-      rows.setdefault(key, row)
+      groups.setdefault((row["model"], row["num_steps"]), []).append(row)
+  trained = trained_space(first)
+  rows = {key: _merged_row(key, group, trained=trained) for key, group in groups.items()}
   # The training-free rows first, then the finetuned models, each by label and K.
   order = sorted(rows, key=lambda key: (key[0] == FINETUNED, key[0], key[1]))
   merged = {key: first.get(key) for key in settings}
   merged["rows"] = [rows[key] for key in order]
   os.makedirs(out_dir, exist_ok=True)
   _write_outputs(merged, out_dir)
+  return merged
+
+
+def _merged_row(key, group, *, trained):
+  """The row of (model, K) = `key` from its rows in several reports: rows of the same weights must
+  agree; MMD-DDM rows of several seeds of one setting become one (`_seeds_row`)."""
+  label, k = key
+  by_weights = {}
+  for row in group:
+    if "seeds" in row and len(group) > 1:
+      raise UserError(f"{label} K={k} is already a mean over seeds in one of the reports; merge "
+                      f"the reports of the seeds themselves")
+    same = by_weights.setdefault(row.get("weights", {}).get("sha256"), row)
+    if same is not row:
+      _check_same_samples(key, same, row)
+  rows = list(by_weights.values())
+  if len(rows) == 1:
+    return rows[0]
+  if label != FINETUNED or any(row.get("finetune") is None for row in rows):
+    _check_same_samples(key, *rows[:2])  # Different weights, and nothing says they are seeds.
+  return _seeds_row(key, rows, trained=trained)
+
+
+def _check_same_samples(key, row, other):
+  for name, s in other["spaces"].items():
+    if not np.isclose(s["fid"], row["spaces"][name]["fid"], rtol=1e-4):
+      raise UserError(f"{key[0]} K={key[1]} has FID {s['fid']} and {row['spaces'][name]['fid']} "
+                      f"in {name}: not the same samples")
+
+
+SEED_FIELD = "run.seed"
+
+
+def _seeds_row(key, rows, *, trained):
+  """One row from MMD-DDM rows whose finetunes differ in run.seed alone: each metric's mean over the
+  seeds in `spaces`, its standard deviation over them (ddof 1) in `seed_std`, every seed's row in
+  `seeds`, and `median_seed`, the seed of the median FID in the `trained` space (the lower middle
+  one for an even number of seeds)."""
+  label, k = key
+  settings = rows[0]["finetune"]
+  for row in rows[1:]:
+    for field in sorted((set(settings) | set(row["finetune"])) - {SEED_FIELD}):
+      if settings.get(field) != row["finetune"].get(field):
+        raise ParameterError(
+            None, f"{label} K={k}: the finetunes of {rows[0]['weights']['path']} and "
+            f"{row['weights']['path']} differ in {{{field}}} ({settings.get(field)!r} vs "
+            f"{row['finetune'].get(field)!r}); only finetunes that differ in {{{SEED_FIELD}}} "
+            f"alone merge as seeds", refs=(field, SEED_FIELD))
+  seed = lambda row: row["finetune"].get(SEED_FIELD)
+  rows = sorted(rows, key=seed)
+  for row, other in zip(rows, rows[1:]):
+    if seed(row) == seed(other):
+      raise ParameterError(
+          None, f"{label} K={k}: {row['weights']['path']} and {other['weights']['path']} were "
+          f"both finetuned with {{{SEED_FIELD}}}={seed(row)} yet differ (made without "
+          f"{{run.deterministic}}?); merge one of them", refs=(SEED_FIELD, "run.deterministic"))
+  spaces, seed_std = {}, {}
+  for name in rows[0]["spaces"]:
+    values = {metric: np.array([row["spaces"][name][metric] for row in rows], np.float64)
+              for metric, value in rows[0]["spaces"][name].items()
+              if isinstance(value, (int, float))}
+    spaces[name] = {metric: float(v.mean()) for metric, v in values.items()}
+    seed_std[name] = {metric: float(v.std(ddof=1)) for metric, v in values.items()}
+  space = trained or next(iter(spaces))
+  by_fid = sorted(rows, key=lambda row: row["spaces"][space]["fid"])
+  merged = {name: value for name, value in rows[0].items()
+            if name not in ("weights", "seconds", "spaces", "finetune")}
+  merged.update(
+      spaces=spaces, seed_std=seed_std, median_seed=seed(by_fid[(len(rows) - 1) // 2]),
+      finetune={field: value for field, value in settings.items() if field != SEED_FIELD},
+      seeds=[dict(seed=seed(row), weights=row["weights"], spaces=row["spaces"]) for row in rows])
   return merged
 
 

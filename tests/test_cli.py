@@ -255,6 +255,12 @@ def test_quickstart_end_to_end(quickstart):
   assert "\n- best training-free at K=2: " in result.stdout
   weights = os.path.join(workdir, "finetune_k2", "unet.weights.h5")
   assert report["rows"][3]["weights"] == dict(path=weights, sha256=_fingerprint(weights))
+  # The finetune's deciding settings, beside its weights and in its row: what merges seeds.
+  with open(os.path.join(workdir, "finetune_k2", "finetune_settings.json")) as f:
+    settings = json.load(f)
+  assert (settings["run.seed"], settings["finetune.learning_rate"]) == (0, 1e-4)
+  assert report["rows"][3]["finetune"] == settings
+  assert not any("finetune" in row for row in report["rows"][:3])
   assert os.path.exists(os.path.join(export, "mmd_ddm", "1", "saved_model.pb"))
   # The export records the fingerprint of the same weights.
   with open(os.path.join(export, "mmd_ddm", "1", "assets", "sampler.json")) as f:

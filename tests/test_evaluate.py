@@ -15,6 +15,7 @@ from mmd_keras import evaluate
 from mmd_keras import samplers
 from mmd_keras import schedule as schedule_lib
 from mmd_keras import unet as unet_lib
+from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 from mmd_keras.export import sampler_module
 
@@ -548,3 +549,61 @@ def test_merge_keeps_the_rows_of_other_samplers_and_completes_older_rows(tmp_pat
       ("MMD-DDM", 5, "ddim", "uniform")]
   assert "best training-free at K=5: DPM-Solver++ (trailing), FID 30.00" in (
       tmp_path / "report.md").read_text()
+
+
+def _seed_row(seed, fids, sha, **settings):
+  """An MMD-DDM K=5 row of weights `sha` finetuned with `seed` and `settings`."""
+  finetune = {"run.seed": seed, "finetune.learning_rate": 1e-5, **settings}
+  return _row("MMD-DDM", 5, fids, weights=dict(path=f"seed{seed}/unet.weights.h5", sha256=sha),
+              finetune=finetune)
+
+
+def test_merge_averages_the_seeds_of_one_finetune_setting(tmp_path):
+  ddim = _row("DDIM", 5, dict(tr=60.0, heldout=12.0), weights=dict(path="base", sha256="b"))
+  fids = {0: dict(tr=20.0, heldout=8.0), 1: dict(tr=26.0, heldout=9.5),
+          2: dict(tr=23.0, heldout=7.0)}
+  reports = [_report([ddim, _seed_row(seed, fids[seed], f"w{seed}")]) for seed in (2, 0, 1)]
+  merged = evaluate.merge_reports(reports, str(tmp_path))
+  ddim_row, seeds_row = merged["rows"]
+  assert ddim_row == dict(ddim, sampler="ddim", timesteps="uniform")
+  for space in ("tr", "heldout"):
+    values = np.array([fids[seed][space] for seed in (0, 1, 2)])
+    assert seeds_row["spaces"][space]["fid"] == pytest.approx(values.mean())
+    assert seeds_row["seed_std"][space]["fid"] == pytest.approx(values.std(ddof=1))
+  assert seeds_row["seed_std"]["tr"]["recall"] == 0.0
+  assert [s["seed"] for s in seeds_row["seeds"]] == [0, 1, 2]
+  assert [s["weights"]["sha256"] for s in seeds_row["seeds"]] == ["w0", "w1", "w2"]
+  assert seeds_row["median_seed"] == 2  # Trained-space FIDs 20, 26, 23.
+  assert seeds_row["finetune"] == {"finetune.learning_rate": 1e-5}
+  assert "weights" not in seeds_row
+  table = (tmp_path / "report.md").read_text()
+  assert "| MMD-DDM (3 seeds) | 5 | 8.17 ± 1.26 |" in table
+  assert "- rows over seeds: mean ± standard deviation" in table
+  assert "MMD-DDM K=5: 23.00" in table  # The best training-free line compares the mean.
+  # The same seed's report twice is one seed: its rows agree.
+  again = evaluate.merge_reports(reports + reports[:1], str(tmp_path / "again"))
+  assert again["rows"] == merged["rows"]
+
+
+def test_merge_refuses_seeds_that_differ_in_more_than_the_seed(tmp_path):
+  fids = dict(tr=20.0, heldout=8.0)
+  base = _report([_seed_row(0, fids, "w0")])
+  other_lr = _report([_seed_row(1, dict(tr=21.0, heldout=8.0), "w1",
+                                **{"finetune.learning_rate": 2e-5})])
+  with pytest.raises(ParameterError) as e:
+    evaluate.merge_reports([base, other_lr], str(tmp_path / "lr"))
+  assert e.value.message(lambda name: f"--{name.split('.')[-1]}") == (
+      "MMD-DDM K=5: the finetunes of seed0/unet.weights.h5 and seed1/unet.weights.h5 differ in "
+      "--learning_rate (1e-05 vs 2e-05); only finetunes that differ in --seed alone merge as seeds")
+  same_seed = _report([_seed_row(0, dict(tr=21.0, heldout=8.0), "w1")])
+  with pytest.raises(ParameterError, match="both finetuned with run.seed=0 yet differ"):
+    evaluate.merge_reports([base, same_seed], str(tmp_path / "seed"))
+  # Different weights without a record of their finetunes (older code, copied weights).
+  unrecorded = _report([{k: v for k, v in _seed_row(1, dict(tr=21.0, heldout=8.0), "w1").items()
+                         if k != "finetune"}])
+  with pytest.raises(UserError, match="not the same samples"):
+    evaluate.merge_reports([base, unrecorded], str(tmp_path / "unrecorded"))
+  merged = evaluate.merge_reports([base, _report([_seed_row(1, fids, "w1")])], str(tmp_path / "m"))
+  with pytest.raises(UserError, match="already a mean over seeds"):
+    evaluate.merge_reports([merged, base], str(tmp_path / "twice"))
+  assert not any((tmp_path / name).exists() for name in ("lr", "seed", "unrecorded", "twice"))

@@ -9,6 +9,7 @@ from mmd_keras import errors
 from mmd_keras import evaluate as evaluate_lib
 from mmd_keras import samplers
 from mmd_keras import schedule as schedule_lib
+from mmd_keras.app import finetune as finetune_app
 from mmd_keras.app import inputs
 from mmd_keras.app import runs
 from mmd_keras.errors import ParameterError
@@ -65,7 +66,8 @@ def sweep(cfg, *, ddim_steps, sampler_steps, finetuned, spaces, num_images, out_
   for k, path in sorted(finetuned.items()):
     unet = cfg.unet.factory()().build_for_inference()
     checkpoints.restore_unet(unet, path, use_ema=False, parameter="finetuned_checkpoints")
-    models.append(evaluate_lib.ModelSpec(evaluate_lib.FINETUNED, unet, (k,), path=path))
+    models.append(evaluate_lib.ModelSpec(evaluate_lib.FINETUNED, unet, (k,), path=path,
+                                         finetune=finetune_app.recorded_settings(path)))
   real_set, real_batches = inputs.real_set(cfg)
   runs.write_flags(cfg.run, out_dir)
   s = cfg.sampler

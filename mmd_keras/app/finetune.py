@@ -1,16 +1,24 @@
 """--mode=finetune: MMD finetuning of the base model at K = sampler.num_steps in
-<workdir>/finetune_k<K> (finetune_<sampler>_k<K> through another sampler than DDIM)."""
+<workdir>/finetune_k<K> (finetune_<sampler>_k<K> through another sampler than DDIM), with the
+settings that decide its weights in finetune_settings.json beside them (evaluation reports carry
+them, so `merge_reports` can tell seeds of one setting from different settings)."""
 
 import dataclasses
+import json
 import os
 
+from mmd_keras import atomic
+from mmd_keras import checkpoints
 from mmd_keras import distribute
 from mmd_keras import errors
 from mmd_keras import finetune as finetune_lib
+from mmd_keras import provenance
 from mmd_keras.app import inputs
 from mmd_keras.app import runs
 from mmd_keras.app import runtime
 from mmd_keras.errors import ParameterError
+
+SETTINGS = "finetune_settings.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +55,9 @@ def run(cfg, plan=None):
                                     batch_field="finetune.batch_size")
   if distribute.is_chief(plan.strategy):  # Workers of a cluster share the workdir: one flags file.
     runs.write_flags(cfg.run, run_dir)
+    # A directory stands for its latest checkpoint: that one is what the finetune starts from.
+    atomic.write_json(os.path.join(run_dir, SETTINGS), provenance.finetune_settings(
+        cfg, init_checkpoint=checkpoints.latest(plan.init_checkpoint)))
   with errors.renamed(global_batch_size="finetune.batch_size", workdir="run.workdir"):
     finetune_lib.finetune(
         unet_factory=cfg.unet.factory(),
@@ -61,3 +72,13 @@ def run(cfg, plan=None):
   weights = os.path.join(run_dir, "unet.weights.h5")
   print(f"finetuned weights: {weights}")
   return weights
+
+
+def recorded_settings(weights):
+  """The finetune_settings.json of the finetune that wrote `weights` (the file beside them), or
+  None for weights without one (copied elsewhere, or made by older code)."""
+  path = os.path.join(os.path.dirname(weights), SETTINGS)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
