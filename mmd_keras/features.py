@@ -339,8 +339,8 @@ def _read_model_metadata(name, kind, path):
 def _check_model_file(name, *, image_range):
   kind, path = model_file(name)
   if not os.path.exists(path):
-    raise FeatureError("feature_net", f"does not exist; expected a {kind} {MODEL_KINDS[kind]}",
-                       value=name)
+    what = "a SavedModel directory" if kind == "savedmodel" else "a Keras 3 .keras file"
+    raise FeatureError("feature_net", f"does not exist; expected {what}", value=name)
   if kind == "savedmodel" and not os.path.isdir(path):
     raise FeatureError("feature_net", "is not a directory; expected a SavedModel directory "
                        "(saved_model.pb and variables/)", value=name)
