@@ -114,8 +114,9 @@ flags.DEFINE_string("inception_weights", None,
 flags.DEFINE_integer("inception_resolution", 299, "Side images are resized to for Inception-V3.")
 flags.DEFINE_string(
     "inception_graph", None,
-    "The frozen FID Inception GraphDef of --feature_net=inception_fid (FID comparable with published "
-    "numbers): TTUR's classify_image_graph_def.pb or TF-GAN's inceptionv1_for_inception_score.pb.")
+    "The frozen FID Inception GraphDef of --feature_net=inception_fid (FID comparable with "
+    "published numbers): TTUR's classify_image_graph_def.pb or TF-GAN's "
+    "inceptionv1_for_inception_score.pb.")
 flags.DEFINE_integer(
     "feature_image_size", None,
     "Side S that savedmodel:/keras: feature networks take images at (resized bilinearly). Default: "

@@ -15,20 +15,22 @@ through φ into the sampler) and has no trainable weights: BatchNorm runs in inf
                       repeated to 3 channels. Nothing is downloaded at run time.
   classifier          the penultimate layer of the project's classifiers (`classifier.py`), trained with
   classifier_heldout  `--mode=train_classifier`; weights at `--classifier_path`.
-  inception_fid       pool_3 (D = 2048) of the frozen FID Inception GraphDef of the published FID numbers
-                      (`--inception_graph`): TTUR's `classify_image_graph_def.pb` (input `ExpandDims:0`,
-                      float images [N, H, W, 3] in [0, 255] that the graph itself resizes bilinearly to
-                      299×299) or TF-GAN's `inceptionv1_for_inception_score.pb` (input `Mul:0`, images
-                      [N, 299, 299, 3] in [-1, 1], resized here as TF-GAN's `preprocess_image` does);
-                      output `pool_3:0` [N, 1, 1, 2048]. Imported once into a wrapped function.
+  inception_fid       pool_3 (D = 2048) of the frozen FID Inception GraphDef behind published FIDs
+                      (`--inception_graph`): TTUR's `classify_image_graph_def.pb` (input
+                      `ExpandDims:0`, float images [N, H, W, 3] in [0, 255], which the graph
+                      resizes bilinearly to 299×299 itself) or TF-GAN's
+                      `inceptionv1_for_inception_score.pb` (input `Mul:0`, [N, 299, 299, 3] in
+                      [-1, 1], resized here as TF-GAN's `preprocess_image` does); output `pool_3:0`
+                      [N, 1, 1, 2048]. Imported once into a wrapped function.
   savedmodel:<dir>    any image model as a SavedModel directory or a Keras 3 model file: its
   keras:<file.keras>  `serving_default` (or only) signature, or its callable, maps float images
                       [N, S, S, C] in [lo, hi] to features [N, D]. S and [lo, hi] come from
-                      `--feature_image_size` / `--feature_image_range`, else from the model's metadata
-                      (`<dir>/assets.extra/feature_net.json`, `<file>.json` beside a .keras file:
-                      {"image_size": S, "image_range": [lo, hi]}); S may also come from the model's
-                      fixed input shape. Images are resized bilinearly to S×S, grayscale is repeated
-                      when the model takes 3 channels, and [-1, 1] is mapped linearly onto [lo, hi].
+                      `--feature_image_size` / `--feature_image_range`, else from the model's
+                      metadata (`<dir>/assets.extra/feature_net.json`, `<file>.json` beside a
+                      .keras file: {"image_size": S, "image_range": [lo, hi]}); S may also come from
+                      the model's fixed input shape. Images are resized bilinearly to S×S,
+                      grayscale is repeated when the model takes 3 channels, and [-1, 1] is mapped
+                      linearly onto [lo, hi].
 """
 
 import json
@@ -486,8 +488,8 @@ FID_HELP = ("expected the frozen FID Inception graph: TTUR's classify_image_grap
 
 
 def _without_global_batch_norm(graph_def):
-  """`graph_def` with every BatchNormWithGlobalNormalization node (the 2015 graphs' batch norm, an op
-  TF refuses to run since GraphDef version 9) rewritten as the ops it stands for:
+  """`graph_def` with every BatchNormWithGlobalNormalization node (the 2015 graphs' batch norm, an
+  op TF refuses to run since GraphDef version 9) rewritten as the ops it stands for:
   out = (x - mean) · rsqrt(variance + ε) [· gamma] + beta, under the node's own name."""
   rewritten = tf.compat.v1.GraphDef()
   rewritten.versions.CopyFrom(graph_def.versions)

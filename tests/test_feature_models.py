@@ -1,7 +1,7 @@
-"""Feature networks from model files: savedmodel:<dir>, keras:<file.keras> and the frozen FID Inception
-GraphDef (inception_fid). Each test writes a tiny model of that format and checks its features
-against NumPy (or the original Keras model) on the same preprocessing, the gradient w.r.t. the
-images, and the one-line errors."""
+"""Feature networks from model files: savedmodel:<dir>, keras:<file.keras> and the frozen FID
+Inception GraphDef (inception_fid). The tests write tiny models of each format and check their
+features against NumPy (or the original Keras model) on the same preprocessing, the gradient
+w.r.t. the images, the path through the flags into the report's spaces, and the one-line errors."""
 
 import json
 import os
@@ -14,6 +14,7 @@ import tensorflow as tf
 from mmd_keras import errors
 from mmd_keras import evaluate
 from mmd_keras import features
+from mmd_keras import mmd
 from mmd_keras.app import inputs
 from mmd_keras.app import runs
 from mmd_keras.errors import ParameterError
@@ -205,6 +206,27 @@ def test_inception_fid_matches_numpy_for_both_graph_inputs(fid_graph, tmp_path):
   np.testing.assert_allclose(tf_gan(images).numpy(), phi, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["savedmodel", "keras", "inception_fid"])
+def test_mmd_gradient_flows_through_each_kind_in_a_traced_step(kind, saved_model, keras_model,
+                                                               fid_graph):
+  # As MMDFinetuner.compute_gradients uses φ: inside a tf.function, real features held fixed.
+  name = dict(savedmodel=saved_model, keras=keras_model[0], inception_fid="inception_fid")[kind]
+  network = features.make_feature_network(name, image_size=8, channels=1,
+                                          inception_graph=fid_graph)
+  kernel = mmd.make_kernel("polynomial")
+
+  @tf.function
+  def mmd2_and_gradient(fake, real):
+    real_features = tf.stop_gradient(network(real))
+    with tf.GradientTape() as tape:
+      tape.watch(fake)
+      loss = mmd.mmd2_unbiased(network(fake), real_features, kernel=kernel)
+    return loss, tape.gradient(loss, fake)
+
+  loss, grad = mmd2_and_gradient(_images(4, seed=7), _images(4, seed=8))
+  assert np.isfinite(float(loss)) and np.abs(grad.numpy()).max() > 0
+
+
 def _message(main_module, cfg, name):
   """The one line main.py prints for the error of loading feature network `name` of `cfg`."""
   with pytest.raises(ParameterError) as caught:
@@ -266,6 +288,9 @@ def test_model_file_mistakes_are_one_line_naming_the_flag(main_module, repo_root
        "--feature_net=savedmodel:", "has no signature and is not callable"),
       (_save_module(rank4, tmp_path / "no_range", serving_default=rank4.serve), [],
        "--feature_net=savedmodel:", "--feature_image_range (e.g. -1,1"),
+      (_save_module(two, tmp_path / "declares_20", serving_default=two.serve,
+                    metadata={"image_size": 20, "image_range": [0, 1]}),
+       [], "--feature_net=savedmodel:", "takes 16x16 images, but"),
   ]
   broken = tmp_path / "broken"
   broken.mkdir()
