@@ -1,7 +1,9 @@
 """Frozen feature networks φ: images [N, H, W, C] in [-1, 1] -> features [N, D] float32.
 
 Every network here is differentiable with respect to its input images (MMD finetuning backpropagates
-through φ into the sampler) and has no trainable weights: BatchNorm runs in inference mode.
+through φ into the sampler) and frozen: Keras models have no trainable weights and run BatchNorm in
+inference mode; a SavedModel's variables are never handed to an optimiser (its signature fixes its
+mode, so export it with training=False); a frozen graph holds constants only.
 
   inception_v3        Inception-V3 pool3 (D = 2048) from a local file or directory (`--inception_weights`):
                       * Keras InceptionV3 weights (.h5 / .weights.h5 / .keras), e.g. the ImageNet file
@@ -72,7 +74,8 @@ class FeatureNetwork:
   """φ(images) -> [N, dim] float32; frozen; `name` is the --feature_net value.
 
   A plain callable rather than a Keras layer, so a Keras model holding it does not track (and
-  checkpoint) its weights. `model` is the underlying Keras model (trainable=False) or loaded SavedModel.
+  checkpoint) its weights. `model` is the underlying Keras model (trainable=False), loaded
+  SavedModel or imported graph.
   """
 
   def __init__(self, *, name, dim, model, call, preprocess, channels):
