@@ -105,8 +105,9 @@ flags.DEFINE_integer("sample_batch_size", 256, "Images per sampler call.")
 # Features
 flags.DEFINE_string(
     "feature_net", "classifier",
-    f"Frozen feature network φ: {features_lib.NAMES_HELP} (any image model file, see "
-    "--feature_image_size); and the classifier --mode=train_classifier trains.")
+    f"Frozen feature network φ: {features_lib.NAMES_HELP} (an image model file: see "
+    "--feature_image_size, --feature_image_range); also the classifier --mode=train_classifier "
+    "trains.")
 flags.DEFINE_string("inception_weights", None,
                     "Local Keras InceptionV3 weights (.h5/.keras, e.g. "
                     "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5) or a TF-GAN FID "
@@ -155,8 +156,8 @@ flags.DEFINE_list("finetuned_checkpoints", [],
                   "MMD-DDM models as K:path entries (default: <workdir>/finetune_k<K>/"
                   "unet.weights.h5 for every K of --eval_steps that has one).")
 flags.DEFINE_list("eval_feature_nets", ["classifier", "classifier_heldout"],
-                  "Feature spaces of the report; --feature_net is the trained one, the others are "
-                  "held out.")
+                  "Feature spaces of the report, each a --feature_net value (an image model file "
+                  "too); --feature_net is the trained one, the others are held out.")
 flags.DEFINE_string("eval_split", "test", "Split of the real reference images.")
 flags.DEFINE_integer("quickstart_eval_images", 1000,
                      "Samples per (model, K) in --mode=quickstart (kept small for a CPU).")
