@@ -103,13 +103,29 @@ flags.DEFINE_integer("num_images", 64, "Images to generate in --mode=sample.")
 flags.DEFINE_integer("sample_batch_size", 256, "Images per sampler call.")
 
 # Features
-flags.DEFINE_enum("feature_net", "classifier", features_lib.FEATURE_NETS,
-                  "Frozen feature network φ (and the classifier --mode=train_classifier trains).")
+flags.DEFINE_string(
+    "feature_net", "classifier",
+    f"Frozen feature network φ: {features_lib.NAMES_HELP} (an image model file: see "
+    "--feature_image_size, --feature_image_range); also the classifier --mode=train_classifier "
+    "trains.")
 flags.DEFINE_string("inception_weights", None,
                     "Local Keras InceptionV3 weights (.h5/.keras, e.g. "
                     "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5) or a TF-GAN FID "
                     "Inception SavedModel directory.")
 flags.DEFINE_integer("inception_resolution", 299, "Side images are resized to for Inception-V3.")
+flags.DEFINE_string(
+    "inception_graph", None,
+    "The frozen FID Inception GraphDef of --feature_net=inception_fid (FID comparable with "
+    "published numbers): TTUR's classify_image_graph_def.pb or TF-GAN's "
+    "inceptionv1_for_inception_score.pb.")
+flags.DEFINE_integer(
+    "feature_image_size", None,
+    "Side S that savedmodel:/keras: feature networks take images at (resized bilinearly). Default: "
+    "image_size in the model's feature_net.json, else its fixed input size.")
+flags.DEFINE_string(
+    "feature_image_range", None,
+    "Value range lo,hi that savedmodel:/keras: feature networks take images in: -1,1, 0,1 or 0,255 "
+    "([-1, 1] is mapped onto it). Default: image_range in the model's feature_net.json.")
 flags.DEFINE_string("classifier_path", None,
                     "Classifier weights (.weights.h5; default: "
                     "pretrained/<dataset>/<feature_net>.weights.h5).")
@@ -140,8 +156,8 @@ flags.DEFINE_list("finetuned_checkpoints", [],
                   "MMD-DDM models as K:path entries (default: <workdir>/finetune_k<K>/"
                   "unet.weights.h5 for every K of --eval_steps that has one).")
 flags.DEFINE_list("eval_feature_nets", ["classifier", "classifier_heldout"],
-                  "Feature spaces of the report; --feature_net is the trained one, the others are "
-                  "held out.")
+                  "Feature spaces of the report, each a --feature_net value (an image model file "
+                  "too); --feature_net is the trained one, the others are held out.")
 flags.DEFINE_string("eval_split", "test", "Split of the real reference images.")
 flags.DEFINE_integer("quickstart_eval_images", 1000,
                      "Samples per (model, K) in --mode=quickstart (kept small for a CPU).")
@@ -196,6 +212,9 @@ PARAMETERS = {
     "sampler.batch_size": "sample_batch_size",
     "features.feature_net": "feature_net", "features.inception_weights": "inception_weights",
     "features.inception_resolution": "inception_resolution",
+    "features.inception_graph": "inception_graph",
+    "features.feature_image_size": "feature_image_size",
+    "features.feature_image_range": "feature_image_range",
     "features.classifier_path": "classifier_path",
     "features.classifier_epochs": "classifier_epochs",
     "finetune.steps": "finetune_steps",

@@ -135,14 +135,19 @@ class FeatureConfig:
   classifier_path: str = ""  # Resolved: the flag, or the bundled file of `feature_net`.
   inception_weights: Optional[str] = None
   inception_resolution: int = 299
+  inception_graph: Optional[str] = None  # The FID Inception GraphDef of inception_fid.
+  # What savedmodel:/keras: networks take (None: their metadata says); the range as (lo, hi).
+  feature_image_size: Optional[int] = None
+  feature_image_range: Optional[tuple] = None
   classifier_epochs: int = 5
   dataset: str = "fashion_mnist"
 
   def __post_init__(self):
-    if self.feature_net not in features_lib.FEATURE_NETS:
-      raise ParameterError("features.feature_net", f"must be one of "
-                           f"{'|'.join(features_lib.FEATURE_NETS)}", value=self.feature_net)
+    with renamed(feature_net="features.feature_net"):
+      features_lib.check_name(self.feature_net)
     _positive(self, "classifier_epochs")
+    if self.feature_image_size is not None:
+      _positive(self, "feature_image_size")
 
   def classifier_path_of(self, name):
     """The weights file of the feature network `name` (this config's own path for the trained one,
@@ -186,10 +191,12 @@ class EvalConfig:
 
   def __post_init__(self):
     _positive(self, "num_images", "quickstart_images")
-    unknown = [n for n in self.feature_nets if n not in features_lib.FEATURE_NETS]
-    if unknown:
-      raise ParameterError("eval.feature_nets", f"must name {'|'.join(features_lib.FEATURE_NETS)}"
-                           f", got {unknown[0]!r}")
+    for name in self.feature_nets:
+      try:
+        features_lib.check_name(name)
+      except ParameterError:
+        raise ParameterError("eval.feature_nets", f"must name {features_lib.NAMES_HELP}, got "
+                             f"{name!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +295,10 @@ def build(values):
     values["features.classifier_path"] = (
         features_lib.default_classifier_path(values["data.dataset"], feature_net)
         if feature_net in features_lib.FEATURE_NETS else "")
+  if isinstance(values.get("features.feature_image_range"), str):
+    with renamed(feature_image_range="features.feature_image_range"):
+      values["features.feature_image_range"] = features_lib.parse_image_range(
+          values["features.feature_image_range"])
   for field in ("unet.ch_mult", "unet.attn_resolutions"):
     values[field] = _ints(field, values[field])
   with renamed(steps="eval.steps"):

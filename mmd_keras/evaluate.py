@@ -143,8 +143,10 @@ def reference_features(spaces, real_images, *, num_images, batch_size, digests, 
   The cache is `<cache_dir>/<real_set>_<space>_<N>_<digest>.npz` (float32, staged and renamed),
   keyed by the network's `feature_cache_key`, which is stored in the file and compared on load.
   """
+  # A model file's name (savedmodel:/path/dir) in a file name: its path's separators replaced.
   paths = {s.name: cache_dir and os.path.join(
-      cache_dir, f"{real_set}_{s.name}_{num_images}_{digests[s.name][:16]}.npz") for s in spaces}
+      cache_dir, f"{real_set}_{re.sub(r'[^A-Za-z0-9_.-]', '_', s.name)}_{num_images}_"
+                 f"{digests[s.name][:16]}.npz") for s in spaces}
   features, missing = {}, []
   for space in spaces:
     path = paths[space.name]

@@ -1,7 +1,9 @@
 """Frozen feature networks φ: images [N, H, W, C] in [-1, 1] -> features [N, D] float32.
 
 Every network here is differentiable with respect to its input images (MMD finetuning backpropagates
-through φ into the sampler) and has no trainable weights: BatchNorm runs in inference mode.
+through φ into the sampler) and frozen: Keras models have no trainable weights and run BatchNorm in
+inference mode; a SavedModel's variables are never handed to an optimiser (its signature fixes its
+mode, so export it with training=False); a frozen graph holds constants only.
 
   inception_v3        Inception-V3 pool3 (D = 2048) from a local file or directory (`--inception_weights`):
                       * Keras InceptionV3 weights (.h5 / .weights.h5 / .keras), e.g. the ImageNet file
@@ -15,8 +17,25 @@ through φ into the sampler) and has no trainable weights: BatchNorm runs in inf
                       repeated to 3 channels. Nothing is downloaded at run time.
   classifier          the penultimate layer of the project's classifiers (`classifier.py`), trained with
   classifier_heldout  `--mode=train_classifier`; weights at `--classifier_path`.
+  inception_fid       pool_3 (D = 2048) of the frozen FID Inception GraphDef behind published FIDs
+                      (`--inception_graph`): TTUR's `classify_image_graph_def.pb` (input
+                      `ExpandDims:0`, float images [N, H, W, 3] in [0, 255], which the graph
+                      resizes bilinearly to 299×299 itself) or TF-GAN's
+                      `inceptionv1_for_inception_score.pb` (input `Mul:0`, [N, 299, 299, 3] in
+                      [-1, 1], resized here as TF-GAN's `preprocess_image` does); output `pool_3:0`
+                      [N, 1, 1, 2048]. Imported once into a wrapped function.
+  savedmodel:<dir>    any image model as a SavedModel directory or a Keras 3 model file: its
+  keras:<file.keras>  `serving_default` (or only) signature, or its callable, maps float images
+                      [N, S, S, C] in [lo, hi] to features [N, D]. S and [lo, hi] come from
+                      `--feature_image_size` / `--feature_image_range`, else from the model's
+                      metadata (`<dir>/assets.extra/feature_net.json`, `<file>.json` beside a
+                      .keras file: {"image_size": S, "image_range": [lo, hi]}); S may also come from
+                      the model's fixed input shape. Images are resized bilinearly to S×S,
+                      grayscale is repeated when the model takes 3 channels, and [-1, 1] is mapped
+                      linearly onto [lo, hi].
 """
 
+import json
 import os
 
 import keras
@@ -26,7 +45,11 @@ from mmd_keras import classifier as classifier_lib
 from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 
-FEATURE_NETS = ("inception_v3", "classifier", "classifier_heldout")
+FEATURE_NETS = ("inception_v3", "classifier", "classifier_heldout", "inception_fid")
+# Prefixes of the feature networks a file names, and what follows each.
+MODEL_KINDS = {"savedmodel": "<dir>", "keras": "<file.keras>"}
+NAMES_HELP = (f"{'|'.join(FEATURE_NETS)}, or "
+              f"{' or '.join(f'{kind}:{what}' for kind, what in MODEL_KINDS.items())}")
 INCEPTION_DIM = 2048
 INCEPTION_MIN_RESOLUTION = 75  # Keras InceptionV3's smallest input.
 INCEPTION_HELP = (
@@ -51,7 +74,8 @@ class FeatureNetwork:
   """φ(images) -> [N, dim] float32; frozen; `name` is the --feature_net value.
 
   A plain callable rather than a Keras layer, so a Keras model holding it does not track (and
-  checkpoint) its weights. `model` is the underlying Keras model (trainable=False) or loaded SavedModel.
+  checkpoint) its weights. `model` is the underlying Keras model (trainable=False), loaded
+  SavedModel or imported graph.
   """
 
   def __init__(self, *, name, dim, model, call, preprocess, channels):
@@ -238,23 +262,367 @@ def _classifier(name, *, image_size, channels, path):
                         preprocess=lambda x: x, channels=channels)
 
 
+# Names.
+
+def model_file(name):
+  """(kind, path) of a `savedmodel:<dir>` / `keras:<file>` name, else None."""
+  kind, sep, path = name.partition(":")
+  return (kind, path) if sep and kind in MODEL_KINDS else None
+
+
+def check_name(name):
+  """Raises FeatureError on `feature_net` unless `name` is a feature network of this module."""
+  if name in FEATURE_NETS:
+    return
+  found = model_file(name)
+  if found is None or not found[1]:
+    raise FeatureError("feature_net", f"must be one of {NAMES_HELP}", value=name)
+
+
+def input_files(name, *, inception_weights=None, inception_graph=None, classifier_path=None):
+  """The files (or SavedModel directories) feature network `name` is read from, for digests."""
+  if name == "inception_v3":
+    return [inception_weights]
+  if name == "inception_fid":
+    return [inception_graph]
+  found = model_file(name)
+  if found:
+    return [found[1], metadata_path(*found)]
+  return [classifier_path]
+
+
+def parse_image_range(text):
+  """(lo, hi) floats of the text "lo,hi" (e.g. "-1,1", "0,1", "0,255"); a ParameterError on
+  `feature_image_range` unless lo < hi."""
+  items = [v.strip() for v in text.split(",")]
+  try:
+    low, high = (float(v) for v in items)
+  except ValueError:
+    low = high = None
+  if low is None or not low < high:
+    raise ParameterError("feature_image_range", "must be lo,hi with lo < hi, e.g. -1,1 or 0,1 or "
+                         "0,255 (the value range the feature model takes)", value=text)
+  return low, high
+
+
+def _first_line(e):
+  return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+# Models from files: savedmodel:<dir>, keras:<file.keras>.
+
+def metadata_path(kind, path):
+  """Where a model file's feature_net.json is: in the SavedModel's assets.extra/ (which TF's loader
+  leaves alone), or beside the .keras file as <file>.json."""
+  if kind == "savedmodel":
+    return os.path.join(path, "assets.extra", "feature_net.json")
+  return (path[:-len(".keras")] if path.endswith(".keras") else path) + ".json"
+
+
+def _read_model_metadata(name, kind, path):
+  meta_path = metadata_path(kind, path)
+  if not os.path.exists(meta_path):
+    return {}
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+    size, value_range = meta.get("image_size"), meta.get("image_range")
+    if size is not None and not (isinstance(size, int) and size > 0):
+      raise ValueError(f"image_size {size!r} is not a positive integer")
+    if value_range is not None:
+      low, high = (float(v) for v in value_range)
+      if not low < high:
+        raise ValueError(f"image_range {value_range!r} is not [lo, hi] with lo < hi")
+      meta["image_range"] = (low, high)
+  except (OSError, TypeError, ValueError, AttributeError) as e:
+    raise FeatureError("feature_net", f"has unreadable metadata {meta_path} ({_first_line(e)}); "
+                       f"expected {{\"image_size\": S, \"image_range\": [lo, hi]}}",
+                       value=name) from None
+  return meta
+
+
+def _check_model_file(name, *, image_range):
+  kind, path = model_file(name)
+  if not os.path.exists(path):
+    what = "a SavedModel directory" if kind == "savedmodel" else "a Keras 3 .keras file"
+    raise FeatureError("feature_net", f"does not exist; expected {what}", value=name)
+  if kind == "savedmodel" and not os.path.isdir(path):
+    raise FeatureError("feature_net", "is not a directory; expected a SavedModel directory "
+                       "(saved_model.pb and variables/)", value=name)
+  if kind == "keras" and not (os.path.isfile(path) and path.endswith(".keras")):
+    raise FeatureError("feature_net", "is not a .keras file; expected a Keras 3 model saved with "
+                       "model.save('<file>.keras')", value=name)
+  meta = _read_model_metadata(name, kind, path)
+  if image_range is None and "image_range" not in meta:
+    raise FeatureError("feature_net", f"needs the value range its model takes: "
+                       f"{{feature_image_range}} (e.g. -1,1 or 0,1 or 0,255) or \"image_range\" in "
+                       f"{metadata_path(kind, path)}", value=name, refs=("feature_image_range",))
+  return kind, path, meta
+
+
+def _single_output(outputs, name):
+  """The features of a model's outputs: the only one, or the one named 'features'."""
+  if isinstance(outputs, dict):
+    if "features" in outputs:
+      return outputs["features"]
+    if len(outputs) == 1:
+      return next(iter(outputs.values()))
+    raise FeatureError("feature_net", f"returns {sorted(outputs)}; expected one output or one "
+                       f"named 'features'", value=name)
+  if isinstance(outputs, (list, tuple)):
+    if len(outputs) != 1:
+      raise FeatureError("feature_net", f"returns {len(outputs)} outputs; expected the features "
+                         f"[N, D] only", value=name)
+    return outputs[0]
+  return outputs
+
+
+def _load_saved_model(name, path):
+  """(loaded, call, input shape) of a SavedModel's serving signature or callable."""
+  try:
+    loaded = tf.saved_model.load(path)
+  except Exception as e:  # TF raises many types for a broken SavedModel.
+    raise FeatureError("feature_net", f"is not a loadable SavedModel ({_first_line(e)})",
+                       value=name) from None
+  signatures = dict(getattr(loaded, "signatures", {}))
+  if not signatures:
+    if not callable(loaded):
+      raise FeatureError("feature_net", "has no signature and is not callable; expected a "
+                         "serving_default signature taking images [N, H, W, C]", value=name)
+    return loaded, loaded, tf.TensorShape(None)
+  if "serving_default" in signatures or len(signatures) == 1:
+    signature = signatures.get("serving_default") or next(iter(signatures.values()))
+  else:
+    raise FeatureError("feature_net", f"has the signatures {sorted(signatures)}; expected one, or "
+                       f"one named serving_default", value=name)
+  args, kwargs = signature.structured_input_signature
+  if args or len(kwargs) != 1:
+    raise FeatureError("feature_net", f"has a signature of {len(args) + len(kwargs)} inputs; "
+                       f"expected one, images [N, H, W, C]", value=name)
+  (input_name, spec), = kwargs.items()
+  if not spec.dtype.is_floating or spec.shape.rank not in (None, 4):
+    raise FeatureError("feature_net", f"has a signature taking {spec.dtype.name} {spec.shape}; "
+                       f"expected float images [N, H, W, C] (differentiable)", value=name)
+  return loaded, lambda x: signature(**{input_name: x}), spec.shape
+
+
+def _load_keras_model(name, path):
+  try:
+    model = keras.saving.load_model(path, compile=False)
+  except Exception as e:  # Keras raises many types for a corrupt or foreign file.
+    raise FeatureError("feature_net", f"cannot be loaded as a Keras model ({_first_line(e)})",
+                       value=name) from None
+  if len(model.inputs or ()) != 1:
+    raise FeatureError("feature_net", f"is a Keras model of {len(model.inputs or ())} inputs; "
+                       f"expected one, images [N, H, W, C]", value=name)
+  model, call = _frozen(model)
+  return model, call, tf.TensorShape(model.inputs[0].shape)
+
+
+def _model_size(name, *, kind, path, meta, image_size, input_shape):
+  """The side S images are resized to: declared (flag, else metadata), and equal to the model's
+  fixed input size if it has one."""
+  fixed = input_shape[1:3] if input_shape.rank == 4 else tf.TensorShape(None)
+  fixed = tuple(fixed) if fixed.is_fully_defined() else None
+  size = image_size or meta.get("image_size")
+  if size is None:
+    if fixed is None or fixed[0] != fixed[1]:
+      raise FeatureError("feature_net", f"takes images of no fixed square size; declare it with "
+                         f"{{feature_image_size}} or \"image_size\" in {metadata_path(kind, path)}",
+                         value=name, refs=("feature_image_size",))
+    return fixed[0]
+  if fixed is not None and fixed != (size, size):
+    if image_size:
+      raise FeatureError("feature_image_size", f"does not fit {name}, which takes "
+                         f"{fixed[0]}x{fixed[1]} images", value=image_size)
+    raise FeatureError("feature_net", f"takes {fixed[0]}x{fixed[1]} images, but "
+                       f"{metadata_path(kind, path)} declares image_size {size}", value=name)
+  return size
+
+
+def _model_preprocess(*, size, value_range, channels):
+  low, high = value_range
+
+  def preprocess(images):
+    if images.shape[-1] == 1 and channels == 3:
+      images = tf.repeat(images, 3, axis=-1)
+    images = tf.image.resize(images, [size, size], method="bilinear")
+    return low + (images + 1.0) * ((high - low) / 2.0)  # [-1, 1] -> [lo, hi].
+  return preprocess
+
+
+def _model_network(name, *, image_size, channels, feature_image_size, feature_image_range):
+  kind, path, meta = _check_model_file(name, image_range=feature_image_range)
+  loader = _load_saved_model if kind == "savedmodel" else _load_keras_model
+  model, call, input_shape = loader(name, path)
+  size = _model_size(name, kind=kind, path=path, meta=meta, image_size=feature_image_size,
+                     input_shape=input_shape)
+  wanted = input_shape[-1] if input_shape.rank == 4 and input_shape[-1] is not None else 3
+  if wanted not in (1, 3) or (wanted == 1 and channels != 1):
+    raise FeatureError("feature_net", f"takes {wanted}-channel images; expected 3 channels, or 1 "
+                       f"for grayscale data (the data has {channels})", value=name)
+  preprocess = _model_preprocess(size=size, value_range=feature_image_range or meta["image_range"],
+                                 channels=wanted)
+  features = lambda x: _single_output(call(x), name)
+  try:
+    probe = features(preprocess(tf.zeros([2, image_size, image_size, channels])))
+  except UserError:
+    raise
+  except (TypeError, ValueError, tf.errors.OpError) as e:  # E.g. a callable traced for one size.
+    raise FeatureError("feature_net", f"cannot embed {size}x{size}x{wanted} images: "
+                       f"{_first_line(e)}", value=name) from None
+  if probe.shape.rank != 2 or probe.shape[-1] is None:
+    raise FeatureError("feature_net", f"returns features of shape {probe.shape} for 2 images; "
+                       f"expected [N, D] (rank 2)", value=name)
+  return FeatureNetwork(name=name, dim=int(probe.shape[-1]), model=model, call=features,
+                        preprocess=preprocess, channels=channels)
+
+
+# The FID Inception GraphDef.
+
+FID_INPUTS = ("ExpandDims:0", "Mul:0")  # TTUR's, TF-GAN's.
+FID_OUTPUT = "pool_3:0"
+FID_RESOLUTION = 299
+FID_HELP = ("expected the frozen FID Inception graph: TTUR's classify_image_graph_def.pb (from "
+            "http://download.tensorflow.org/models/image/imagenet/inception-2015-12-05.tgz) or "
+            "TF-GAN's inceptionv1_for_inception_score.pb (from "
+            "http://download.tensorflow.org/models/frozen_inception_v1_2015_12_05.tar.gz), "
+            "downloaded beforehand")
+
+
+def _without_global_batch_norm(graph_def):
+  """`graph_def` with every BatchNormWithGlobalNormalization node (the 2015 graphs' batch norm, an
+  op TF refuses to run since GraphDef version 9) rewritten as the ops it stands for:
+  out = (x - mean) · rsqrt(variance + ε) [· gamma] + beta, under the node's own name."""
+  rewritten = tf.compat.v1.GraphDef()
+  rewritten.versions.CopyFrom(graph_def.versions)
+  rewritten.library.CopyFrom(graph_def.library)
+  dtype = tf.compat.v1.AttrValue(type=tf.float32.as_datatype_enum)
+
+  def add(op, name, inputs, device):
+    node = rewritten.node.add(op=op, name=name, input=inputs, device=device)
+    node.attr["dtype" if op == "Const" else "T"].CopyFrom(dtype)
+    return node
+
+  for node in graph_def.node:
+    if node.op != "BatchNormWithGlobalNormalization":
+      rewritten.node.append(node)
+      continue
+    x, mean, variance, beta, gamma = node.input[:5]
+    controls, name, device = list(node.input[5:]), node.name, node.device
+    epsilon = add("Const", f"{name}/epsilon", controls, device)
+    epsilon.attr["value"].CopyFrom(tf.compat.v1.AttrValue(
+        tensor=tf.make_tensor_proto(node.attr["variance_epsilon"].f, tf.float32)))
+    add("AddV2", f"{name}/variance_epsilon", [variance, epsilon.name], device)
+    scale = add("Rsqrt", f"{name}/rsqrt", [f"{name}/variance_epsilon"], device).name
+    if node.attr["scale_after_normalization"].b:
+      scale = add("Mul", f"{name}/scale", [scale, gamma], device).name
+    add("Sub", f"{name}/centered", [x, mean, *controls], device)
+    add("Mul", f"{name}/normalized", [f"{name}/centered", scale], device)
+    add("AddV2", name, [f"{name}/normalized", beta], device)
+  return rewritten
+
+
+class _FrozenGraph(tf.Module):
+  """pool_3 of a frozen GraphDef imported once into a wrapped function (no variables: constants)."""
+
+  def __init__(self, graph_def, input_name):
+    super().__init__()
+    spec = (tf.TensorSpec([None, None, None, 3], tf.float32) if input_name == "ExpandDims:0"
+            else tf.TensorSpec([None, FID_RESOLUTION, FID_RESOLUTION, 3], tf.float32))
+    # The input's batch of 1 in TTUR's graph is replaced by ours, so any N goes through.
+    self._function = tf.compat.v1.wrap_function(
+        lambda images: tf.graph_util.import_graph_def(
+            graph_def, input_map={input_name: images}, return_elements=[FID_OUTPUT],
+            name="inception_fid")[0], [spec])
+
+  def __call__(self, images):
+    return self._function(images)
+
+
+def _fid_preprocess(input_name):
+  def preprocess(images):
+    if images.shape[-1] == 1:
+      images = tf.repeat(images, 3, axis=-1)
+    images = (images + 1.0) * 127.5  # [-1, 1] -> [0, 255], the range both pipelines start from.
+    if input_name == "ExpandDims:0":
+      return images  # TTUR's graph resizes to 299 itself.
+    # TF-GAN's preprocess_image: the legacy bilinear resize, then (x - 128) / 128.
+    images = tf.raw_ops.ResizeBilinear(images=images, size=[FID_RESOLUTION, FID_RESOLUTION],
+                                       align_corners=False, half_pixel_centers=False)
+    return (images - 128.0) / 128.0
+  return preprocess
+
+
+def _check_fid(*, channels, graph):
+  if not graph:
+    raise FeatureError("feature_net", f"needs {{inception_graph}}; {FID_HELP}",
+                       value="inception_fid", refs=("inception_graph",))
+  if not os.path.isfile(graph):
+    raise FeatureError("inception_graph", f"does not exist or is not a file; {FID_HELP}",
+                       value=graph)
+  if channels not in (1, 3):
+    raise FeatureError("feature_net", f"needs 1 or 3 image channels, got {channels}",
+                       value="inception_fid")
+
+
+def _inception_fid(*, channels, graph):
+  _check_fid(channels=channels, graph=graph)
+  graph_def = tf.compat.v1.GraphDef()
+  try:
+    with open(graph, "rb") as f:
+      graph_def.ParseFromString(f.read())
+  except Exception as e:  # protobuf's DecodeError, or OSError.
+    raise FeatureError("inception_graph", f"is not a GraphDef ({_first_line(e)}); {FID_HELP}",
+                       value=graph) from None
+  nodes = {node.name for node in graph_def.node}
+  if FID_OUTPUT.split(":")[0] not in nodes:
+    raise FeatureError("inception_graph", f"has no tensor {FID_OUTPUT}; {FID_HELP}", value=graph)
+  inputs = [name for name in FID_INPUTS if name.split(":")[0] in nodes]
+  if not inputs:
+    raise FeatureError("inception_graph", f"has neither input {' nor '.join(FID_INPUTS)}; "
+                       f"{FID_HELP}", value=graph)
+  try:
+    model = _FrozenGraph(_without_global_batch_norm(graph_def), inputs[0])
+    preprocess = _fid_preprocess(inputs[0])
+    probe = model(preprocess(tf.zeros([2, 8, 8, channels])))
+  except (TypeError, ValueError, tf.errors.OpError) as e:
+    raise FeatureError("inception_graph", f"cannot be run from {inputs[0]} to {FID_OUTPUT} "
+                       f"({_first_line(e)}); {FID_HELP}", value=graph) from None
+  if probe.shape.num_elements() != 2 * INCEPTION_DIM:
+    raise FeatureError("inception_graph", f"gives {FID_OUTPUT} of shape {probe.shape} for 2 "
+                       f"images; expected {INCEPTION_DIM} values per image", value=graph)
+  return FeatureNetwork(name="inception_fid", dim=INCEPTION_DIM, model=model, call=model,
+                        preprocess=preprocess, channels=channels)
+
+
 def check_feature_network(name, *, image_size, channels, inception_weights=None,
-                          inception_resolution=299, classifier_path=None):
+                          inception_resolution=299, classifier_path=None, inception_graph=None,
+                          feature_image_size=None, feature_image_range=None):
   """Raises FeatureError for a feature network `make_feature_network` cannot build because a flag or
   file is missing; cheap (nothing is loaded), so runs call it before their data."""
-  if name not in FEATURE_NETS:
-    raise FeatureError("feature_net", f"must be one of {', '.join(FEATURE_NETS)}", value=name)
+  check_name(name)
   if name == "inception_v3":
     _check_inception(channels=channels, weights=inception_weights, resolution=inception_resolution)
+  elif name == "inception_fid":
+    _check_fid(channels=channels, graph=inception_graph)
+  elif model_file(name):
+    _check_model_file(name, image_range=feature_image_range)
   else:
     _check_classifier(name, image_size=image_size, channels=channels, path=classifier_path)
 
 
 def make_feature_network(name, *, image_size, channels, inception_weights=None,
-                         inception_resolution=299, classifier_path=None):
+                         inception_resolution=299, classifier_path=None, inception_graph=None,
+                         feature_image_size=None, feature_image_range=None):
   """The frozen φ named by `--feature_net` for images [N, image_size, image_size, channels]."""
-  if name not in FEATURE_NETS:
-    raise FeatureError("feature_net", f"must be one of {', '.join(FEATURE_NETS)}", value=name)
+  check_name(name)
   if name == "inception_v3":
     return _inception(channels=channels, weights=inception_weights, resolution=inception_resolution)
+  if name == "inception_fid":
+    return _inception_fid(channels=channels, graph=inception_graph)
+  if model_file(name):
+    return _model_network(name, image_size=image_size, channels=channels,
+                          feature_image_size=feature_image_size,
+                          feature_image_range=feature_image_range)
   return _classifier(name, image_size=image_size, channels=channels, path=classifier_path)

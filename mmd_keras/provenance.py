@@ -15,6 +15,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from mmd_keras import features as features_lib
+
 
 def weights_sha256(weights):
   """sha256 over the dtypes, shapes and values of `weights` (a model's `weights`) in order.
@@ -105,7 +107,7 @@ FINETUNE_NOT_DECIDING = frozenset({
     "run.mode", "run.workdir", "run.init_checkpoint", "run.deterministic", "run.checkpoint_every",
     "run.log_every", "run.flags_text", "data.data_dir", "data.batch_size", "sampler.num_images",
     "sampler.batch_size", "features.classifier_path", "features.inception_weights",
-    "features.classifier_epochs", "finetune.recompute"})
+    "features.inception_graph", "features.classifier_epochs", "finetune.recompute"})
 
 
 def finetune_settings(cfg, *, init_checkpoint):
@@ -118,10 +120,17 @@ def finetune_settings(cfg, *, init_checkpoint):
       if name not in FINETUNE_NOT_DECIDING:
         settings[name] = value
   digest = lambda path: f"sha256:{(files_sha256(path) or 'none')[:16]}"
-  feature_field, feature_file = (
-      ("features.inception_weights", cfg.features.inception_weights)
-      if cfg.features.feature_net == "inception_v3"
-      else ("features.classifier_path", cfg.features.classifier_path))
-  settings[feature_field] = digest(feature_file)
+  name = cfg.features.feature_net
+  files = features_lib.input_files(name, inception_weights=cfg.features.inception_weights,
+                                   inception_graph=cfg.features.inception_graph,
+                                   classifier_path=cfg.features.classifier_path)
+  digests = ", ".join(digest(path) for path in files)
+  if features_lib.model_file(name):
+    # A model file's path is in its name: the name stands with its files' digests.
+    settings["features.feature_net"] = f"{name} ({digests})"
+  else:
+    settings[{"inception_v3": "features.inception_weights",
+              "inception_fid": "features.inception_graph"}.get(
+                  name, "features.classifier_path")] = digests
   settings["run.init_checkpoint"] = digest(init_checkpoint)
   return json.loads(json.dumps(settings))  # Tuples as lists, as read back from the record.

@@ -190,6 +190,22 @@ IN_PROCESS_CASES = [
          ["--classifier_path", "nope.weights.h5", "does not exist"]),
     Case("classifier_for_another_image_size", ["--mode=finetune", "--image_size=8"],
          ["--classifier_path", "image_size=28", "image_size=8"]),
+    Case("inception_fid_without_graph", ["--mode=finetune", "--feature_net=inception_fid"],
+         ["--feature_net=inception_fid", "--inception_graph", "classify_image_graph_def.pb"]),
+    Case("inception_graph_missing",
+         ["--mode=evaluate", "--eval_feature_nets=inception_fid",
+          "--inception_graph={root}/nope.pb"],
+         ["--inception_graph", "nope.pb", "does not exist"]),
+    Case("feature_saved_model_missing", ["--mode=finetune", "--feature_net=savedmodel:{root}/nope"],
+         ["--feature_net=savedmodel:", "nope", "does not exist", "SavedModel"]),
+    Case("feature_keras_model_not_keras",
+         ["--mode=evaluate", "--eval_feature_nets=keras:{root}/base.weights.h5"],
+         ["--eval_feature_nets=keras:", "base.weights.h5", "not a .keras file"]),
+    Case("feature_model_range_undeclared",
+         ["--mode=finetune", "--feature_net=savedmodel:{root}/feature_model"],
+         ["--feature_net=savedmodel:", "--feature_image_range", "assets.extra/feature_net.json"]),
+    Case("feature_image_range_malformed", ["--mode=finetune", "--feature_image_range=0-255"],
+         ["--feature_image_range=0-255", "lo,hi"]),
     Case("data_file_truncated", ["--mode=pretrain", "--data_dir={root}/data/truncated"],
          ["train-images-idx3-ubyte.gz", "truncated", "[60000, 28, 28]"]),
     Case("checkpoint_truncated_h5",
@@ -234,6 +250,8 @@ def tree(tmp_path_factory):
   _write(os.path.join(root, "garbage_ckpt", "ckpt-1.index"), b"not a checkpoint index\n" * 64)
   _write(os.path.join(root, "garbage_ckpt", "ckpt-1.data-00000-of-00001"), b"\0" * 256)
   _write(os.path.join(root, "a_file"), b"a regular file: no directory can be made under it\n")
+  # A feature model without the value range it takes (its check reads no model).
+  _write(os.path.join(root, "feature_model", "saved_model.pb"), b"a SavedModel")
 
   # An earlier pretrain run (checkpoint with EMA weights), a finished finetune, an export, a report.
   run = os.path.join(root, "run")

@@ -5,6 +5,7 @@ from mmd_keras import errors
 from mmd_keras import evaluate as evaluate_lib
 from mmd_keras import features as features_lib
 from mmd_keras import metrics
+from mmd_keras import provenance
 from mmd_keras.errors import ParameterError
 
 
@@ -50,10 +51,27 @@ def _feature_fields(cfg, name):
 
 
 def _network_args(cfg, name):
+  f = cfg.features
   return dict(image_size=cfg.data.image_size, channels=cfg.data.channels,
-              inception_weights=cfg.features.inception_weights,
-              inception_resolution=cfg.features.inception_resolution,
-              classifier_path=cfg.features.classifier_path_of(name))
+              inception_weights=f.inception_weights, inception_resolution=f.inception_resolution,
+              classifier_path=f.classifier_path_of(name), inception_graph=f.inception_graph,
+              feature_image_size=f.feature_image_size, feature_image_range=f.feature_image_range)
+
+
+def _space_settings(cfg, name):
+  """What a feature network's variables do not show: the input size, Inception's resize; for a
+  frozen graph (constants, no variables) or a model file, the digests of its files and what is
+  declared for it."""
+  settings = dict(image_size=cfg.data.image_size, channels=cfg.data.channels,
+                  inception_resolution=cfg.features.inception_resolution
+                  if name == "inception_v3" else None)
+  if name == "inception_fid" or features_lib.model_file(name):
+    f = cfg.features
+    files = features_lib.input_files(name, inception_graph=f.inception_graph)
+    settings.update(files_sha256=[provenance.files_sha256(path) for path in files],
+                    feature_image_size=f.feature_image_size,
+                    feature_image_range=f.feature_image_range)
+  return repr(settings)
 
 
 def check_feature_network(cfg, name):
@@ -82,10 +100,6 @@ def feature_spaces(cfg, *, num_images, images_field):
     network = feature_network(cfg, name)
     with errors.renamed(num_images=images_field):
       metrics.check_enough_samples(num_images, network.dim)
-    # What the weights do not show: the input size, and Inception's resize.
-    settings = repr(dict(image_size=cfg.data.image_size, channels=cfg.data.channels,
-                         inception_resolution=cfg.features.inception_resolution
-                         if name == "inception_v3" else None))
     spaces.append(evaluate_lib.FeatureSpace(name, network, trained=name == cfg.features.feature_net,
-                                            settings=settings))
+                                            settings=_space_settings(cfg, name)))
   return spaces

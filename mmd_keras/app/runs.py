@@ -18,7 +18,9 @@ LIBRARY_FIELDS = dict(
     ch="unet.ch", ch_mult="unet.ch_mult", num_res_blocks="unet.num_res_blocks",
     attn_resolutions="unet.attn_resolutions", finetuned_checkpoints="eval.finetuned_checkpoints",
     classifier_path="features.classifier_path", inception_weights="features.inception_weights",
-    inception_resolution="features.inception_resolution", split="eval.split")
+    inception_resolution="features.inception_resolution",
+    inception_graph="features.inception_graph", feature_image_size="features.feature_image_size",
+    feature_image_range="features.feature_image_range", split="eval.split")
 
 
 def mode_dir(run, name):
