@@ -14,8 +14,8 @@ global average pooling; BatchNorm ε = 1e-3. It takes RGB in [0, 255] and normal
 (x − 127) / 128 itself, as the Lite models were trained.
 
 Resolution: images are resized bilinearly to R×R, DEFAULT_RESOLUTION = 96, for cost. Embedding
-5000 Fashion-MNIST images took 59 s (20 CPU-seconds) at R = 96 on 2 CPU cores shared with other
-jobs, against 106 s at 128 and 313 s at 224 (results/imagenet_space_check), and ~20 evaluation
+5000 Fashion-MNIST images took 52 s (20 CPU-seconds) at R = 96 on 2 CPU cores shared with other
+jobs, against 105 s at 128 and 301 s at 224 (results/imagenet_space_check), and ~20 evaluation
 rows of 5000 images must stay affordable. The ten classes stay well separated: a nearest class mean
 on the features scores 0.78 at 96, 0.81 at 128, 0.83 at 224, 0.74 at 64, 0.67 on raw pixels.
 ImageNet labels of real photos are checked at 224, the size the network was trained at; they drift
