@@ -262,7 +262,8 @@ def build_model(state_dict, *, resolution=None):
             name="stem_conv")
   x = _relu6(_batch_norm(x, weights, "_bn0", name="stem_bn"), "stem_relu")
   block = 0
-  for repeats, kernel, first_stride, expand, _, out_channels in STAGES:
+  for repeats, kernel, first_stride, expand, in_channels, out_channels in STAGES:
+    assert x.shape[-1] == in_channels, (block, x.shape)
     for repeat in range(repeats):
       stride = first_stride if repeat == 0 else 1
       prefix, name, h = f"_blocks.{block}", f"block{block}", x
