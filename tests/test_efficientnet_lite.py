@@ -243,3 +243,38 @@ def test_feature_network_is_frozen_differentiable_and_deterministic():
 def test_feature_network_refuses_other_channel_counts():
   with pytest.raises(ParameterError, match="needs 1 or 3 image channels"):
     efficientnet_lite.feature_network(channels=4)
+
+
+@needs_weights
+def test_it_is_the_flagfiles_third_evaluation_space(main_module, repo_root, monkeypatch, tmp_path,
+                                                    capsys):
+  from mmd_keras import features
+  from mmd_keras import provenance
+  network = features.make_feature_network("efficientnet_lite0", image_size=28, channels=1)
+  images = tf.constant(np.random.default_rng(3).uniform(-1, 1, [2, 28, 28, 1]), tf.float32)
+  np.testing.assert_array_equal(
+      network(images).numpy(),
+      efficientnet_lite.feature_network(channels=1)(images).numpy())
+  assert features.input_files("efficientnet_lite0") == [efficientnet_lite.weights_path()]
+  monkeypatch.chdir(repo_root)
+  main_module._parse_flags(["main.py", "--flagfile=configs/fashion_mnist.cfg",
+                            f"--workdir={tmp_path}"])
+  cfg = main_module.configuration()
+  assert cfg.eval.feature_nets == ("classifier", "classifier_heldout", "efficientnet_lite0")
+  # 1280 dimensions need N > 1280 for FID: the quickstart's 1000 images leave the space out (with
+  # a note), an evaluation of 1000 images is refused.
+  from mmd_keras.app import inputs
+  spaces = inputs.feature_spaces(cfg, num_images=1000, images_field="eval.quickstart_images",
+                                 skip_too_wide=True)
+  assert [space.name for space in spaces] == ["classifier", "classifier_heldout"]
+  assert "efficientnet_lite0 is left out of this report" in capsys.readouterr().err
+  with pytest.raises(ParameterError, match="num_images=1000 .* 1280-d covariance"):
+    inputs.feature_spaces(cfg, num_images=1000, images_field="eval.num_images")
+  # As the finetuning space its record names it with its weights file's digest.
+  main_module.FLAGS.unparse_flags()
+  main_module._parse_flags(["main.py", "--flagfile=configs/fashion_mnist.cfg",
+                            f"--workdir={tmp_path}", "--feature_net=efficientnet_lite0"])
+  settings = provenance.finetune_settings(
+      main_module.configuration(), init_checkpoint="pretrained/fashion_mnist/unet_ema.weights.h5")
+  assert settings["features.feature_net"] == (
+      f"efficientnet_lite0 (sha256:{efficientnet_lite.WEIGHTS_SHA256[:16]})")

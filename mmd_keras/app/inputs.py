@@ -1,5 +1,6 @@
 """What a mode reads: the training stream, the reference images and the feature spaces."""
 
+from mmd_keras import console
 from mmd_keras import data as data_lib
 from mmd_keras import errors
 from mmd_keras import evaluate as evaluate_lib
@@ -92,12 +93,17 @@ def check_feature_spaces(cfg):
     check_feature_network(cfg, name)
 
 
-def feature_spaces(cfg, *, num_images, images_field):
+def feature_spaces(cfg, *, num_images, images_field, skip_too_wide=False):
   """The report's feature networks, loaded, each with fewer dimensions than `num_images` (FID's
-  covariance needs N > d)."""
+  covariance needs N > d). With `skip_too_wide` (the quickstart's small N), a space other than the
+  trained one with too many dimensions is left out with a note instead of refused."""
   spaces = []
   for name in cfg.eval.feature_nets:
     network = feature_network(cfg, name)
+    if skip_too_wide and name != cfg.features.feature_net and network.dim >= num_images:
+      console.note(f"{name} is left out of this report: FID of its {network.dim}-d features needs "
+                   f"more than the {num_images} images scored here (--mode=evaluate scores it)")
+      continue
     with errors.renamed(num_images=images_field):
       metrics.check_enough_samples(num_images, network.dim)
     spaces.append(evaluate_lib.FeatureSpace(name, network, trained=name == cfg.features.feature_net,

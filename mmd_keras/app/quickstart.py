@@ -58,7 +58,8 @@ def run(cfg):
   evaluate.check_samplers(cfg, (k,))
   export.check(cfg)
   inputs.check_eval_split(cfg, num_images=num_images, images_field="eval.quickstart_images")
-  spaces = inputs.feature_spaces(cfg, num_images=num_images, images_field="eval.quickstart_images")
+  spaces = inputs.feature_spaces(cfg, num_images=num_images, images_field="eval.quickstart_images",
+                                 skip_too_wide=True)
   # A directory stands for its latest checkpoint: that one is what the finetune starts from.
   settings = provenance.finetune_settings(
       cfg, init_checkpoint=checkpoints.latest(plan.init_checkpoint))
