@@ -95,6 +95,11 @@ def log_alphas_cumprod_at(alphas_cumprod, t):
   return (1.0 - fraction) * tf.gather(log_table, index) + fraction * tf.gather(log_table, upper)
 
 
+def format_timesteps(timesteps):
+  """Continuous timesteps as messages, logs and reports show them: "0.50,200.12,…"."""
+  return ",".join(f"{t:.2f}" for t in timesteps)
+
+
 # How far learned timesteps start inside (0, T − 1) when the spacing puts one at 0 or T − 1.
 ENDPOINT_MARGIN = 0.5
 
