@@ -27,6 +27,7 @@ from mmd_keras import grid
 from mmd_keras import metrics
 from mmd_keras import provenance
 from mmd_keras import sampling
+from mmd_keras import schedule as schedule_lib
 from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 
@@ -40,7 +41,8 @@ class ModelSpec:
   (trailing)" for another sampler or spacing, or "MMD-DDM"), UNet, the step budgets to run and the
   weights file it was loaded from (`path`, named in the report with the weights' fingerprint).
 
-  `sampler` and `timesteps` (a spacing of `schedule.TIMESTEP_KINDS`) override the run's.
+  `sampler` and `timesteps` (a spacing of `schedule.TIMESTEP_KINDS`, or the K timesteps, e.g.
+  those learned with a finetuned model) override the run's.
   """
 
   label: str
@@ -300,8 +302,17 @@ def label_slug(label):
 
 
 def _json_timesteps(kind):
-  """A spacing name, or explicit timesteps as a list of ints (as read back from report.json)."""
-  return kind if isinstance(kind, str) else [int(t) for t in kind]
+  """A spacing name, or explicit timesteps as a list of ints, or of floats for continuous ones (as
+  read back from report.json)."""
+  return kind if isinstance(kind, str) else provenance.json_timesteps(kind)
+
+
+def learned_timesteps(row):
+  """The continuous (learned) timesteps a report row was sampled at, or None."""
+  timesteps = row.get("timesteps")
+  if isinstance(timesteps, list) and any(isinstance(t, float) for t in timesteps):
+    return timesteps
+  return None
 
 
 def _cache_digest(arrays, text=""):
@@ -360,10 +371,14 @@ def markdown_table(report):
   space = trained_space(report)
   finetuned = {row["num_steps"]: row for row in report["rows"] if row["model"] == FINETUNED}
   fid = lambda row: row["spaces"][space]["fid"]
-  lines += [""] if best else []
+  learned = [(row, learned_timesteps(row)) for row in report["rows"] if learned_timesteps(row)]
+  lines += [""] if best or learned else []
   for k, row in best.items():
     lines.append(f"- best training-free at K={k}: {row['model']}, FID {fid(row):.2f} in {space} "
                  f"(trained); {FINETUNED} K={k}: {fid(finetuned[k]):.2f}")
+  for row, timesteps in learned:
+    lines.append(f"- {row['model']} K={row['num_steps']} samples at its learned timesteps "
+                 f"{schedule_lib.format_timesteps(timesteps)}")
   return "\n".join(lines) + "\n"
 
 

@@ -205,6 +205,33 @@ IN_PROCESS_CASES = [
          ["--finetuned_checkpoints", "nope.weights.h5", "does not exist"]),
     Case("export_dir_unwritable", ["--mode=export", "--export_dir={root}/a_file/export"],
          ["--export_dir", "a_file", "not writable"]),
+    # Learned timesteps: only a finetune learns them; weights finetuned with them sample at them.
+    Case("learn_timesteps_with_sample", ["--mode=sample", "--learn_timesteps"],
+         ["--learn_timesteps", "--mode=finetune and --mode=quickstart", "--mode=sample"]),
+    Case("learn_timesteps_with_pretrain", ["--mode=pretrain", "--learn_timesteps"],
+         ["--learn_timesteps", "--mode=pretrain"]),
+    Case("learn_timesteps_with_eta", ["--mode=finetune", "--learn_timesteps", "--eta=0.5"],
+         ["--learn_timesteps", "--eta=0", "0.5"]),
+    Case("timesteps_lr_zero", ["--mode=finetune", "--learn_timesteps", "--timesteps_lr=0"],
+         ["--timesteps_lr", "> 0"]),
+    Case("learned_weights_with_explicit_timesteps_export",
+         ["--mode=export", "--export_dir={root}/run/export_learned",
+          "--init_checkpoint={root}/learned/unet.weights.h5", "--timesteps=0,4,8,12,16"],
+         ["--timesteps=0,4,8,12,16", "learned timesteps (0.50,4.25", "--init_checkpoint"]),
+    Case("learned_weights_with_explicit_timesteps_evaluate",
+         ["--mode=evaluate", "--eval_steps=5", "--timesteps=0,4,8,12,16",
+          "--finetuned_checkpoints=5:{root}/learned/unet.weights.h5"],
+         ["--timesteps=0,4,8,12,16", "learned timesteps", "--finetuned_checkpoints"]),
+    Case("learned_weights_at_another_k", ["--mode=sample", "--num_steps=4",
+                                          "--init_checkpoint={root}/learned/unet.weights.h5"],
+         ["--num_steps=4", "5 learned timesteps", "--init_checkpoint"]),
+    Case("learned_weights_with_eta", ["--mode=sample", "--eta=0.5",
+                                      "--init_checkpoint={root}/learned/unet.weights.h5"],
+         ["--eta=0.5", "must be 0", "--init_checkpoint"]),
+    Case("learned_weights_finetuned_further_with_explicit_timesteps",
+         ["--mode=finetune", "--workdir={root}/learned_run", "--timesteps=0,4,8,12,16",
+          "--init_checkpoint={root}/learned/unet.weights.h5"],
+         ["--timesteps=0,4,8,12,16", "learned timesteps", "--init_checkpoint"]),
 ]
 
 
@@ -234,6 +261,10 @@ def tree(tmp_path_factory):
   _write(os.path.join(root, "garbage_ckpt", "ckpt-1.index"), b"not a checkpoint index\n" * 64)
   _write(os.path.join(root, "garbage_ckpt", "ckpt-1.data-00000-of-00001"), b"\0" * 256)
   _write(os.path.join(root, "a_file"), b"a regular file: no directory can be made under it\n")
+  # Weights finetuned with learned timesteps (K=5 of T=20), the timesteps beside them.
+  _write(os.path.join(root, "learned", "unet.weights.h5"), weights)
+  checkpoints.save_timesteps(os.path.join(root, "learned", "unet.weights.h5"),
+                             [0.5, 4.25, 8.75, 12.0, 16.5], num_timesteps=20, sampler="ddim")
 
   # An earlier pretrain run (checkpoint with EMA weights), a finished finetune, an export, a report.
   run = os.path.join(root, "run")

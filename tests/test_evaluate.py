@@ -548,3 +548,21 @@ def test_merge_keeps_the_rows_of_other_samplers_and_completes_older_rows(tmp_pat
       ("MMD-DDM", 5, "ddim", "uniform")]
   assert "best training-free at K=5: DPM-Solver++ (trailing), FID 30.00" in (
       tmp_path / "report.md").read_text()
+
+
+def test_a_model_with_learned_timesteps_is_sampled_and_reported_at_them(setup, tmp_path):
+  schedule, real = setup
+  unet = _tiny_unet(0)
+  learned = np.array([12.5, 60.25])
+  models = [evaluate.ModelSpec("DDIM", unet, (2,)),
+            evaluate.ModelSpec(evaluate.FINETUNED, unet, (2,), timesteps=learned)]
+  report = evaluate.run(models=models, feature_spaces=_spaces(8), real_images=real,
+                        schedule=schedule, num_images=20, seed=3, out_dir=str(tmp_path),
+                        batch_size=8)
+  rows = json.loads((tmp_path / "report.json").read_text())["rows"]
+  assert rows[0]["timesteps"] == "uniform" and rows[1]["timesteps"] == [12.5, 60.25]
+  # The same weights at other timesteps: other samples.
+  assert rows[0]["spaces"]["heldout"]["fid"] != rows[1]["spaces"]["heldout"]["fid"]
+  assert evaluate.learned_timesteps(report["rows"][0]) is None
+  assert "- MMD-DDM K=2 samples at its learned timesteps 12.50,60.25" in (
+      tmp_path / "report.md").read_text()
