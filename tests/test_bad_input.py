@@ -22,6 +22,7 @@ from helpers import REPO_ROOT
 from helpers import run_main
 from helpers import tiny_unet
 from mmd_keras import checkpoints
+from mmd_keras import finetune
 
 # The tiny UNet of the tree's checkpoints (helpers.tiny_unet at 28 px: the bundled classifiers'
 # size), and the flags that describe it.
@@ -228,6 +229,10 @@ IN_PROCESS_CASES = [
     Case("learned_weights_with_eta", ["--mode=sample", "--eta=0.5",
                                       "--init_checkpoint={root}/learned/unet.weights.h5"],
          ["--eta=0.5", "must be 0", "--init_checkpoint"]),
+    Case("resume_of_learned_timesteps_without_the_flag",
+         ["--mode=finetune", "--workdir={root}/learned_resume"],
+         ["--learn_timesteps is off", "finetune_k5/checkpoints/ckpt-3", "with learned timesteps",
+          "--workdir"]),
     Case("learned_weights_finetuned_further_with_explicit_timesteps",
          ["--mode=finetune", "--workdir={root}/learned_run", "--timesteps=0,4,8,12,16",
           "--init_checkpoint={root}/learned/unet.weights.h5"],
@@ -277,6 +282,12 @@ def tree(tmp_path_factory):
   _write(os.path.join(run, "export", "mmd_ddm", "1", "variables", "variables.index"), b"index")
   _write(os.path.join(run, "export", "mmd_ddm_k5.tflite"), b"an earlier tflite")
   _write(os.path.join(run, "evaluate", "report.md"), b"| model | K |\n")
+  # A finetune checkpoint with learned timesteps, which a rerun would resume.
+  learned = finetune.LearnedTimesteps([0, 4, 8, 12, 16], num_timesteps=20, learning_rate=1e-2)
+  tf.train.CheckpointManager(
+      checkpoints.training_checkpoint(unet=unet, learned_timesteps=learned),
+      os.path.join(root, "learned_resume", "finetune_k5", "checkpoints"),
+      max_to_keep=1).save(checkpoint_number=3)
   # A finetune checkpoint whose data file lost its second half (a copy that stopped midway).
   optimizer = keras.optimizers.Adam()
   optimizer.build(unet.trainable_weights)
