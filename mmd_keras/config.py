@@ -326,7 +326,7 @@ def build(values):
 
 
 # The modes that finetune; the others sample weights finetuned with learned timesteps at those
-# timesteps without being told (see app.runs.sampling_timesteps).
+# timesteps without being told (see app.runs.learned_timesteps).
 LEARN_TIMESTEPS_MODES = ("finetune", "quickstart")
 
 

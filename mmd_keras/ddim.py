@@ -1,9 +1,9 @@
 """The DDIM sampler (Song et al. 2021) as pure functions of an ε-model.
 
 `eps_model(x_t, t) -> ε̂` takes images [B, H, W, C] and timesteps [B] (int32, or float32 for
-continuous timesteps, see `steps.py`). Everything that samples
-runs the steps of `Steps` below, unchanged: evaluation and the exported serving graph through
-`sample`, finetuning through `sample` or, replaying one step at a time, through `replay.py`.
+continuous timesteps, see `steps.py`). Everything that samples runs the steps of `Steps` below,
+unchanged: evaluation and the exported serving graph through `sample`, finetuning through `sample`
+or, replaying one step at a time, through `replay.py`.
 """
 
 import tensorflow as tf

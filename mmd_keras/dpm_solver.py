@@ -34,16 +34,6 @@ def _log_snr(alphas_cumprod, t):
   return np.log(alpha) - np.log(sigma)
 
 
-class _Tables:
-  """The per-step coefficients of integer timesteps, as `steps.ContinuousSteps` gives them."""
-
-  def __init__(self, columns):
-    self._columns = columns
-
-  def at(self, i):
-    return {name: steps_lib.at_step(values, i) for name, values in self._columns.items()}
-
-
 class Steps:
   """DPM-Solver++(2M)'s K steps by index i = 0 … K−1 (see `steps.py`); the state is
   (x_t, x̂0 of the previous step's input), the latter zeros before the first step.
@@ -86,7 +76,7 @@ class Steps:
         columns[name].append(float(np.float32(value)))  # As the float32 images will see them.
       columns["t"].append(t)
       t_last = t
-    self._coefficients = _Tables(columns)
+    self._coefficients = steps_lib.Tables(columns)
 
   def initial_state(self, x_T):
     return (x_T, tf.zeros_like(x_T))

@@ -371,14 +371,14 @@ def markdown_table(report):
   space = trained_space(report)
   finetuned = {row["num_steps"]: row for row in report["rows"] if row["model"] == FINETUNED}
   fid = lambda row: row["spaces"][space]["fid"]
-  learned = [(row, learned_timesteps(row)) for row in report["rows"] if learned_timesteps(row)]
+  learned = [row for row in report["rows"] if learned_timesteps(row)]
   lines += [""] if best or learned else []
   for k, row in best.items():
     lines.append(f"- best training-free at K={k}: {row['model']}, FID {fid(row):.2f} in {space} "
                  f"(trained); {FINETUNED} K={k}: {fid(finetuned[k]):.2f}")
-  for row, timesteps in learned:
+  for row in learned:
     lines.append(f"- {row['model']} K={row['num_steps']} samples at its learned timesteps "
-                 f"{schedule_lib.format_timesteps(timesteps)}")
+                 f"{schedule_lib.format_timesteps(learned_timesteps(row))}")
   return "\n".join(lines) + "\n"
 
 

@@ -104,6 +104,8 @@ class MMDFinetuner(keras.Model):
                                                 learning_rate=timesteps_lr)
       self.timesteps_grad_norm_tracker = keras.metrics.Mean(name="timesteps_grad_norm")
     self.alphas_cumprod = schedule.alphas_cumprod_tf()
+    # Continuous timesteps interpolate the float64 ᾱ, as evaluation and export do.
+    self._alphas_cumprod_float64 = schedule.alphas_cumprod
     self.eta = eta
     self.grad_clip = grad_clip
     self.recompute = recompute
@@ -121,12 +123,6 @@ class MMDFinetuner(keras.Model):
     if self.learned_timesteps is not None:
       trackers.append(self.timesteps_grad_norm_tracker)
     return trackers
-
-  @property
-  def trained_variables(self):
-    """θ (the UNet's trainable weights), then ψ (the timestep logits) when they are learned."""
-    extra = [] if self.learned_timesteps is None else [self.learned_timesteps.logits]
-    return self.unet.trainable_weights + extra
 
   def current_timesteps(self):
     """The K timesteps the sampler visits now: ints, or the learned values (float32)."""
@@ -150,9 +146,10 @@ class MMDFinetuner(keras.Model):
     """(the sampler's K steps over `timesteps`, ε_θ) of one finetuning step; `seed` fixes dropout
     masks and η-noise."""
     dropout_seed, eta_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    steps = samplers.steps(self.sampler, timesteps=timesteps,
-                           alphas_cumprod=self.alphas_cumprod, eta=self.eta, clip_x0=self.clip_x0,
-                           seed=eta_seed)
+    alphas_cumprod = (self._alphas_cumprod_float64 if steps_lib.is_continuous(timesteps)
+                      else self.alphas_cumprod)
+    steps = samplers.steps(self.sampler, timesteps=timesteps, alphas_cumprod=alphas_cumprod,
+                           eta=self.eta, clip_x0=self.clip_x0, seed=eta_seed)
     return steps, self._eps_fn(dropout_seed)
 
   def sample(self, z, *, seed):
@@ -163,8 +160,8 @@ class MMDFinetuner(keras.Model):
     return steps_lib.run(steps, eps, z)
 
   def compute_gradients(self, x_real, z=None):
-    """(MMD² of the global batch, its gradient with respect to `trained_variables`, summed over
-    replicas) for this replica's real batch.
+    """(MMD² of the global batch, its gradient with respect to θ, the UNet's trainable weights, then
+    ψ, the timestep logits when learned, summed over replicas) for this replica's real batch.
 
     `z` defaults to `example_noise` of this step.
     """

@@ -84,6 +84,18 @@ def continuous_coefficients(timesteps, i, *, alphas_cumprod, second_order):
   return {name: tf.cast(value, tf.float32) for name, value in values.items()}
 
 
+class Tables:
+  """Per-step coefficients given as tables ({name: K values}), read as `ContinuousSteps` gives
+  them."""
+
+  def __init__(self, columns):
+    self._columns = columns
+
+  def at(self, i):
+    """{name: value} of step i."""
+    return {name: at_step(values, i) for name, values in self._columns.items()}
+
+
 class ContinuousSteps:
   """The coefficients of K steps over continuous timesteps (`continuous_coefficients`): from a
   tensor, computed inside each step, so that gradients reach the timesteps (also through a replayed
@@ -93,9 +105,9 @@ class ContinuousSteps:
   def __init__(self, timesteps, *, alphas_cumprod, second_order):
     self._alphas_cumprod = np.asarray(alphas_cumprod, np.float64)
     self._second_order = second_order
+    self._timesteps = timesteps
     self._tables = None
     if tf.is_tensor(timesteps):
-      self._timesteps = timesteps
       self.num_steps = int(timesteps.shape[0])
       return
     values = np.asarray(timesteps, np.float64)
@@ -105,14 +117,14 @@ class ContinuousSteps:
     with tf.init_scope():
       rows = [continuous_coefficients(tf.constant(values), i, alphas_cumprod=self._alphas_cumprod,
                                       second_order=second_order) for i in range(self.num_steps)]
-      self._tables = {name: [float(row[name]) for row in rows] for name in COEFFICIENTS}
+      self._tables = Tables({name: [float(row[name]) for row in rows] for name in COEFFICIENTS})
 
   def at(self, i):
     """{COEFFICIENTS: value} of step i."""
     if self._tables is None:
       return continuous_coefficients(self._timesteps, i, alphas_cumprod=self._alphas_cumprod,
                                      second_order=self._second_order)
-    return {name: at_step(table, i) for name, table in self._tables.items()}
+    return self._tables.at(i)
 
 
 def eps_timesteps(x, t):

@@ -50,7 +50,8 @@ class Sampler(tf.Module):
   sampler's settings saved beside the weights.
 
   Saved attributes (read them from `tf.saved_model.load(path)`): `sampler` (its name), `num_steps`
-  K, `timesteps` [K] (int32, or float32 for continuous, e.g. learned, timesteps), `eta`, `clip_x0`, `image_shape` [H, W, C], `max_images`, `num_timesteps` T.
+  K, `timesteps` [K] (int32, or float32 for continuous, e.g. learned, timesteps), `eta`,
+  `clip_x0`, `image_shape` [H, W, C], `max_images`, `num_timesteps` T.
   """
 
   def __init__(self, unet, *, alphas_cumprod, timesteps, sampler="ddim", eta=0.0, clip_x0=False,
