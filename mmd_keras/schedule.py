@@ -1,4 +1,5 @@
-"""The DDPM noise schedule: β_t, ᾱ_t and the K-step DDIM timestep subsequence.
+"""The DDPM noise schedule: β_t, ᾱ_t (and ᾱ(t) of continuous t), the K-step DDIM timestep
+subsequence, and the parametrisation of learned (continuous, increasing) timesteps.
 
 Schedules are computed in float64 NumPy (closed forms are exact there) and cast to float32 only
 at the TF border, as the original DDPM code does.
