@@ -145,6 +145,13 @@ flags.DEFINE_bool("finetune_dropout", False, "Dropout on in the UNet while finet
 flags.DEFINE_enum("kernel", "polynomial", mmd.KERNELS,
                   "MMD kernel: polynomial (γxᵀy + 1)³, γ = 1/dim (KID's), or rbf.")
 flags.DEFINE_list("rbf_bandwidths", ["1.0"], "Bandwidths σ of --kernel=rbf (summed).")
+flags.DEFINE_bool("learn_timesteps", False,
+                  "Also learn the K timesteps (continuous, monotone, starting at --timesteps; "
+                  "needs --eta=0). They are saved with the weights (<name>.timesteps.json beside "
+                  "the .weights.h5), and evaluate, export and sample use them without this flag.")
+flags.DEFINE_float("timesteps_lr", 1e-2,
+                   "Adam learning rate of the learned timesteps' logits (their gradient is not "
+                   "clipped).")
 
 # Evaluation
 flags.DEFINE_list("eval_steps", ["5", "10", "20", "50", "100"],
@@ -222,6 +229,7 @@ PARAMETERS = {
     "finetune.learning_rate": "learning_rate", "finetune.grad_clip": "grad_clip",
     "finetune.recompute": "recompute", "finetune.dropout": "finetune_dropout",
     "finetune.kernel": "kernel", "finetune.rbf_bandwidths": "rbf_bandwidths",
+    "finetune.learn_timesteps": "learn_timesteps", "finetune.timesteps_lr": "timesteps_lr",
     "eval.steps": "eval_steps", "eval.num_images": "num_eval_images",
     "eval.finetuned_checkpoints": "finetuned_checkpoints", "eval.feature_nets": "eval_feature_nets",
     "eval.split": "eval_split", "eval.quickstart_images": "quickstart_eval_images",

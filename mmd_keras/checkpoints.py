@@ -2,19 +2,24 @@
 
 Three kinds of checkpoint (e.g. a run's `init_checkpoint`) are understood:
   * a training directory or checkpoint prefix written by `pretrain`/`finetune` (tf.train.Checkpoint
-    with `unet` and, when present, `ema` weights);
-  * a `.weights.h5` file of the UNet alone (what the bundled base model is);
+    with `unet` and, when present, `ema` weights and learned timesteps' logits);
+  * a `.weights.h5` file of the UNet alone (what the bundled base model is), with, for weights
+    finetuned with learned timesteps, those timesteps in `<name>.timesteps.json` beside it;
   * the DDPM checkpoints released by Ho et al. (see `ddpm_import`).
 """
 
 import collections
+import json
 import os
 
 import h5py
+import numpy as np
 import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from mmd_keras import atomic
 from mmd_keras import ddpm_import
+from mmd_keras import schedule as schedule_lib
 from mmd_keras.errors import ParameterError
 
 
@@ -43,17 +48,25 @@ class WeightList(tf.Module):
     self.variables_list = list(variables)
 
 
+# The training checkpoint's object holding the learned timesteps' logits.
+LEARNED_TIMESTEPS = "timestep_logits"
+
+
 def _list_keys(name, count):
   return [f"{name}/variables_list/{i}/.ATTRIBUTES/VARIABLE_VALUE" for i in range(count)]
 
 
-def training_checkpoint(*, unet, ema=None, optimizer=None):
-  """The tf.train.Checkpoint written by `pretrain` and `finetune`."""
+def training_checkpoint(*, unet, ema=None, optimizer=None, learned_timesteps=None):
+  """The tf.train.Checkpoint written by `pretrain` and `finetune` (with `learned_timesteps`, a
+  `finetune.LearnedTimesteps`: its logits and optimizer)."""
   objects = dict(unet=unet, unet_weights=WeightList(unet.weights, "unet_weights"))
   if ema is not None:
     objects["ema"] = WeightList(ema, "ema")
   if optimizer is not None:
     objects["optimizer"] = optimizer
+  if learned_timesteps is not None:
+    objects[LEARNED_TIMESTEPS] = WeightList([learned_timesteps.logits], LEARNED_TIMESTEPS)
+    objects["timesteps_optimizer"] = learned_timesteps.optimizer
   return tf.train.Checkpoint(**objects)
 
 
@@ -243,3 +256,74 @@ def save_weights_h5(unet, path, *, overwrite=False):
     raise CheckpointError(None, f"{path} exists; refusing to overwrite it", refs=())
   with atomic.staged(path) as staging:
     unet.save_weights(staging)
+
+
+def timesteps_path(weights_path):
+  """<name>.timesteps.json beside <name>.weights.h5: the timesteps finetuned with those weights."""
+  return weights_path[:-len(".weights.h5")] + ".timesteps.json"
+
+
+def save_timesteps(weights_path, timesteps, *, num_timesteps, sampler):
+  """Writes the learned `timesteps` of the weights `weights_path` beside it (`timesteps_path`)."""
+  atomic.write_json(timesteps_path(weights_path), dict(
+      timesteps=[float(t) for t in timesteps], num_timesteps=int(num_timesteps), sampler=sampler))
+
+
+_OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
+
+
+def _variable_key(reader, path):
+  """The checkpoint key of the variable at object path `path` (names from the root), or None.
+
+  Found through the object graph: a variable reachable by several paths (the optimizer tracks what
+  it updates) is stored under whichever the saver met first.
+  """
+  if not reader.has_tensor(_OBJECT_GRAPH):  # A TF1 checkpoint (the released DDPM ones).
+    return None
+  graph = trackable_object_graph_pb2.TrackableObjectGraph()
+  graph.ParseFromString(reader.get_tensor(_OBJECT_GRAPH))
+  node = graph.nodes[0]
+  for name in path:
+    child = next((c for c in node.children if c.local_name == name), None)
+    if child is None:
+      return None
+    node = graph.nodes[child.node_id]
+  return next((a.checkpoint_key for a in node.attributes if a.name == "VARIABLE_VALUE"), None)
+
+
+def learned_timesteps(path, *, num_timesteps, parameter="init_checkpoint"):
+  """The timesteps finetuned with the weights of `path` (float64 [K]), None if they were not
+  learned: read from `timesteps_path` beside a .weights.h5 file, or from a training checkpoint's
+  logits. Values that are not K increasing timesteps in [0, T − 1] are a CheckpointError."""
+  kind, resolved = _resolve(path, parameter=parameter)
+  if kind == "h5":
+    record_path = timesteps_path(resolved)
+    if not os.path.exists(record_path):
+      return None
+    try:
+      with open(record_path) as f:
+        record = json.load(f)
+      values = np.asarray(record["timesteps"], np.float64)
+      saved_num_timesteps = int(record["num_timesteps"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(parameter, f"has an unreadable {record_path} ({first_line(e)}): "
+                            f"expected the JSON of its learned timesteps", value=path,
+                            refs=()) from e
+    if saved_num_timesteps != num_timesteps:
+      raise CheckpointError(parameter, f"was finetuned with T={saved_num_timesteps} timesteps "
+                            f"({record_path}); this run has T={num_timesteps} "
+                            f"({{num_timesteps}})", value=path, refs=("num_timesteps",))
+  else:
+    _variable_shapes(resolved, parameter=parameter)
+    reader = tf.train.load_checkpoint(resolved)
+    key = _variable_key(reader, [LEARNED_TIMESTEPS, "variables_list", "0"])
+    if key is None:
+      return None
+    record_path = resolved
+    values = schedule_lib.learned_timesteps(
+        reader.get_tensor(key), num_timesteps=num_timesteps).numpy().astype(np.float64)
+  if (values.ndim != 1 or not len(values) or np.any(np.diff(values) <= 0) or values[0] < 0
+      or values[-1] > num_timesteps - 1):
+    raise CheckpointError(parameter, f"has learned timesteps ({record_path}) that are not "
+                          f"increasing values in [0, {num_timesteps - 1}]", value=path, refs=())
+  return values

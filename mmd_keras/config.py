@@ -167,9 +167,11 @@ class FinetuneConfig:
   dropout: bool = False
   kernel: str = "polynomial"
   rbf_bandwidths: tuple = (1.0,)
+  learn_timesteps: bool = False  # The K timesteps trained too (finetune.LearnedTimesteps).
+  timesteps_lr: float = 1e-2
 
   def __post_init__(self):
-    _positive(self, "steps", "learning_rate", "batch_size")
+    _positive(self, "steps", "learning_rate", "batch_size", "timesteps_lr")
     _non_negative(self, "grad_clip", why="0 disables clipping")
     with renamed(name="finetune.kernel", bandwidths="finetune.rbf_bandwidths"):
       self.make_kernel()
@@ -319,16 +321,36 @@ def build(values):
   with renamed(num_steps="sampler.num_steps", num_timesteps="diffusion.num_timesteps",
                kind="sampler.timesteps"):
     _timestep_subsequence(diffusion, sampler, sampler.num_steps)
+  finetune = section(FinetuneConfig, "finetune")
+  if finetune.learn_timesteps:
+    _check_learn_timesteps(run, sampler)
   return Config(
       run=run, data=data, diffusion=diffusion,
       unet=section(UNetConfig, "unet"),
       sampler=sampler,
       pretrain=section(PretrainConfig, "pretrain"),
       features=section(FeatureConfig, "features"),
-      finetune=section(FinetuneConfig, "finetune"),
+      finetune=finetune,
       eval=section(EvalConfig, "eval"),
       export=section(ExportConfig, "export"),
       distribution=section(DistributionConfig, "distribution"))
+
+
+# The modes that finetune; the others sample weights finetuned with learned timesteps at those
+# timesteps without being told (see app.runs.learned_timesteps).
+LEARN_TIMESTEPS_MODES = ("finetune", "quickstart")
+
+
+def _check_learn_timesteps(run, sampler):
+  if run.mode not in LEARN_TIMESTEPS_MODES:
+    raise ParameterError("finetune.learn_timesteps", f"is for {{run.mode}}="
+                         f"{' and {run.mode}='.join(LEARN_TIMESTEPS_MODES)}; {{run.mode}}="
+                         f"{run.mode} takes the timesteps saved with finetuned weights without it",
+                         refs=("run.mode",))
+  if sampler.eta:
+    raise ParameterError("finetune.learn_timesteps", f"needs {{sampler.eta}}=0: learned timesteps "
+                         f"are continuous, and only deterministic sampling takes them "
+                         f"(got {sampler.eta:g})", refs=("sampler.eta",))
 
 
 def _dataset_shape(dataset):

@@ -1,8 +1,9 @@
 """The DDIM sampler (Song et al. 2021) as pure functions of an ε-model.
 
-`eps_model(x_t, t) -> ε̂` takes images [B, H, W, C] and integer timesteps [B]. Everything that samples
-runs the steps of `Steps` below, unchanged: evaluation and the exported serving graph through
-`sample`, finetuning through `sample` or, replaying one step at a time, through `replay.py`.
+`eps_model(x_t, t) -> ε̂` takes images [B, H, W, C] and timesteps [B] (int32, or float32 for
+continuous timesteps, see `steps.py`). Everything that samples runs the steps of `Steps` below,
+unchanged: evaluation and the exported serving graph through `sample`, finetuning through `sample`
+or, replaying one step at a time, through `replay.py`.
 """
 
 import tensorflow as tf
@@ -55,11 +56,24 @@ class Steps:
 
   η > 0 needs `seed` ([2] int): step i draws its noise from stateless_normal(fold_in(seed, i)), so a
   seed fixes the whole trajectory.
+
+  Continuous timesteps (float values or a float tensor [K], `steps.is_continuous`) step by
+  `steps.ContinuousSteps` (η = 0 only): x_prev = sqrt(ᾱ_prev) x̂0 + sqrt(1 − ᾱ_prev) ε̂ written as
+  c_x x_t + c_d x̂0.
   """
 
   def __init__(self, timesteps, *, alphas_cumprod, eta=0.0, clip_x0=False, seed=None):
     if eta and seed is None:
       raise ValueError("ddim.sample: eta > 0 needs a `seed` ([2] int) for its stateless noise")
+    self._clip_x0 = clip_x0
+    self._continuous = None
+    if steps_lib.is_continuous(timesteps):
+      if eta:
+        raise ValueError("ddim.sample: continuous timesteps need eta = 0")
+      self._continuous = steps_lib.ContinuousSteps(timesteps, alphas_cumprod=alphas_cumprod,
+                                                   second_order=False)
+      self.num_steps = self._continuous.num_steps
+      return
     timesteps = [int(t) for t in timesteps]
     if not timesteps:
       raise ValueError("ddim.sample: `timesteps` is empty")
@@ -68,7 +82,6 @@ class Steps:
     self._t_prev = ([-1] + timesteps[:-1])[::-1]
     self._alphas_cumprod = tf.convert_to_tensor(alphas_cumprod, tf.float32)
     self._eta = eta
-    self._clip_x0 = clip_x0
     self._seed = seed
 
   def initial_state(self, x_T):
@@ -76,6 +89,12 @@ class Steps:
 
   def step(self, eps_model, state, i):
     (x,) = state
+    if self._continuous is not None:
+      c = self._continuous.at(i)
+      x0_pred = (x - c["sigma"] * eps_model(x, steps_lib.eps_timesteps(x, c["t"]))) / c["alpha"]
+      if self._clip_x0:
+        x0_pred = tf.clip_by_value(x0_pred, -1.0, 1.0)
+      return (c["c_x"] * x + c["c_d"] * x0_pred,)
     noise = None
     if self._eta:
       noise = tf.random.stateless_normal(

@@ -10,8 +10,9 @@ Data prediction, multistep, second order: with α_t = sqrt(ᾱ_t), σ_t = sqrt(1
 The first step, having no x̂0(x_{t_last}), and the last one, to t_prev = −1 (ᾱ = 1, σ = 0,
 λ = +∞), are first order (D = x̂0). First order is DDIM with η = 0.
 
-`eps_model(x_t, t) -> ε̂` takes images [B, H, W, C] and int32 timesteps [B], and is called once per
-step, so finetuning replays one step at a time as it does for DDIM (`replay.py`).
+`eps_model(x_t, t) -> ε̂` takes images [B, H, W, C] and int32 timesteps [B] (float32 for continuous
+timesteps, whose coefficients come from `steps.ContinuousSteps`), and is called once per step, so
+finetuning replays one step at a time as it does for DDIM (`replay.py`).
 """
 
 import numpy as np
@@ -43,6 +44,12 @@ class Steps:
   """
 
   def __init__(self, timesteps, *, alphas_cumprod, clip_x0=False):
+    self._clip_x0 = clip_x0
+    if steps_lib.is_continuous(timesteps):
+      self._coefficients = steps_lib.ContinuousSteps(timesteps, alphas_cumprod=alphas_cumprod,
+                                                     second_order=True)
+      self.num_steps = self._coefficients.num_steps
+      return
     timesteps = [int(t) for t in timesteps]
     if not timesteps:
       raise ValueError("dpm_solver.sample: `timesteps` is empty")
@@ -51,7 +58,6 @@ class Steps:
       raise ValueError(f"dpm_solver.sample: `timesteps` must increase strictly, got {timesteps}")
     alphas_cumprod = np.asarray(alphas_cumprod).astype(np.float64)
     self.num_steps = len(timesteps)
-    self._clip_x0 = clip_x0
     columns = {name: [] for name in ("t", "alpha", "sigma", "c_x", "c_d", "w")}
     t_last = None
     for t, t_prev in zip(timesteps[::-1], ([-1] + timesteps[:-1])[::-1]):
@@ -70,22 +76,20 @@ class Steps:
         columns[name].append(float(np.float32(value)))  # As the float32 images will see them.
       columns["t"].append(t)
       t_last = t
-    self._columns = columns
-
-  def _at(self, name, i):
-    return steps_lib.at_step(self._columns[name], i)
+    self._coefficients = steps_lib.Tables(columns)
 
   def initial_state(self, x_T):
     return (x_T, tf.zeros_like(x_T))
 
   def step(self, eps_model, state, i):
     x, x0_last = state
-    eps = eps_model(x, tf.fill([tf.shape(x)[0]], tf.cast(self._at("t", i), tf.int32)))
-    x0_pred = (x - self._at("sigma", i) * eps) / self._at("alpha", i)
+    c = self._coefficients.at(i)
+    eps = eps_model(x, steps_lib.eps_timesteps(x, c["t"]))
+    x0_pred = (x - c["sigma"] * eps) / c["alpha"]
     if self._clip_x0:
       x0_pred = tf.clip_by_value(x0_pred, -1.0, 1.0)
-    data = x0_pred + self._at("w", i) * (x0_pred - x0_last)
-    return (self._at("c_x", i) * x + self._at("c_d", i) * data, x0_pred)
+    data = x0_pred + c["w"] * (x0_pred - x0_last)
+    return (c["c_x"] * x + c["c_d"] * data, x0_pred)
 
   def output(self, state):
     return state[0]

@@ -27,6 +27,7 @@ from mmd_keras import grid
 from mmd_keras import metrics
 from mmd_keras import provenance
 from mmd_keras import sampling
+from mmd_keras import schedule as schedule_lib
 from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 
@@ -40,7 +41,8 @@ class ModelSpec:
   (trailing)" for another sampler or spacing, or "MMD-DDM"), UNet, the step budgets to run and the
   weights file it was loaded from (`path`, named in the report with the weights' fingerprint).
 
-  `sampler` and `timesteps` (a spacing of `schedule.TIMESTEP_KINDS`) override the run's.
+  `sampler` and `timesteps` (a spacing of `schedule.TIMESTEP_KINDS`, or the K timesteps, e.g.
+  those learned with a finetuned model) override the run's.
   `finetune`: the settings a finetuned model was made with ({config field: value}, seed included),
   copied into its rows so that `merge_reports` can average seeds of one setting.
   """
@@ -307,8 +309,17 @@ def label_slug(label):
 
 
 def _json_timesteps(kind):
-  """A spacing name, or explicit timesteps as a list of ints (as read back from report.json)."""
-  return kind if isinstance(kind, str) else [int(t) for t in kind]
+  """A spacing name, or explicit timesteps as a list of ints, or of floats for continuous ones (as
+  read back from report.json)."""
+  return kind if isinstance(kind, str) else provenance.json_timesteps(kind)
+
+
+def learned_timesteps(row):
+  """The continuous (learned) timesteps a report row was sampled at, or None."""
+  timesteps = row.get("timesteps")
+  if isinstance(timesteps, list) and any(isinstance(t, float) for t in timesteps):
+    return timesteps
+  return None
 
 
 def _cache_digest(arrays, text=""):
@@ -376,12 +387,16 @@ def markdown_table(report):
   space = trained_space(report)
   finetuned = {row["num_steps"]: row for row in report["rows"] if row["model"] == FINETUNED}
   fid = lambda row: row["spaces"][space]["fid"]
-  lines += [""] if best else []
+  learned = [row for row in report["rows"] if learned_timesteps(row)]
+  lines += [""] if best or learned else []
   for k, row in best.items():
     lines.append(f"- best training-free at K={k}: {row['model']}, FID {fid(row):.2f} in {space} "
                  f"(trained); {FINETUNED} K={k}: {fid(finetuned[k]):.2f}")
+  for row in learned:
+    lines.append(f"- {row['model']} K={row['num_steps']} samples at its learned timesteps "
+                 f"{schedule_lib.format_timesteps(learned_timesteps(row))}")
   if any("seeds" in row for row in report["rows"]):
-    lines += [] if best else [""]
+    lines += [] if best or learned else [""]
     lines.append("- rows over seeds: mean ± standard deviation over the seeds' finetunes; "
                  "elsewhere KID's ± is its estimate's standard deviation")
   return "\n".join(lines) + "\n"
@@ -483,8 +498,8 @@ SEED_FIELD = "run.seed"
 
 def _seeds_row(key, rows, *, trained):
   """One row from MMD-DDM rows whose finetunes differ in run.seed alone: each metric's mean over the
-  seeds in `spaces`, its standard deviation over them (ddof 1) in `seed_std`, every seed's row in
-  `seeds`, and `median_seed`, the seed of the median FID in the `trained` space (the lower middle
+  seeds in `spaces`, its standard deviation over them (ddof 1) in `seed_std`, every seed's figures,
+  weights and timesteps (which differ when they were learned) in `seeds`, and `median_seed`, the seed of the median FID in the `trained` space (the lower middle
   one for an even number of seeds)."""
   label, k = key
   settings = rows[0]["finetune"]
@@ -518,7 +533,10 @@ def _seeds_row(key, rows, *, trained):
   merged.update(
       spaces=spaces, seed_std=seed_std, median_seed=seed(by_fid[(len(rows) - 1) // 2]),
       finetune={field: value for field, value in settings.items() if field != SEED_FIELD},
-      seeds=[dict(seed=seed(row), weights=row["weights"], spaces=row["spaces"]) for row in rows])
+      seeds=[dict(seed=seed(row), weights=row["weights"], spaces=row["spaces"],
+                  timesteps=row["timesteps"]) for row in rows])
+  if any(row["timesteps"] != rows[0]["timesteps"] for row in rows):
+    merged["timesteps"] = "learned per seed"  # Each seed's are in `seeds`.
   return merged
 
 

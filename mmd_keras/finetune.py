@@ -6,6 +6,12 @@ and θ ← Adam(∇_θ L) through all K UNet calls. With `recompute` (the defaul
 `replay.value_and_gradients`: the backward pass replays one sampler step at a time in a
 `tf.while_loop`, so activation memory is that of one UNet call and the graph does not grow with K.
 
+With learned timesteps (DDSS, Watson et al. 2022) the K timesteps are continuous and trained too:
+t = schedule.learned_timesteps(ψ) of K + 1 logits ψ, ψ ← Adam(∇_ψ L) with its own learning rate and
+no clip (Adam moves each logit by about its learning rate per step whatever the gradient's scale;
+a non-finite gradient stops the run as one of θ does). The sampler steps from the tensor t, so
+∂L/∂t comes out of the same backward pass as ∇_θ L, and ∇_ψ L = (∂t/∂ψ)ᵀ ∂L/∂t.
+
 Under a tf.distribute strategy the features of all replicas are gathered, so every replica computes
 the MMD² of the *global* batch (the estimator is not a mean over examples: a per-replica MMD² would
 be a different, noisier loss).
@@ -24,6 +30,7 @@ from mmd_keras import errors
 from mmd_keras import mmd
 from mmd_keras import replay
 from mmd_keras import samplers
+from mmd_keras import schedule as schedule_lib
 from mmd_keras import steps as steps_lib
 from mmd_keras import streams
 from mmd_keras import training_loop
@@ -48,15 +55,37 @@ def example_noise(shape, *, seed, step):
   return tf.vectorized_map(lambda s: tf.random.stateless_normal(shape[1:], s), seeds, warn=False)
 
 
+class LearnedTimesteps(tf.Module):
+  """K trainable timesteps t = schedule.learned_timesteps(ψ) (increasing in (0, T − 1)) of K + 1
+  logits ψ, starting at `initial` (see `schedule.timestep_logits`), with their own Adam."""
+
+  def __init__(self, initial, *, num_timesteps, learning_rate):
+    super().__init__(name="learned_timesteps")
+    self.num_timesteps = num_timesteps
+    self.logits = keras.Variable(
+        schedule_lib.timestep_logits(initial, num_timesteps=num_timesteps), name="timestep_logits")
+    self.optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    self.optimizer.build([self.logits])
+
+  def __call__(self):
+    """t [K] float32, differentiable in ψ."""
+    return schedule_lib.learned_timesteps(self.logits, num_timesteps=self.num_timesteps)
+
+  def values(self):
+    """t as a NumPy float32 array."""
+    return self().numpy()
+
+
 class MMDFinetuner(keras.Model):
   """Minimises MMD²_u(φ(S_K(ε_θ, z)), φ(x_real)) over all UNet weights θ, S_K the K-step
-  sampler of `samplers` named `sampler`."""
+  sampler of `samplers` named `sampler`; with `learn_timesteps` over S_K's timesteps too
+  (`LearnedTimesteps`, learning rate `timesteps_lr`)."""
 
   ema = None  # Finetuning keeps no EMA: its checkpoints hold the raw weights.
 
   def __init__(self, unet, *, feature_net, schedule, num_steps, kernel, sampler="ddim",
                timestep_kind="uniform", eta=0.0, grad_clip=None, recompute=True, dropout=False,
-               clip_x0=False, seed=0, **kwargs):
+               clip_x0=False, seed=0, learn_timesteps=False, timesteps_lr=1e-2, **kwargs):
     super().__init__(**kwargs)
     samplers.check(sampler, eta=eta)
     self.sampler = sampler
@@ -64,7 +93,19 @@ class MMDFinetuner(keras.Model):
     self.feature_net = feature_net
     self.kernel = kernel
     self.timesteps = schedule.timesteps(num_steps, timestep_kind)  # Raises for K outside [1, T].
+    self.learned_timesteps = None
+    if learn_timesteps:
+      if eta:
+        raise ParameterError("learn_timesteps", "needs {eta}=0 (deterministic DDIM)", value=True,
+                             refs=("eta",))
+      _check_positive("timesteps_lr", timesteps_lr)
+      self.learned_timesteps = LearnedTimesteps(self.timesteps,
+                                                num_timesteps=schedule.num_timesteps,
+                                                learning_rate=timesteps_lr)
+      self.timesteps_grad_norm_tracker = keras.metrics.Mean(name="timesteps_grad_norm")
     self.alphas_cumprod = schedule.alphas_cumprod_tf()
+    # Continuous timesteps interpolate the float64 ᾱ, as evaluation and export do.
+    self._alphas_cumprod_float64 = schedule.alphas_cumprod
     self.eta = eta
     self.grad_clip = grad_clip
     self.recompute = recompute
@@ -78,35 +119,49 @@ class MMDFinetuner(keras.Model):
 
   @property
   def metrics(self):
-    return [self.mmd2_tracker, self.grad_norm_tracker]
+    trackers = [self.mmd2_tracker, self.grad_norm_tracker]
+    if self.learned_timesteps is not None:
+      trackers.append(self.timesteps_grad_norm_tracker)
+    return trackers
+
+  def current_timesteps(self):
+    """The K timesteps the sampler visits now: ints, or the learned values (float32)."""
+    if self.learned_timesteps is None:
+      return self.timesteps
+    return self.learned_timesteps.values()
 
   def _eps_fn(self, dropout_seed):
     """ε_θ(x, t) for the sampler; dropout masks are a function of (dropout_seed, t) alone, so a
     replayed step draws the same masks."""
     def eps(x, t):
       if self.dropout:
+        # A continuous t keys the masks by its bits: the replay sees the very same value.
+        key = t[0] if t.dtype.is_integer else tf.bitcast(t[0], tf.int32)
         return self.unet(x, t, training=True,
-                         dropout_seed=tf.random.experimental.stateless_fold_in(dropout_seed, t[0]))
+                         dropout_seed=tf.random.experimental.stateless_fold_in(dropout_seed, key))
       return self.unet(x, t, training=False)
     return eps
 
-  def _steps(self, seed):
-    """(the sampler's K steps, ε_θ) of one finetuning step; `seed` fixes dropout masks and
-    η-noise."""
+  def _steps(self, seed, timesteps):
+    """(the sampler's K steps over `timesteps`, ε_θ) of one finetuning step; `seed` fixes dropout
+    masks and η-noise."""
     dropout_seed, eta_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    steps = samplers.steps(self.sampler, timesteps=self.timesteps,
-                           alphas_cumprod=self.alphas_cumprod, eta=self.eta, clip_x0=self.clip_x0,
-                           seed=eta_seed)
+    alphas_cumprod = (self._alphas_cumprod_float64 if steps_lib.is_continuous(timesteps)
+                      else self.alphas_cumprod)
+    steps = samplers.steps(self.sampler, timesteps=timesteps, alphas_cumprod=alphas_cumprod,
+                           eta=self.eta, clip_x0=self.clip_x0, seed=eta_seed)
     return steps, self._eps_fn(dropout_seed)
 
   def sample(self, z, *, seed):
-    """x̂0 = S_K(ε_θ, z), unrolled and differentiable in θ; `seed` fixes dropout masks and
+    """x̂0 = S_K(ε_θ, z), unrolled and differentiable in θ (and ψ); `seed` fixes dropout masks and
     η-noise."""
-    steps, eps = self._steps(seed)
+    timesteps = self.timesteps if self.learned_timesteps is None else self.learned_timesteps()
+    steps, eps = self._steps(seed, timesteps)
     return steps_lib.run(steps, eps, z)
 
   def compute_gradients(self, x_real, z=None):
-    """(MMD² of the global batch, ∇_θ MMD² summed over replicas) for this replica's real batch.
+    """(MMD² of the global batch, its gradient with respect to θ, the UNet's trainable weights, then
+    ψ, the timestep logits when learned, summed over replicas) for this replica's real batch.
 
     `z` defaults to `example_noise` of this step.
     """
@@ -122,7 +177,13 @@ class MMDFinetuner(keras.Model):
       fake_features = replica.all_gather(self.feature_net(x_fake), axis=0)
       return mmd.mmd2_unbiased(fake_features, real_features, kernel=self.kernel)
 
-    steps, eps = self._steps(streams.step_seed(self.seed, step))
+    timesteps, timesteps_tape = self.timesteps, None
+    if self.learned_timesteps is not None:
+      with tf.GradientTape() as timesteps_tape:
+        timesteps = self.learned_timesteps()
+      # Differentiated like a weight; ψ's gradient follows by the chain rule below.
+      weights = weights + [timesteps]
+    steps, eps = self._steps(streams.step_seed(self.seed, step), timesteps)
     # all_gather's gradient sums the (identical) upstream gradients of all N replicas, so the
     # local gradient of L/N is exactly this replica's examples' share of ∇L.
     if self.recompute:
@@ -130,19 +191,32 @@ class MMDFinetuner(keras.Model):
                                                gradient_scale=1.0 / num_replicas)
     else:
       with tf.GradientTape() as tape:
+        tape.watch([w for w in weights if isinstance(w, tf.Tensor)])
         loss = loss_fn(steps_lib.run(steps, eps, z))
         scaled_loss = loss / num_replicas
-      grads = tape.gradient(scaled_loss, weights)
+      grads = tape.gradient(scaled_loss, weights,
+                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    if timesteps_tape is not None:
+      grads[-1] = timesteps_tape.gradient(timesteps, self.learned_timesteps.logits,
+                                          output_gradients=tf.convert_to_tensor(grads[-1]))
     return loss, replica.all_reduce(tf.distribute.ReduceOp.SUM, grads)
 
   def train_step(self, x_real):
     loss, grads = self.compute_gradients(x_real)
-    grad_norm = training_loop.apply_global_gradients(self.optimizer, grads,
+    num_weights = len(self.unet.trainable_weights)
+    grad_norm = training_loop.apply_global_gradients(self.optimizer, grads[:num_weights],
                                                      self.unet.trainable_weights,
                                                      grad_clip=self.grad_clip)
     self.mmd2_tracker.update_state(loss)
     self.grad_norm_tracker.update_state(grad_norm)
-    return training_loop.step_logs(self, loss=loss, grad_norm=grad_norm)
+    also_finite = []
+    if self.learned_timesteps is not None:
+      timesteps_grad_norm = training_loop.apply_global_gradients(
+          self.learned_timesteps.optimizer, grads[num_weights:], [self.learned_timesteps.logits],
+          grad_clip=None)
+      self.timesteps_grad_norm_tracker.update_state(timesteps_grad_norm)
+      also_finite.append(timesteps_grad_norm)
+    return training_loop.step_logs(self, loss=loss, grad_norm=grad_norm, also_finite=also_finite)
 
 
 def _check_positive(parameter, value):
@@ -154,15 +228,18 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
              finetune_steps, learning_rate, grad_clip, global_batch_size, checkpoint_every,
              log_every, seed, strategy, init_checkpoint, use_ema=True, sampler="ddim",
              timestep_kind="uniform", eta=0.0, clip_x0=False, recompute=True, dropout=False,
-             num_sample_images=64):
-  """MMD-finetunes (or resumes) the UNet in `workdir`; writes `<workdir>/unet.weights.h5` at the end.
+             learn_timesteps=False, timesteps_lr=1e-2, num_sample_images=64):
+  """MMD-finetunes (or resumes) the UNet in `workdir`; writes `<workdir>/unet.weights.h5` at the end
+  and, for continuous timesteps (`learn_timesteps`, or a `timestep_kind` of float values), the
+  timesteps beside it (`checkpoints.save_timesteps`).
 
   `dataset_fn(start_batch)` yields the global batches of real images from batch `start_batch` on;
   Keras' fit splits them across replicas.
   """
   for parameter, value in (("learning_rate", learning_rate), ("finetune_steps", finetune_steps),
                            ("global_batch_size", global_batch_size),
-                           ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
+                           ("checkpoint_every", checkpoint_every), ("log_every", log_every),
+                           ("timesteps_lr", timesteps_lr)):
     _check_positive(parameter, value)
   if not grad_clip >= 0:
     raise ParameterError("grad_clip", "must be >= 0 (0 disables clipping)", value=grad_clip)
@@ -180,14 +257,16 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
       make_trainer=lambda unet: MMDFinetuner(
           unet, feature_net=feature_net_factory(), schedule=schedule, num_steps=num_steps,
           kernel=kernel, sampler=sampler, timestep_kind=timestep_kind, eta=eta, grad_clip=grad_clip,
-          recompute=recompute, dropout=dropout, clip_x0=clip_x0, seed=seed),
+          recompute=recompute, dropout=dropout, clip_x0=clip_x0, seed=seed,
+          learn_timesteps=learn_timesteps, timesteps_lr=timesteps_lr),
       learning_rate=learning_rate, initialize=initialize)
   trainer = run.trainer
+  learned = trainer.learned_timesteps
   grid = training_loop.GridSampler(
       unet_factory, weights=trainer.unet.weights,
       noise_seed=streams.key(seed, streams.FINETUNE_GRID), num_images=num_sample_images,
-      sampler=sampler, timesteps=trainer.timesteps, alphas_cumprod=schedule.alphas_cumprod,
-      clip_x0=clip_x0)
+      sampler=sampler, timesteps=trainer.current_timesteps,
+      alphas_cumprod=schedule.alphas_cumprod, clip_x0=clip_x0)
   if run.start_step < finetune_steps:
     if os.path.exists(final_weights):
       raise ParameterError("workdir", f"holds a finished run: {final_weights} exists; move it "
@@ -195,11 +274,26 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
                            refs=("workdir",))
     training_loop.train_to(run, max_steps=finetune_steps, dataset_fn=dataset_fn, sample_fn=grid,
                            checkpoint_every=checkpoint_every, log_every=log_every,
-                           global_batch_size=global_batch_size, image_tag="samples")
+                           global_batch_size=global_batch_size, image_tag="samples",
+                           describe=None if learned is None else (
+                               lambda: describe_timesteps(learned.values())))
   else:
     console.note(f"already finetuned for {run.start_step} >= {finetune_steps} steps")
   if not os.path.exists(final_weights):
+    weights_path = os.path.join(run.out_dir, "unet.weights.h5")
+    timesteps = trainer.current_timesteps()
+    if steps_lib.is_continuous(timesteps):  # Learned, or learned by the run it started from.
+      # Before the weights: a finished run (its weights exist) always has its timesteps beside.
+      checkpoints.save_timesteps(weights_path, timesteps, num_timesteps=schedule.num_timesteps,
+                                 sampler=sampler)
+      logging.info("finetuned at %s", describe_timesteps(timesteps)[0])
     # Saved from the grid's UNet, a plain copy outside the strategy.
-    checkpoints.save_weights_h5(grid.synced_unet(), os.path.join(run.out_dir, "unet.weights.h5"))
+    checkpoints.save_weights_h5(grid.synced_unet(), weights_path)
     logging.info("wrote %s", final_weights)
   return trainer
+
+
+def describe_timesteps(timesteps):
+  """(a progress-line text, TensorBoard scalars) of the learned timesteps."""
+  return (f"timesteps {schedule_lib.format_timesteps(timesteps)}",
+          {f"timestep_{i}": float(t) for i, t in enumerate(timesteps)})

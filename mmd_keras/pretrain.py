@@ -32,6 +32,8 @@ def update_ema(ema, weights, decay):
 class DDPMTrainer(keras.Model):
   """Trains `unet` on L = E_{t, ε} ‖ε − ε_θ(sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε, t)‖²."""
 
+  learned_timesteps = None  # Pretraining samples at fixed timesteps.
+
   def __init__(self, unet, *, schedule, ema_decay=0.9999, grad_clip=None, seed=0, **kwargs):
     super().__init__(**kwargs)
     self.unet = unet

@@ -41,7 +41,8 @@ SAMPLER_KEYS = ("sampler", "weights_sha256", "alphas_cumprod_sha256", "num_steps
 SAMPLES_KEYS = SAMPLER_KEYS + ("seed", "batch_size", "num_images")
 # Settings that records written before they existed leave out, at the value they then had.
 SAMPLER_DEFAULTS = {"sampler": "ddim"}
-FINETUNE_DEFAULTS = {"sampler.sampler": "ddim"}
+FINETUNE_DEFAULTS = {"sampler.sampler": "ddim", "finetune.learn_timesteps": False,
+                     "finetune.timesteps_lr": 1e-2}
 
 
 def sampler_settings(*, sampler, weights_sha256, alphas_cumprod, timesteps, eta, clip_x0,
@@ -51,9 +52,16 @@ def sampler_settings(*, sampler, weights_sha256, alphas_cumprod, timesteps, eta,
   alphas_cumprod = np.asarray(alphas_cumprod, np.float32)
   return dict(sampler=sampler, weights_sha256=weights_sha256,
               alphas_cumprod_sha256=hashlib.sha256(alphas_cumprod.tobytes()).hexdigest(),
-              num_steps=len(timesteps), timesteps=[int(t) for t in timesteps], eta=float(eta),
+              num_steps=len(timesteps), timesteps=json_timesteps(timesteps), eta=float(eta),
               clip_x0=bool(clip_x0), image_shape=[int(d) for d in image_shape],
               num_timesteps=len(alphas_cumprod))
+
+
+def json_timesteps(timesteps):
+  """Timesteps as JSON values: ints, or floats for continuous (e.g. learned) ones."""
+  values = np.asarray(timesteps)
+  convert = float if np.issubdtype(values.dtype, np.floating) else int
+  return [convert(t) for t in values]
 
 
 def samples_settings(sampler, *, seed, batch_size, num_images):

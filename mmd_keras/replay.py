@@ -33,8 +33,10 @@ def value_and_gradients(steps, eps_model, x_T, *, loss_fn, weights, gradient_sca
 
   `steps` is a sampler's `Steps` (see `steps.py`). `eps_model(x, t)` must be a function of its
   inputs alone (dropout masks seeded by t, no stateful draws): step i runs twice and both runs must
-  agree.
+  agree. `weights` are variables or tensors; a tensor (e.g. the learned timesteps `steps` was made
+  from, which each step reads) is watched by every tape.
   """
+  tensors = [w for w in weights if isinstance(w, tf.Tensor)]
   k = steps.num_steps
   state = steps.initial_state(x_T)
   inputs = [tf.TensorArray(s.dtype, size=max(k - 1, 1), element_shape=s.shape) for s in state]
@@ -47,7 +49,7 @@ def value_and_gradients(steps, eps_model, x_T, *, loss_fn, weights, gradient_sca
     _, state, inputs = tf.while_loop(lambda i, *_: i < k - 1, forward,
                                      (tf.constant(0), state, inputs), parallel_iterations=1)
   with tf.GradientTape() as tape:
-    tape.watch(state)
+    tape.watch([*state, *tensors])
     loss = loss_fn(steps.output(steps.step(eps_model, state, k - 1)))
   state_grads, grads = tape.gradient(loss, [list(state), weights],
                                      output_gradients=tf.constant(gradient_scale, loss.dtype),
@@ -61,7 +63,7 @@ def value_and_gradients(steps, eps_model, x_T, *, loss_fn, weights, gradient_sca
     with tf.control_dependencies(state_grads):
       state = tuple(ta.read(i) for ta in inputs)
     with tf.GradientTape() as tape:
-      tape.watch(state)
+      tape.watch([*state, *tensors])
       outputs = steps.step(eps_model, state, i)
     input_grads, step_grads = tape.gradient(outputs, [list(state), weights],
                                             output_gradients=list(state_grads),

@@ -1,4 +1,5 @@
-"""The DDPM noise schedule: β_t, ᾱ_t and the K-step DDIM timestep subsequence.
+"""The DDPM noise schedule: β_t, ᾱ_t (and ᾱ(t) of continuous t), the K-step DDIM timestep
+subsequence, and the parametrisation of learned (continuous, increasing) timesteps.
 
 Schedules are computed in float64 NumPy (closed forms are exact there) and cast to float32 only
 at the TF border, as the original DDPM code does.
@@ -31,7 +32,8 @@ def timestep_subsequence(*, num_timesteps, num_steps, kind="uniform"):
   trailing:  round(T − i·T/K) − 1 for i = 0 … K−1       (starts at T−1, where x_T ~ N(0, I) belongs)
   linspace:  round(i · (T−1)/(K−1)) for i = 0 … K−1     (both ends, 0 and T−1)
   quadratic: ⌊(i · sqrt(0.8·T) / (K−1))²⌋ for i = 0 … K−1  (the DDIM paper, CIFAR-10)
-  `kind` may also be the K timesteps themselves (a sequence of increasing ints in [0, T−1]).
+  `kind` may also be the K timesteps themselves (a sequence of increasing ints in [0, T−1], or
+  of floats: continuous timesteps, e.g. learned ones, returned as float64).
   """
   if not isinstance(kind, str):
     return _explicit_timesteps(kind, num_timesteps=num_timesteps, num_steps=num_steps)
@@ -60,7 +62,8 @@ def timestep_subsequence(*, num_timesteps, num_steps, kind="uniform"):
 
 def _explicit_timesteps(timesteps, *, num_timesteps, num_steps):
   seq = np.asarray(timesteps)
-  if seq.ndim != 1 or not np.issubdtype(seq.dtype, np.integer):
+  continuous = np.issubdtype(seq.dtype, np.floating)
+  if seq.ndim != 1 or not (continuous or np.issubdtype(seq.dtype, np.integer)):
     raise ParameterError("kind", "must be a comma-separated list of integer timesteps",
                          value=list(timesteps))
   if len(seq) != num_steps:
@@ -71,7 +74,63 @@ def _explicit_timesteps(timesteps, *, num_timesteps, num_steps):
                          value=seq.tolist())
   if np.any(np.diff(seq) <= 0):
     raise ParameterError("kind", "must be strictly increasing", value=seq.tolist())
-  return seq.astype(np.int64)
+  return seq.astype(np.float64 if continuous else np.int64)
+
+
+def log_alphas_cumprod_at(alphas_cumprod, t):
+  """log ᾱ(t) for real t ∈ [0, T−1]: log ᾱ linearly interpolated between ⌊t⌋ and ⌊t⌋ + 1.
+
+  log ᾱ_t = Σ_{s≤t} log(1 − β_s) is a running sum, so this holds β constant between integers:
+  exact at integer t, continuous, and differentiable in t between integers (slope
+  log(1 − β_{⌊t⌋+1})). `t` is a tensor (a float64 tensor of its shape is returned; it extrapolates
+  linearly outside [0, T−1]) or NumPy values (a float64 array, clamped to the ends).
+  """
+  log_table = np.log(np.asarray(alphas_cumprod, np.float64))
+  if not tf.is_tensor(t):
+    return np.interp(t, np.arange(len(log_table)), log_table)
+  t = tf.cast(t, tf.float64)
+  lower = tf.clip_by_value(tf.floor(t), 0.0, float(max(len(log_table) - 2, 0)))
+  index = tf.cast(lower, tf.int32)
+  upper = tf.minimum(index + 1, len(log_table) - 1)
+  fraction = t - lower  # floor has no gradient: ∂/∂t is the slope of the segment.
+  return (1.0 - fraction) * tf.gather(log_table, index) + fraction * tf.gather(log_table, upper)
+
+
+def format_timesteps(timesteps):
+  """Continuous timesteps as messages, logs and reports show them: "0.50,200.12,…"."""
+  return ",".join(f"{t:.2f}" for t in timesteps)
+
+
+# How far learned timesteps start inside (0, T − 1) when the spacing puts one at 0 or T − 1.
+ENDPOINT_MARGIN = 0.5
+
+
+def learned_timesteps(logits, *, num_timesteps):
+  """t_i = (T − 1) Σ_{j≤i} softmax(θ)_j, i = 0 … K − 1, of K + 1 logits θ: K timesteps strictly
+  increasing in the open interval (0, T − 1) whatever θ (softmax(θ)_K is the gap above t_{K−1}),
+  float32 [K] (DDSS, Watson et al. 2022, learn timesteps through such a parametrisation)."""
+  gaps = tf.nn.softmax(tf.convert_to_tensor(logits, tf.float32))
+  return float(num_timesteps - 1) * tf.cumsum(gaps[:-1])
+
+
+def timestep_logits(timesteps, *, num_timesteps):
+  """θ [K + 1] (float32) with learned_timesteps(θ) = `timesteps` (K increasing values in
+  [0, T − 1]) up to float32 rounding, except at the ends of the range, which the open interval
+  leaves out: 0 starts at ENDPOINT_MARGIN and T − 1 at T − 1 − ENDPOINT_MARGIN. θ_j = log of the
+  j-th gap of 0 < t_0 < … < t_{K−1} < T − 1 over T − 1.
+
+  (Any margin > 0 would do; the gradient of a timestep through the softmax scales with its gap, so
+  a tiny first gap would keep t_0 where it starts.)
+  """
+  last = float(num_timesteps - 1)
+  t = np.asarray(timesteps, np.float64)
+  inside = np.where(t <= 0.0, ENDPOINT_MARGIN, np.where(t >= last, last - ENDPOINT_MARGIN, t))
+  gaps = np.diff(np.concatenate([[0.0], inside, [last]]))
+  if not np.all(gaps > 0):
+    raise ParameterError("kind", f"cannot start learned timesteps: moved inside (0, {last:g}) "
+                         f"(T={num_timesteps}) they would not increase strictly",
+                         value=t.tolist())
+  return np.log(gaps / last).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,10 +31,10 @@ class NonFiniteError(UserError):
   """A training step produced a non-finite loss or gradient."""
 
 
-def nonfinite_replicas(loss, grad_norm):
-  """How many replicas saw a non-finite loss or gradient norm this step (all-reduced, so every
-  replica reports the global count; 0 on a healthy step)."""
-  finite = tf.logical_and(tf.math.is_finite(loss), tf.math.is_finite(grad_norm))
+def nonfinite_replicas(loss, grad_norm, also_finite=()):
+  """How many replicas saw a non-finite loss or gradient norm (or value of `also_finite`) this step
+  (all-reduced, so every replica reports the global count; 0 on a healthy step)."""
+  finite = tf.reduce_all([tf.math.is_finite(v) for v in (loss, grad_norm, *also_finite)])
   return tf.distribute.get_replica_context().all_reduce(
       tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
 
@@ -53,12 +53,14 @@ def apply_global_gradients(optimizer, grads, weights, *, grad_clip):
   return grad_norm
 
 
-def step_logs(trainer, *, loss, grad_norm):
+def step_logs(trainer, *, loss, grad_norm, also_finite=()):
   """What a `train_step` returns: the trainer's metrics and the step's loss, gradient norm and
-  non-finite count, which `Progress` reads."""
+  non-finite count (of those and of `also_finite`, e.g. other gradient norms), which `Progress`
+  reads."""
   return distribute.fit_logs({
       **{m.name: m.result() for m in trainer.metrics}, "step_loss": loss,
-      "step_grad_norm": grad_norm, "nonfinite": nonfinite_replicas(loss, grad_norm)})
+      "step_grad_norm": grad_norm,
+      "nonfinite": nonfinite_replicas(loss, grad_norm, also_finite)})
 
 
 def step_of(trainer):
@@ -78,15 +80,17 @@ class Progress(keras.callbacks.Callback):
   by `fit`) with the trainer's metrics. Every `log_every` steps a progress log line and TensorBoard
   scalars (the trainer's metrics averaged since the last line); every `every` steps a checkpoint
   and a sample grid, once `weights` (what the checkpoint holds of the model: weights, EMA) are
-  checked finite.
+  checked finite. `describe()` (optional) returns more text for the progress line and more
+  scalars for TensorBoard ({tag: value}).
 
   The trainer's `train_step` returns `step_loss`, `step_grad_norm` and `nonfinite` (see
   `nonfinite_replicas`) besides its metrics.
   """
 
   def __init__(self, *, manager, trainer, weights, sample_fn, workdir, every, log_every,
-               global_batch, image_tag):
+               global_batch, image_tag, describe=None):
     super().__init__()
+    self.describe = describe
     self.manager = manager
     self.trainer = trainer
     self.weights = list(weights)
@@ -129,11 +133,13 @@ class Progress(keras.callbacks.Callback):
     now = time.time()
     steps_per_second = (step - self.last_step) / max(now - self.last_time, 1e-9)
     values = {m.name: float(m.result()) for m in self.trainer.metrics}
-    logging.info("step %d  %s  %.2f steps/s  %.1f img/s", step,
+    text, scalars = self.describe() if self.describe else ("", {})
+    logging.info("step %d  %s  %.2f steps/s  %.1f img/s%s", step,
                  "  ".join(f"{name} {value:.5f}" for name, value in values.items()),
-                 steps_per_second, steps_per_second * self.global_batch)
+                 steps_per_second, steps_per_second * self.global_batch,
+                 f"  {text}" if text else "")
     with self.writer.as_default(step=step):
-      for name, value in values.items():
+      for name, value in {**values, **scalars}.items():
         tf.summary.scalar(name, value)
       tf.summary.scalar("steps_per_second", steps_per_second)
       tf.summary.scalar("images_per_second", steps_per_second * self.global_batch)
@@ -191,8 +197,9 @@ def start(*, strategy, workdir, unet_factory, make_trainer, learning_rate, initi
   """Builds a UNet and `make_trainer(unet)` with Adam under `strategy`, then resumes the latest
   checkpoint in `<workdir>/checkpoints` or, for a new run, calls `initialize(trainer)`.
 
-  The trainer has the attributes `unet` and `ema` (its EMA weights, None if it keeps none): the
-  checkpoint holds both and the optimizer (`checkpoints.training_checkpoint`).
+  The trainer has the attributes `unet`, `ema` (its EMA weights, None if it keeps none) and
+  `learned_timesteps` (a `finetune.LearnedTimesteps`, or None): the checkpoint holds them and the
+  optimizer (`checkpoints.training_checkpoint`).
   """
   with strategy.scope():
     unet = unet_factory().build_for_inference()
@@ -200,7 +207,8 @@ def start(*, strategy, workdir, unet_factory, make_trainer, learning_rate, initi
     optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
     trainer.compile(optimizer=optimizer, jit_compile=jit_compile)
     optimizer.build(unet.trainable_weights)
-  ckpt = checkpoints.training_checkpoint(unet=unet, ema=trainer.ema, optimizer=optimizer)
+  ckpt = checkpoints.training_checkpoint(unet=unet, ema=trainer.ema, optimizer=optimizer,
+                                         learned_timesteps=trainer.learned_timesteps)
   out_dir = distribute.write_dir(workdir, strategy)
   manager = tf.train.CheckpointManager(ckpt, os.path.join(out_dir, "checkpoints"), max_to_keep=3)
   # Every worker resumes from the chief's checkpoints.
@@ -213,7 +221,8 @@ def start(*, strategy, workdir, unet_factory, make_trainer, learning_rate, initi
 
 class GridSampler:
   """Draws the progress grid: fixed noise sampled in K steps of `sampler` (η = 0) with the current
-  values of `weights`, copied into a UNet of `unet_factory` outside the strategy."""
+  values of `weights`, copied into a UNet of `unet_factory` outside the strategy, at `timesteps`
+  (or at `timesteps()`, the current ones, when it is a function)."""
 
   def __init__(self, unet_factory, *, weights, noise_seed, num_images, timesteps, alphas_cumprod,
                clip_x0, sampler="ddim"):
@@ -237,19 +246,24 @@ class GridSampler:
 
   def __call__(self):
     self.synced_unet()
-    return samplers.sample(self.sampler, self.eps_fn, self.noise, timesteps=self.timesteps,
+    timesteps = self.timesteps() if callable(self.timesteps) else self.timesteps
+    return samplers.sample(self.sampler, self.eps_fn, self.noise, timesteps=timesteps,
                            alphas_cumprod=self.alphas_cumprod, clip_x0=self.clip_x0)
 
 
 def train_to(run, *, max_steps, dataset_fn, sample_fn, checkpoint_every, log_every,
-             global_batch_size, image_tag):
+             global_batch_size, image_tag, describe=None):
   """Trains `run` from its step to exactly `max_steps` on `dataset_fn(start_batch)` (the run's
-  global batches from batch `start_batch` on), and checkpoints the last step."""
+  global batches from batch `start_batch` on), and checkpoints the last step. `describe`: see
+  `Progress`."""
   trainer = run.trainer
+  learned = trainer.learned_timesteps
   progress = Progress(manager=run.manager, trainer=trainer,
-                      weights=trainer.unet.weights + list(trainer.ema or []), sample_fn=sample_fn,
-                      workdir=run.out_dir, every=checkpoint_every, log_every=log_every,
-                      global_batch=global_batch_size, image_tag=image_tag)
+                      weights=(trainer.unet.weights + list(trainer.ema or [])
+                               + ([learned.logits] if learned is not None else [])),
+                      sample_fn=sample_fn, workdir=run.out_dir, every=checkpoint_every,
+                      log_every=log_every, global_batch=global_batch_size, image_tag=image_tag,
+                      describe=describe)
   start_step = step_of(trainer)
   progress.bar = console.ProgressBar(max_steps, desc=os.path.basename(run.out_dir), unit="steps",
                                      initial=start_step, rate_unit="img",

@@ -75,12 +75,13 @@ class RandomConvFeatures:
 
 
 def make_finetuner(unet, *, num_steps=2, recompute=True, dropout=False, seed=0, lr=1e-3,
-                   grad_clip=None, optimizer=None, sampler="ddim"):
-  """An MMDFinetuner on FINETUNER_SCHEDULE with RandomConvFeatures and the polynomial kernel."""
+                   grad_clip=None, optimizer=None, sampler="ddim", **options):
+  """An MMDFinetuner on FINETUNER_SCHEDULE with RandomConvFeatures and the polynomial kernel;
+  `options` are MMDFinetuner's others (timestep_kind, learn_timesteps, …)."""
   trainer = finetune.MMDFinetuner(
       unet, feature_net=RandomConvFeatures(), schedule=FINETUNER_SCHEDULE, num_steps=num_steps,
       kernel=mmd.make_kernel("polynomial"), sampler=sampler, recompute=recompute,
-      dropout=dropout, seed=seed, grad_clip=grad_clip)
+      dropout=dropout, seed=seed, grad_clip=grad_clip, **options)
   # As the driver: no XLA, whatever the device.
   trainer.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate=lr), jit_compile=False)
   return trainer

@@ -22,6 +22,7 @@ from helpers import REPO_ROOT
 from helpers import run_main
 from helpers import tiny_unet
 from mmd_keras import checkpoints
+from mmd_keras import finetune
 
 # The tiny UNet of the tree's checkpoints (helpers.tiny_unet at 28 px: the bundled classifiers'
 # size), and the flags that describe it.
@@ -221,6 +222,37 @@ IN_PROCESS_CASES = [
          ["--finetuned_checkpoints", "nope.weights.h5", "does not exist"]),
     Case("export_dir_unwritable", ["--mode=export", "--export_dir={root}/a_file/export"],
          ["--export_dir", "a_file", "not writable"]),
+    # Learned timesteps: only a finetune learns them; weights finetuned with them sample at them.
+    Case("learn_timesteps_with_sample", ["--mode=sample", "--learn_timesteps"],
+         ["--learn_timesteps", "--mode=finetune and --mode=quickstart", "--mode=sample"]),
+    Case("learn_timesteps_with_pretrain", ["--mode=pretrain", "--learn_timesteps"],
+         ["--learn_timesteps", "--mode=pretrain"]),
+    Case("learn_timesteps_with_eta", ["--mode=finetune", "--learn_timesteps", "--eta=0.5"],
+         ["--learn_timesteps", "--eta=0", "0.5"]),
+    Case("timesteps_lr_zero", ["--mode=finetune", "--learn_timesteps", "--timesteps_lr=0"],
+         ["--timesteps_lr", "> 0"]),
+    Case("learned_weights_with_explicit_timesteps_export",
+         ["--mode=export", "--export_dir={root}/run/export_learned",
+          "--init_checkpoint={root}/learned/unet.weights.h5", "--timesteps=0,4,8,12,16"],
+         ["--timesteps=0,4,8,12,16", "learned timesteps (0.50,4.25", "--init_checkpoint"]),
+    Case("learned_weights_with_explicit_timesteps_evaluate",
+         ["--mode=evaluate", "--eval_steps=5", "--timesteps=0,4,8,12,16",
+          "--finetuned_checkpoints=5:{root}/learned/unet.weights.h5"],
+         ["--timesteps=0,4,8,12,16", "learned timesteps", "--finetuned_checkpoints"]),
+    Case("learned_weights_at_another_k", ["--mode=sample", "--num_steps=4",
+                                          "--init_checkpoint={root}/learned/unet.weights.h5"],
+         ["--num_steps=4", "5 learned timesteps", "--init_checkpoint"]),
+    Case("learned_weights_with_eta", ["--mode=sample", "--eta=0.5",
+                                      "--init_checkpoint={root}/learned/unet.weights.h5"],
+         ["--eta=0.5", "must be 0", "--init_checkpoint"]),
+    Case("resume_of_learned_timesteps_without_the_flag",
+         ["--mode=finetune", "--workdir={root}/learned_resume"],
+         ["--learn_timesteps is off", "finetune_k5/checkpoints/ckpt-3", "with learned timesteps",
+          "--workdir"]),
+    Case("learned_weights_finetuned_further_with_explicit_timesteps",
+         ["--mode=finetune", "--workdir={root}/learned_run", "--timesteps=0,4,8,12,16",
+          "--init_checkpoint={root}/learned/unet.weights.h5"],
+         ["--timesteps=0,4,8,12,16", "learned timesteps", "--init_checkpoint"]),
 ]
 
 
@@ -252,6 +284,10 @@ def tree(tmp_path_factory):
   _write(os.path.join(root, "a_file"), b"a regular file: no directory can be made under it\n")
   # A feature model without the value range it takes (its check reads no model).
   _write(os.path.join(root, "feature_model", "saved_model.pb"), b"a SavedModel")
+  # Weights finetuned with learned timesteps (K=5 of T=20), the timesteps beside them.
+  _write(os.path.join(root, "learned", "unet.weights.h5"), weights)
+  checkpoints.save_timesteps(os.path.join(root, "learned", "unet.weights.h5"),
+                             [0.5, 4.25, 8.75, 12.0, 16.5], num_timesteps=20, sampler="ddim")
 
   # An earlier pretrain run (checkpoint with EMA weights), a finished finetune, an export, a report.
   run = os.path.join(root, "run")
@@ -264,6 +300,12 @@ def tree(tmp_path_factory):
   _write(os.path.join(run, "export", "mmd_ddm", "1", "variables", "variables.index"), b"index")
   _write(os.path.join(run, "export", "mmd_ddm_k5.tflite"), b"an earlier tflite")
   _write(os.path.join(run, "evaluate", "report.md"), b"| model | K |\n")
+  # A finetune checkpoint with learned timesteps, which a rerun would resume.
+  learned = finetune.LearnedTimesteps([0, 4, 8, 12, 16], num_timesteps=20, learning_rate=1e-2)
+  tf.train.CheckpointManager(
+      checkpoints.training_checkpoint(unet=unet, learned_timesteps=learned),
+      os.path.join(root, "learned_resume", "finetune_k5", "checkpoints"),
+      max_to_keep=1).save(checkpoint_number=3)
   # A finetune checkpoint whose data file lost its second half (a copy that stopped midway).
   optimizer = keras.optimizers.Adam()
   optimizer.build(unet.trainable_weights)

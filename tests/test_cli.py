@@ -292,3 +292,28 @@ def test_quickstart_rerun_reuses_only_its_own_finetune(quickstart):
   assert "--workdir" in changed.stderr and "0.0001 then, 0.0002 now" in changed.stderr
   assert (_sha256(weights), sorted(os.listdir(os.path.join(workdir, "quickstart")))) == before
   assert sorted(os.listdir(os.path.join(export, "mmd_ddm"))) == ["1"]
+
+
+@pytest.mark.slow
+def test_quickstart_with_learned_timesteps_evaluates_and_exports_at_them(tmp_path):
+  base = _unet_file(tmp_path / "base.weights.h5", seed=0)
+  workdir = str(tmp_path / "run")
+  export = os.path.join(workdir, "export")
+  result = run_main(f"--workdir={workdir}", f"--export_dir={export}", "--mode=quickstart",
+                    f"--init_checkpoint={base}", *E2E_UNET, *E2E_EVAL, "--num_steps=2",
+                    "--finetune_steps=2", "--batch_size=4", "--checkpoint_every=2",
+                    "--log_every=1", "--learning_rate=1e-4", "--quickstart_eval_images=130",
+                    "--eval_samplers=", "--learn_timesteps", "--timesteps_lr=0.1")
+  assert result.returncode == 0, result.stderr
+  weights = os.path.join(workdir, "finetune_k2", "unet.weights.h5")
+  with open(checkpoints.timesteps_path(weights)) as f:
+    learned = json.load(f)["timesteps"]
+  # Started at the uniform spacing of T=10, K=2 (0 and 5; 0 moves inside (0, 9)), then learned.
+  assert len(learned) == 2 and learned != [0.5, 5.0] and 0 < learned[0] < learned[1] < 9
+  assert f"finetuned at the learned timesteps {learned[0]:.2f},{learned[1]:.2f}" in result.stdout
+  with open(os.path.join(workdir, "quickstart", "report.json")) as f:
+    rows = {row["model"]: row for row in json.load(f)["rows"] if row["num_steps"] == 2}
+  assert rows["MMD-DDM"]["timesteps"] == learned and rows["DDIM"]["timesteps"] == "uniform"
+  assert "- MMD-DDM K=2 samples at its learned timesteps" in result.stdout
+  with open(os.path.join(export, "mmd_ddm", "1", "assets", "sampler.json")) as f:
+    assert json.load(f)["timesteps"] == learned

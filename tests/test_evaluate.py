@@ -580,6 +580,13 @@ def test_merge_averages_the_seeds_of_one_finetune_setting(tmp_path):
   assert "| MMD-DDM (3 seeds) | 5 | 8.17 ± 1.26 |" in table
   assert "- rows over seeds: mean ± standard deviation" in table
   assert "MMD-DDM K=5: 23.00" in table  # The best training-free line compares the mean.
+  assert seeds_row["timesteps"] == "uniform"
+  # Timesteps learned by each seed stay with it.
+  learned = [_report([dict(_seed_row(seed, fids[seed], f"w{seed}"), timesteps=[seed + 0.5, 9.5])])
+             for seed in (0, 1)]
+  per_seed = evaluate.merge_reports(learned, str(tmp_path / "learned"))["rows"][0]
+  assert per_seed["timesteps"] == "learned per seed"
+  assert [s["timesteps"] for s in per_seed["seeds"]] == [[0.5, 9.5], [1.5, 9.5]]
   # The same seed's report twice is one seed: its rows agree.
   again = evaluate.merge_reports(reports + reports[:1], str(tmp_path / "again"))
   assert again["rows"] == merged["rows"]
@@ -607,3 +614,21 @@ def test_merge_refuses_seeds_that_differ_in_more_than_the_seed(tmp_path):
   with pytest.raises(UserError, match="already a mean over seeds"):
     evaluate.merge_reports([merged, base], str(tmp_path / "twice"))
   assert not any((tmp_path / name).exists() for name in ("lr", "seed", "unrecorded", "twice"))
+
+
+def test_a_model_with_learned_timesteps_is_sampled_and_reported_at_them(setup, tmp_path):
+  schedule, real = setup
+  unet = _tiny_unet(0)
+  learned = np.array([12.5, 60.25])
+  models = [evaluate.ModelSpec("DDIM", unet, (2,)),
+            evaluate.ModelSpec(evaluate.FINETUNED, unet, (2,), timesteps=learned)]
+  report = evaluate.run(models=models, feature_spaces=_spaces(8), real_images=real,
+                        schedule=schedule, num_images=20, seed=3, out_dir=str(tmp_path),
+                        batch_size=8)
+  rows = json.loads((tmp_path / "report.json").read_text())["rows"]
+  assert rows[0]["timesteps"] == "uniform" and rows[1]["timesteps"] == [12.5, 60.25]
+  # The same weights at other timesteps: other samples.
+  assert rows[0]["spaces"]["heldout"]["fid"] != rows[1]["spaces"]["heldout"]["fid"]
+  assert evaluate.learned_timesteps(report["rows"][0]) is None
+  assert "- MMD-DDM K=2 samples at its learned timesteps 12.50,60.25" in (
+      tmp_path / "report.md").read_text()

@@ -525,3 +525,32 @@ def test_sampler_benchmark_smoke(repo_root, tmp_path):
   assert measured["num_steps"] == 1 and measured["batch"] == 2
   for name in ["bound"] + variants:  # Images/s, not a "failed: ..." string.
     assert isinstance(measured[name], float) and measured[name] > 0, (name, measured[name])
+
+
+@pytest.mark.slow
+def test_export_of_weights_with_learned_timesteps_samples_at_them(unet, main_module, tmp_path,
+                                                                  capsys):
+  from mmd_keras import checkpoints  # pylint: disable=g-import-not-at-top
+  from mmd_keras import samplers  # pylint: disable=g-import-not-at-top
+  weights = str(tmp_path / "unet.weights.h5")
+  checkpoints.save_weights_h5(unet, weights)
+  learned = [12.5, 640.25]
+  checkpoints.save_timesteps(weights, learned, num_timesteps=1000, sampler="dpm_solver_pp")
+  main_module._run_main(main_module._parse_flags([  # pylint: disable=protected-access
+      "main.py", "--mode=export", f"--init_checkpoint={weights}", "--image_size=8", "--ch=32",
+      "--ch_mult=1,2", "--num_res_blocks=1", "--attn_resolutions=4", "--num_steps=2",
+      "--sampler=dpm_solver_pp", "--clip_x0", f"--export_dir={tmp_path / 'out'}",
+      f"--workdir={tmp_path / 'run'}"]))
+  assert "learned with" in capsys.readouterr().out
+  version = tmp_path / "out" / "mmd_ddm" / "1"
+  with open(version / "assets" / "sampler.json") as f:
+    assert json.load(f)["timesteps"] == learned
+  loaded = tf.saved_model.load(str(version))
+  np.testing.assert_array_equal(loaded.timesteps.numpy(), np.float32(learned))
+  noise = _noise(3)
+  expected = ddim.to_uint8(tf.clip_by_value(samplers.sample(
+      "dpm_solver_pp", lambda x, t: unet(x, t), tf.constant(noise), timesteps=np.array(learned),
+      alphas_cumprod=SCHEDULE.alphas_cumprod, clip_x0=True), -1.0, 1.0)).numpy()
+  assert _max_abs_diff(loaded.from_noise(noise)["images"].numpy(), expected) <= 1
+  assert _max_abs_diff(_run_tflite(str(tmp_path / "out" / "mmd_ddm_k2.tflite"), noise),
+                       expected) <= 1

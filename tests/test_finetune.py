@@ -1,6 +1,7 @@
 """MMDFinetuner: the unroll is real (every weight gets a gradient), recompute changes nothing but
 memory (also with dropout), both for DDIM and DPM-Solver++, finetuning lowers a held-out MMD², the
-driver checkpoints and resumes."""
+driver checkpoints and resumes; learned timesteps get the finite-difference gradient, move, and are
+saved and restored."""
 
 import os
 
@@ -172,14 +173,15 @@ def test_bad_input_is_a_user_error():
     mmd.make_kernel("laplace")
 
 
-def _driver(workdir, init, *, steps, real):
+def _driver(workdir, init, *, steps, real, **options):
   return finetune.finetune(
       unet_factory=lambda: tiny_unet(image_size=IMAGE_SIZE),
       feature_net_factory=RandomConvFeatures, kernel=mmd.make_kernel("polynomial"),
       dataset_fn=lambda start_batch: tf.data.Dataset.from_tensors(real).repeat(), schedule=SCHEDULE,
       workdir=str(workdir), num_steps=2, finetune_steps=steps, learning_rate=1e-3, grad_clip=0.5,
       global_batch_size=real.shape[0], checkpoint_every=2, log_every=1, seed=0,
-      strategy=tf.distribute.get_strategy(), init_checkpoint=str(init), num_sample_images=4)
+      strategy=tf.distribute.get_strategy(), init_checkpoint=str(init), num_sample_images=4,
+      **options)
 
 
 @pytest.mark.slow
@@ -233,3 +235,94 @@ def test_driver_names_its_batch_parameter(tmp_path):
         workdir=str(tmp_path), num_steps=2, finetune_steps=3, learning_rate=1e-3, grad_clip=0.5,
         global_batch_size=0, checkpoint_every=2, log_every=1, seed=0,
         strategy=tf.distribute.get_strategy(), init_checkpoint=None)
+
+
+# Learned timesteps start here (T = 100): off the integers, so the finite differences below cross no
+# kink of ᾱ(t).
+CONTINUOUS = [10.3, 40.6, 70.4]
+
+
+def learned_finetuner(unet, **options):
+  return make_finetuner(unet, num_steps=3, timestep_kind=CONTINUOUS, learn_timesteps=True,
+                        **options)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver_pp"])
+def test_learned_timesteps_get_the_finite_difference_gradient(sampler):
+  # Along g = ∇_ψ L of the logits ψ alone, the directional derivative must be ‖g‖².
+  unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE), seed=1, scale=0.05)
+  trainer = learned_finetuner(unet, sampler=sampler)
+  np.testing.assert_allclose(trainer.current_timesteps(), CONTINUOUS, rtol=1e-5)
+  x_real = real_images(6, seed=0)
+  _, grads = gradients(trainer, x_real)
+  assert len(grads) == len(unet.trainable_weights) + 1
+  g = grads[-1].astype(np.float64)
+  assert g.shape == (4,) and np.all(g != 0), g
+  logits = trainer.learned_timesteps.logits
+  start = logits.numpy()
+  loss_fn = tf.function(lambda: trainer.compute_gradients(tf.constant(x_real))[0])
+  h = 2e-3 / np.linalg.norm(g)  # Moves each timestep by < 0.2: no integer crossed.
+  values = {}
+  for sign in (1, -1):
+    logits.assign(start + sign * h * g)
+    values[sign] = float(loss_fn())
+  logits.assign(start)
+  np.testing.assert_allclose((values[1] - values[-1]) / (2 * h), np.sum(g ** 2), rtol=3e-2)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver_pp"])
+def test_learned_timesteps_recompute_gives_the_same_gradients(sampler):
+  unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE), seed=2, scale=0.05)
+  x_real = real_images(6, seed=0)
+  _, plain = gradients(learned_finetuner(unet, sampler=sampler, recompute=False), x_real)
+  _, recomputed = gradients(learned_finetuner(unet, sampler=sampler, recompute=True), x_real)
+  np.testing.assert_allclose(recomputed[-1], plain[-1], rtol=1e-4)
+  total = np.sqrt(sum(np.sum(b.astype(np.float64) ** 2) for b in plain[:-1]))
+  for weight, a, b in zip(unet.trainable_weights, recomputed, plain):
+    assert np.linalg.norm(a - b) <= max(1e-5 * np.linalg.norm(b), 1e-6 * total), weight.path
+
+
+def test_fit_moves_the_learned_timesteps_and_keeps_them_increasing():
+  unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE), seed=3, scale=0.05)
+  trainer = learned_finetuner(unet, lr=1e-3, timesteps_lr=0.1)
+  before = trainer.current_timesteps()
+  dataset = tf.data.Dataset.from_tensor_slices(real_images(8 * 3, seed=0)).batch(8)
+  history = trainer.fit(dataset, epochs=1, verbose=0, shuffle=False)
+  after = trainer.current_timesteps()
+  assert np.abs(after - before).max() > 0.5, (before, after)
+  assert 0 < after[0] and np.all(np.diff(after) > 0) and after[-1] < 99, after
+  assert history.history["timesteps_grad_norm"][-1] > 0
+
+
+def test_learned_timesteps_with_eta_or_a_bad_learning_rate_are_refused():
+  unet = tiny_unet(image_size=IMAGE_SIZE)
+  with pytest.raises(UserError, match="^learn_timesteps=True needs eta=0"):
+    make_finetuner(unet, learn_timesteps=True, eta=0.5)
+  with pytest.raises(UserError, match="^timesteps_lr=0 must be > 0$"):
+    make_finetuner(unet, learn_timesteps=True, timesteps_lr=0)
+
+
+@pytest.mark.slow
+def test_driver_saves_and_resumes_the_learned_timesteps(tmp_path):
+  init = tmp_path / "base.weights.h5"
+  checkpoints.save_weights_h5(randomize_weights(tiny_unet(image_size=IMAGE_SIZE), scale=0.05),
+                              str(init))
+  real = real_images(4, seed=0)
+  options = dict(learn_timesteps=True, timesteps_lr=0.1, timestep_kind=CONTINUOUS[:2])
+  run = tmp_path / "run"
+  _driver(run, init, steps=1, real=real, **options)
+  os.remove(run / "unet.weights.h5")
+  first = checkpoints.learned_timesteps(str(run / "checkpoints"),
+                                        num_timesteps=SCHEDULE.num_timesteps)
+  # The rerun resumes the logits (and their Adam) from the checkpoint of step 1.
+  trainer = _driver(run, init, steps=2, real=real, **options)
+  saved = checkpoints.learned_timesteps(str(run / "unet.weights.h5"),
+                                        num_timesteps=SCHEDULE.num_timesteps)
+  np.testing.assert_array_equal(saved, trainer.current_timesteps())
+  np.testing.assert_array_equal(
+      checkpoints.learned_timesteps(str(run / "checkpoints"), num_timesteps=SCHEDULE.num_timesteps),
+      saved)
+  assert not np.allclose(first, CONTINUOUS[:2]) and not np.allclose(saved, first)
+  assert set(tensorboard_summaries(run / "tensorboard")) >= {"timestep_0", "timestep_1",
+                                                             "timesteps_grad_norm"}
+  assert checkpoints.learned_timesteps(str(init), num_timesteps=SCHEDULE.num_timesteps) is None

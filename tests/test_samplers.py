@@ -1,5 +1,7 @@
 """samplers.py: each name dispatches to its module's `sample`, unchanged; bad names and η are
-refused naming the parameter."""
+refused naming the parameter. Both samplers over continuous timesteps (`steps.ContinuousSteps`):
+at integer values they are the integer samplers, a tensor gives the values' samples, and the
+gradient with respect to the tensor is the finite-difference one."""
 
 import numpy as np
 import pytest
@@ -57,3 +59,49 @@ def test_eta_with_a_deterministic_sampler_is_refused(setup):
   assert caught.value.parameter == "eta" and "sampler" in caught.value.refs
   assert str(caught.value) == "eta=0.5 must be 0 with sampler=dpm_solver_pp: it is deterministic"
   samplers.check("ddim", eta=0.5)
+
+
+CONTINUOUS = [10.3, 40.6, 70.4]  # Off the integers by > 0.25: no kink of ᾱ(t) within ±h below.
+
+
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+@pytest.mark.parametrize("clip_x0", [False, True])
+def test_continuous_timesteps_at_integers_are_the_integer_sampler(setup, sampler, clip_x0):
+  eps_model, x_T = setup
+  kwargs = dict(alphas_cumprod=SCHEDULE.alphas_cumprod, clip_x0=clip_x0)
+  expected = samplers.sample(sampler, eps_model, x_T, timesteps=TIMESTEPS, **kwargs)
+  for timesteps in (TIMESTEPS.astype(np.float64), tf.constant(TIMESTEPS, tf.float32)):
+    got = samplers.sample(sampler, eps_model, x_T, timesteps=timesteps, **kwargs)
+    # Float32 rounding: the coefficients come from exp(log ᾱ) in another order of operations.
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+
+
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_a_timestep_tensor_samples_as_its_values(setup, sampler):
+  eps_model, x_T = setup
+  kwargs = dict(alphas_cumprod=SCHEDULE.alphas_cumprod)
+  expected = samplers.sample(sampler, eps_model, x_T, timesteps=np.array(CONTINUOUS), **kwargs)
+  got = samplers.sample(sampler, eps_model, x_T, timesteps=tf.constant(CONTINUOUS), **kwargs)
+  np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_timestep_gradient_is_the_finite_difference_one(setup, sampler):
+  eps_model, x_T = setup
+  loss_of = lambda t: tf.reduce_mean(samplers.sample(
+      sampler, eps_model, x_T, timesteps=t, alphas_cumprod=SCHEDULE.alphas_cumprod) ** 2)
+  t = tf.constant(CONTINUOUS)
+  with tf.GradientTape() as tape:
+    tape.watch(t)
+    loss = loss_of(t)
+  grad = tf.convert_to_tensor(tape.gradient(loss, t)).numpy()
+  h = 0.05
+  expected = [(float(loss_of(t + h * e)) - float(loss_of(t - h * e))) / (2 * h)
+              for e in np.eye(3, dtype=np.float32)]
+  assert np.all(grad != 0), grad
+  np.testing.assert_allclose(grad, expected, rtol=2e-2, atol=1e-5)
+
+
+def test_continuous_timesteps_with_eta_are_refused():
+  with pytest.raises(ValueError, match="continuous timesteps need eta = 0"):
+    ddim.Steps(CONTINUOUS, alphas_cumprod=SCHEDULE.alphas_cumprod, eta=0.5, seed=[1, 2])

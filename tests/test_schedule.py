@@ -133,3 +133,72 @@ def test_q_sample_is_the_forward_marginal():
   x_t = schedule_lib.q_sample(x0, tf.constant([0, 1, 2]), noise, alphas_cumprod=alphas_cumprod)
   expected = [math.sqrt(a) * 0.7 + math.sqrt(1 - a) * -1.3 for a in (0.9, 0.5, 0.1)]
   np.testing.assert_allclose(x_t.numpy()[:, 0, 0, 0], expected, rtol=1e-6)
+
+
+def _log_alphas_cumprod(betas, t):
+  """log ᾱ(t) written out: Σ_{s≤⌊t⌋} log(1 − β_s), plus the fraction of the next term."""
+  floor = min(int(math.floor(t)), len(betas) - 2)
+  fraction = t - floor
+  return (sum(math.log1p(-b) for b in betas[:floor + 1])
+          + fraction * math.log1p(-betas[floor + 1]))
+
+
+def test_continuous_alphas_cumprod_interpolate_log_alphas_cumprod():
+  sched = schedule_lib.NoiseSchedule.linear(num_timesteps=50, beta_start=1e-3, beta_end=0.2)
+  t = [0.0, 0.25, 3.0, 17.6, 48.999, 49.0]
+  expected = [_log_alphas_cumprod(sched.betas, v) for v in t]
+  got_tf = schedule_lib.log_alphas_cumprod_at(sched.alphas_cumprod, tf.constant(t, tf.float64))
+  got_np = schedule_lib.log_alphas_cumprod_at(sched.alphas_cumprod, np.array(t))
+  np.testing.assert_allclose(got_tf.numpy(), expected, rtol=1e-12)
+  np.testing.assert_allclose(got_np, expected, rtol=1e-12)
+  # Exact at the integers: ᾱ_t itself.
+  np.testing.assert_allclose(np.exp(got_tf.numpy()[[0, 2, 5]]), sched.alphas_cumprod[[0, 3, 49]],
+                             rtol=1e-14)
+
+
+def test_continuous_alphas_cumprod_slope_is_log_one_minus_beta():
+  sched = schedule_lib.NoiseSchedule.linear(num_timesteps=50, beta_start=1e-3, beta_end=0.2)
+  t = tf.constant([17.6, 2.2], tf.float32)
+  with tf.GradientTape() as tape:
+    tape.watch(t)
+    log_alpha = schedule_lib.log_alphas_cumprod_at(sched.alphas_cumprod, t)
+  np.testing.assert_allclose(tape.jacobian(log_alpha, t).numpy().diagonal(),
+                             np.log1p(-sched.betas[[18, 3]]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "trailing", "linspace", "quadratic"])
+def test_learned_timesteps_start_at_the_spacing(kind):
+  # Only the ends of the range move inward, by ENDPOINT_MARGIN: (0, T − 1) is open.
+  seq = schedule_lib.timestep_subsequence(num_timesteps=1000, num_steps=10, kind=kind)
+  logits = schedule_lib.timestep_logits(seq, num_timesteps=1000)
+  assert logits.shape == (11,) and logits.dtype == np.float32
+  expected = np.where(seq == 0, 0.5, np.where(seq == 999, 998.5, seq))
+  got = schedule_lib.learned_timesteps(logits, num_timesteps=1000).numpy()
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-3)
+
+
+def test_learned_timesteps_increase_inside_the_range_for_any_logits():
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    t = schedule_lib.learned_timesteps(rng.normal(0.0, 3.0, 8), num_timesteps=20).numpy()
+    assert t.shape == (7,) and t[0] > 0 and t[-1] < 19 and np.all(np.diff(t) > 0), t
+
+
+def test_learned_timesteps_round_trip_continuous_values():
+  t = np.array([0.3, 12.25, 600.5, 998.9])
+  logits = schedule_lib.timestep_logits(t, num_timesteps=1000)
+  np.testing.assert_allclose(schedule_lib.learned_timesteps(logits, num_timesteps=1000), t,
+                             rtol=1e-5)
+
+
+def test_timesteps_that_cannot_start_inside_the_range_are_refused():
+  with pytest.raises(UserError, match=r"^kind=0.0,1.0 cannot start learned timesteps: moved inside "
+                                      r"\(0, 1\)"):
+    schedule_lib.timestep_logits([0, 1], num_timesteps=2)
+
+
+def test_float_timesteps_are_continuous_explicit_timesteps():
+  seq = schedule_lib.timestep_subsequence(num_timesteps=100, num_steps=3, kind=[0.5, 40.25, 98.5])
+  assert seq.dtype == np.float64 and list(seq) == [0.5, 40.25, 98.5]
+  with pytest.raises(UserError, match=r"must lie in \[0, 99\]"):
+    schedule_lib.timestep_subsequence(num_timesteps=100, num_steps=2, kind=[0.5, 99.5])

@@ -1,4 +1,5 @@
-"""unet.py: the published parameter count, shapes, the timestep embedding, seeded dropout, bad shapes."""
+"""unet.py: the published parameter count, shapes, the timestep embedding (integer and continuous
+t), seeded dropout, bad shapes."""
 
 import math
 
@@ -47,6 +48,26 @@ def test_timestep_embedding_matches_numpy(dim):
   got = unet_lib.timestep_embedding(tf.constant(t), dim).numpy()
   assert got.shape == (4, dim)
   np.testing.assert_allclose(got, expected, atol=2e-4)
+
+
+def test_continuous_timesteps_at_integers_are_the_integer_timesteps():
+  t = [0, 1, 17, 999]
+  np.testing.assert_array_equal(unet_lib.timestep_embedding(tf.constant(t, tf.float32), 33),
+                                unet_lib.timestep_embedding(tf.constant(t, tf.int32), 33))
+  model = randomize_weights(tiny_unet(), seed=1, scale=0.05)
+  x = tf.random.stateless_normal([4, 8, 8, 1], seed=[1, 2])
+  np.testing.assert_array_equal(model(x, tf.constant(t, tf.float32)), model(x, tf.constant(t)))
+
+
+def test_the_output_is_differentiable_in_a_continuous_timestep():
+  model = randomize_weights(tiny_unet(), seed=1, scale=0.05)
+  x = tf.random.stateless_normal([2, 8, 8, 1], seed=[1, 2])
+  t = tf.constant([10.3, 40.6])
+  with tf.GradientTape() as tape:
+    tape.watch(t)
+    out = tf.reduce_sum(model(x, t) ** 2)
+  grad = tape.gradient(out, t).numpy()
+  assert np.all(np.isfinite(grad)) and np.all(grad != 0), grad
 
 
 @pytest.fixture(scope="module")

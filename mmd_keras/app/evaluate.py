@@ -50,6 +50,13 @@ def check_samplers(cfg, steps):
                              f"use another spacing", refs=("diffusion.num_timesteps",)) from None
 
 
+def finetuned_timesteps(cfg, k, path):
+  """The timesteps learned with the MMD-DDM weights `path` at K = `k`, or None (see
+  `runs.learned_timesteps`)."""
+  return runs.learned_timesteps(cfg, path, num_steps=k, parameter="eval.finetuned_checkpoints",
+                                steps_field="eval.finetuned_checkpoints")
+
+
 def sweep(cfg, *, ddim_steps, sampler_steps, finetuned, spaces, num_images, out_dir,
           init_checkpoint):
   """Samples and scores every (model, K): the base model with the run's sampler at `ddim_steps` and
@@ -67,6 +74,7 @@ def sweep(cfg, *, ddim_steps, sampler_steps, finetuned, spaces, num_images, out_
     unet = cfg.unet.factory()().build_for_inference()
     checkpoints.restore_unet(unet, path, use_ema=False, parameter="finetuned_checkpoints")
     models.append(evaluate_lib.ModelSpec(evaluate_lib.FINETUNED, unet, (k,), path=path,
+                                         timesteps=finetuned_timesteps(cfg, k, path),
                                          finetune=finetune_app.recorded_settings(path)))
   real_set, real_batches = inputs.real_set(cfg)
   runs.write_flags(cfg.run, out_dir)
@@ -88,6 +96,8 @@ def run(cfg):
   check_samplers(cfg, steps)
   inputs.check_eval_split(cfg, num_images=cfg.eval.num_images, images_field="eval.num_images")
   finetuned = runs.finetuned_checkpoints(cfg, steps)
+  for k, path in finetuned.items():
+    finetuned_timesteps(cfg, k, path)
   inputs.check_feature_spaces(cfg)
   init_checkpoint = runs.init_checkpoint(cfg)
   out_dir = runs.mode_dir(cfg.run, "evaluate")

@@ -1,11 +1,13 @@
 """--mode=export: the K-step sampler as a TF Serving SavedModel (<export_dir>/<name>/<version>/)
-and a TFLite file, never replacing a file without export.overwrite."""
+and a TFLite file, never replacing a file without export.overwrite; weights finetuned with learned
+timesteps are exported at those (`runs.learned_timesteps`), as graph constants."""
 
 import os
 
 from mmd_keras.export import sampler_module as export_sampler
 from mmd_keras.export import writers as export_writers
 from mmd_keras import errors
+from mmd_keras import schedule as schedule_lib
 from mmd_keras.app import runs
 from mmd_keras.errors import ParameterError
 
@@ -65,11 +67,16 @@ def _run(cfg, *, init_checkpoint, next_free_version):
   if not next_free_version:
     _check_free(cfg)
   init_checkpoint = init_checkpoint or runs.init_checkpoint(cfg)
+  learned = runs.learned_timesteps(cfg, init_checkpoint, num_steps=s.num_steps)
   export_writers.make_model_dir(export_dir=e.export_dir, model_name=e.model_name)
   sampler = export_sampler.Sampler.from_schedule(
       runs.restored_unet(cfg, init_checkpoint), schedule=cfg.diffusion.schedule(),
-      num_steps=s.num_steps, sampler=s.sampler, timestep_kind=s.timesteps, eta=s.eta,
-      clip_x0=s.clip_x0, max_images=e.max_images)
+      num_steps=s.num_steps, sampler=s.sampler,
+      timestep_kind=s.timesteps if learned is None else learned, eta=s.eta, clip_x0=s.clip_x0,
+      max_images=e.max_images)
+  if learned is not None:
+    print(f"sampling at the timesteps learned with {init_checkpoint}: "
+          f"{schedule_lib.format_timesteps(learned)}")
   metadata = sampler.metadata()
   version, reused = e.model_version, False
   if next_free_version:

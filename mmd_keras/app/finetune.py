@@ -13,6 +13,7 @@ from mmd_keras import distribute
 from mmd_keras import errors
 from mmd_keras import finetune as finetune_lib
 from mmd_keras import provenance
+from mmd_keras import schedule as schedule_lib
 from mmd_keras.app import inputs
 from mmd_keras.app import runs
 from mmd_keras.app import runtime
@@ -23,9 +24,11 @@ SETTINGS = "finetune_settings.json"
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What the checks of a finetune found: the strategy it runs under and its starting weights."""
+  """What the checks of a finetune found: the strategy it runs under, its starting weights and the
+  timesteps it samples at (those learned with the starting weights, else `sampler.timesteps`)."""
   strategy: object
   init_checkpoint: str
+  timesteps: object
 
 
 def run_dir_name(cfg):
@@ -42,8 +45,24 @@ def check(cfg):
   strategy = runtime.strategy_for(cfg, batch_size=cfg.finetune.batch_size,
                                   batch_field="finetune.batch_size")
   init_checkpoint = runs.init_checkpoint(cfg)
-  runs.check_resume(cfg, run_dir_name(cfg))
-  return Plan(strategy=strategy, init_checkpoint=init_checkpoint)
+  learned = runs.learned_timesteps(cfg, init_checkpoint, num_steps=cfg.sampler.num_steps)
+  _check_resumed_timesteps(cfg, runs.check_resume(cfg, run_dir_name(cfg)))
+  return Plan(strategy=strategy, init_checkpoint=init_checkpoint,
+              timesteps=cfg.sampler.timesteps if learned is None else learned)
+
+
+def _check_resumed_timesteps(cfg, prefix):
+  """A rerun learns timesteps exactly if the run it resumes did."""
+  if prefix is None:
+    return
+  learned = checkpoints.learned_timesteps(prefix, num_timesteps=cfg.diffusion.num_timesteps,
+                                          parameter=None) is not None
+  if learned != cfg.finetune.learn_timesteps:
+    raise ParameterError("finetune.learn_timesteps", f"is {'off' if learned else 'on'}, but "
+                         f"{prefix}, which this rerun resumes from, was finetuned "
+                         f"{'with' if learned else 'without'} learned timesteps; rerun with the "
+                         f"flags of the run that wrote it (its flags_*.cfg) or use another "
+                         f"{{run.workdir}}", refs=("run.workdir",))
 
 
 def run(cfg, plan=None):
@@ -63,14 +82,19 @@ def run(cfg, plan=None):
         unet_factory=cfg.unet.factory(),
         feature_net_factory=lambda: inputs.feature_network(cfg, cfg.features.feature_net),
         kernel=f.make_kernel(), dataset_fn=dataset_fn, schedule=cfg.diffusion.schedule(),
-        workdir=run_dir, num_steps=s.num_steps, sampler=s.sampler, timestep_kind=s.timesteps,
+        workdir=run_dir, num_steps=s.num_steps, sampler=s.sampler, timestep_kind=plan.timesteps,
         eta=s.eta, clip_x0=s.clip_x0, finetune_steps=f.steps, learning_rate=f.learning_rate,
         grad_clip=f.grad_clip, global_batch_size=f.batch_size,
         checkpoint_every=cfg.run.checkpoint_every, log_every=cfg.run.log_every,
         seed=cfg.run.seed, strategy=plan.strategy, init_checkpoint=plan.init_checkpoint,
-        use_ema=cfg.run.use_ema, recompute=f.recompute, dropout=f.dropout)
+        use_ema=cfg.run.use_ema, recompute=f.recompute, dropout=f.dropout,
+        learn_timesteps=f.learn_timesteps, timesteps_lr=f.timesteps_lr)
   weights = os.path.join(run_dir, "unet.weights.h5")
   print(f"finetuned weights: {weights}")
+  learned = checkpoints.learned_timesteps(weights, num_timesteps=cfg.diffusion.num_timesteps)
+  if learned is not None:
+    print(f"finetuned at the learned timesteps {schedule_lib.format_timesteps(learned)} "
+          f"({checkpoints.timesteps_path(weights)})")
   return weights
 
 

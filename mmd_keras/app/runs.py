@@ -7,6 +7,7 @@ from absl import logging
 
 from mmd_keras import checkpoints
 from mmd_keras import errors
+from mmd_keras import schedule as schedule_lib
 from mmd_keras.errors import ParameterError
 
 
@@ -60,10 +61,39 @@ def init_checkpoint(cfg):
 
 
 def check_resume(cfg, run_dir_name):
-  """The checkpoint a rerun in <workdir>/<run_dir_name> resumes from, if any, checked against the
-  UNet settings; after the strategy exists (it builds a UNet), before the data is read."""
-  checkpoints.check_resume(os.path.join(cfg.run.workdir, run_dir_name, "checkpoints"),
-                           unet_factory=cfg.unet.factory())
+  """The checkpoint a rerun in <workdir>/<run_dir_name> resumes from (None if there is none),
+  checked against the UNet settings; after the strategy exists (it builds a UNet), before the data
+  is read."""
+  return checkpoints.check_resume(os.path.join(cfg.run.workdir, run_dir_name, "checkpoints"),
+                                  unet_factory=cfg.unet.factory())
+
+
+def learned_timesteps(cfg, path, *, num_steps, parameter="run.init_checkpoint",
+                      steps_field="sampler.num_steps"):
+  """The timesteps learned with the weights of `path` (see `checkpoints.learned_timesteps`), which
+  they are sampled at, or None. A ParameterError if there are such timesteps and
+  `sampler.timesteps` lists others, η > 0, or K = `num_steps` is not their number; `parameter` and
+  `steps_field` are the fields that gave `path` and K."""
+  with errors.renamed(num_timesteps="diffusion.num_timesteps"):
+    learned = checkpoints.learned_timesteps(path, num_timesteps=cfg.diffusion.num_timesteps,
+                                            parameter=parameter)
+  if learned is None:
+    return None
+  shown = schedule_lib.format_timesteps(learned)
+  if not isinstance(cfg.sampler.timesteps, str):
+    raise ParameterError("sampler.timesteps", f"lists timesteps, but {path} ({{{parameter}}}) was "
+                         f"finetuned with learned timesteps ({shown}), which it is sampled at; "
+                         f"drop {{sampler.timesteps}}", value=cfg.sampler.timesteps,
+                         refs=("sampler.timesteps", parameter))
+  if cfg.sampler.eta:
+    raise ParameterError("sampler.eta", f"must be 0 to sample {path} ({{{parameter}}}) at the "
+                         f"timesteps learned with it ({shown})", value=cfg.sampler.eta,
+                         refs=(parameter,))
+  if len(learned) != num_steps:
+    raise ParameterError(steps_field, f"does not match {path} ({{{parameter}}}), finetuned with "
+                         f"{len(learned)} learned timesteps ({shown})", value=num_steps,
+                         refs=(parameter,))
+  return learned
 
 
 def restored_unet(cfg, path):

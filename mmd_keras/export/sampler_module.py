@@ -25,6 +25,7 @@ import tensorflow as tf
 from mmd_keras import ddim
 from mmd_keras import provenance
 from mmd_keras import samplers
+from mmd_keras import steps as steps_lib
 from mmd_keras import streams
 
 
@@ -49,7 +50,8 @@ class Sampler(tf.Module):
   sampler's settings saved beside the weights.
 
   Saved attributes (read them from `tf.saved_model.load(path)`): `sampler` (its name), `num_steps`
-  K, `timesteps` [K], `eta`, `clip_x0`, `image_shape` [H, W, C], `max_images`, `num_timesteps` T.
+  K, `timesteps` [K] (int32, or float32 for continuous, e.g. learned, timesteps), `eta`,
+  `clip_x0`, `image_shape` [H, W, C], `max_images`, `num_timesteps` T.
   """
 
   def __init__(self, unet, *, alphas_cumprod, timesteps, sampler="ddim", eta=0.0, clip_x0=False,
@@ -63,7 +65,7 @@ class Sampler(tf.Module):
     # trace every layer's call for the SavedModel, which is slow and not needed for serving.
     self._eps_model = lambda x, t: unet(x, t)
     self.unet_variables = [v.value for v in unet.variables]  # The tf.Variables under Keras's.
-    self._timesteps = [int(t) for t in timesteps]
+    self._timesteps = provenance.json_timesteps(timesteps)  # Floats for learned timesteps.
     self._eta = float(eta)
     self._clip_x0 = bool(clip_x0)
     self._max_images = int(max_images)
@@ -74,7 +76,8 @@ class Sampler(tf.Module):
     self._unet_weights = lambda: unet.weights
     self.sampler = _constant(sampler, tf.string)
     self.num_steps = _constant(len(self._timesteps), tf.int32)
-    self.timesteps = _constant(self._timesteps, tf.int32)
+    self.timesteps = _constant(self._timesteps, tf.float32 if steps_lib.is_continuous(
+        self._timesteps) else tf.int32)
     self.eta = _constant(self._eta, tf.float32)
     self.clip_x0 = _constant(self._clip_x0)
     self.image_shape = _constant(self._image_shape, tf.int32)
