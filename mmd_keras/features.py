@@ -284,6 +284,13 @@ def check_name(name):
     raise FeatureError("feature_net", f"must be one of {NAMES_HELP}", value=name)
 
 
+def known_dim(name):
+  """The feature dimension of a network whose architecture fixes it, without loading it; None
+  when only its model file tells (the project's classifiers, savedmodel:, keras:)."""
+  return {"inception_v3": INCEPTION_DIM, "inception_fid": INCEPTION_DIM,
+          "efficientnet_lite0": efficientnet_lite.DIM}.get(name)
+
+
 def input_files(name, *, inception_weights=None, inception_graph=None, classifier_path=None):
   """The files (or SavedModel directories) feature network `name` is read from, for digests."""
   if name == "inception_v3":

@@ -264,9 +264,14 @@ def test_it_is_the_flagfiles_third_evaluation_space(main_module, repo_root, monk
   # 1280 dimensions need N > 1280 for FID: the quickstart's 1000 images leave the space out (with
   # a note), an evaluation of 1000 images is refused.
   from mmd_keras.app import inputs
+  loaded, load = [], inputs.feature_network
+  monkeypatch.setattr(inputs, "feature_network",
+                      lambda cfg, name: loaded.append(name) or load(cfg, name))
   spaces = inputs.feature_spaces(cfg, num_images=1000, images_field="eval.quickstart_images",
                                  skip_too_wide=True)
   assert [space.name for space in spaces] == ["classifier", "classifier_heldout"]
+  assert loaded == ["classifier", "classifier_heldout"]  # Its known dimension left it unloaded.
+  assert features.known_dim("efficientnet_lite0") == network.dim
   assert "efficientnet_lite0 is left out of this report" in capsys.readouterr().err
   with pytest.raises(ParameterError, match="num_images=1000 .* 1280-d covariance"):
     inputs.feature_spaces(cfg, num_images=1000, images_field="eval.num_images")

@@ -99,13 +99,17 @@ def feature_spaces(cfg, *, num_images, images_field, skip_too_wide=False):
   trained one with too many dimensions is left out with a note instead of refused."""
   spaces = []
   for name in cfg.eval.feature_nets:
-    network = feature_network(cfg, name)
-    if skip_too_wide and name != cfg.features.feature_net and network.dim >= num_images:
-      console.note(f"{name} is left out of this report: FID of its {network.dim}-d features needs "
-                   f"more than the {num_images} images scored here (--mode=evaluate scores it)")
+    trained = name == cfg.features.feature_net
+    # Where the architecture fixes the dimension, a space too wide for N is not even loaded.
+    dim = features_lib.known_dim(name)
+    network = None if dim is not None else feature_network(cfg, name)
+    dim = dim if network is None else network.dim
+    if skip_too_wide and not trained and dim >= num_images:
+      console.note(f"{name} is left out of this report: FID of its {dim}-d features needs more "
+                   f"than the {num_images} images scored here (--mode=evaluate scores it)")
       continue
     with errors.renamed(num_images=images_field):
-      metrics.check_enough_samples(num_images, network.dim)
-    spaces.append(evaluate_lib.FeatureSpace(name, network, trained=name == cfg.features.feature_net,
-                                            settings=_space_settings(cfg, name)))
+      metrics.check_enough_samples(num_images, dim)
+    spaces.append(evaluate_lib.FeatureSpace(name, network or feature_network(cfg, name),
+                                            trained=trained, settings=_space_settings(cfg, name)))
   return spaces
