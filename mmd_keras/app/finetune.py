@@ -74,9 +74,6 @@ def run(cfg, plan=None):
                                     batch_field="finetune.batch_size")
   if distribute.is_chief(plan.strategy):  # Workers of a cluster share the workdir: one flags file.
     runs.write_flags(cfg.run, run_dir)
-    # A directory stands for its latest checkpoint: that one is what the finetune starts from.
-    atomic.write_json(os.path.join(run_dir, SETTINGS), provenance.finetune_settings(
-        cfg, init_checkpoint=checkpoints.latest(plan.init_checkpoint)))
   with errors.renamed(global_batch_size="finetune.batch_size", workdir="run.workdir"):
     finetune_lib.finetune(
         unet_factory=cfg.unet.factory(),
@@ -90,6 +87,10 @@ def run(cfg, plan=None):
         use_ema=cfg.run.use_ema, recompute=f.recompute, dropout=f.dropout,
         learn_timesteps=f.learn_timesteps, timesteps_lr=f.timesteps_lr)
   weights = os.path.join(run_dir, "unet.weights.h5")
+  if distribute.is_chief(plan.strategy):
+    # Written once the weights are: a refused or failed run leaves the record as it was.
+    atomic.write_json(os.path.join(run_dir, SETTINGS), provenance.finetune_settings(
+        cfg, init_checkpoint=checkpoints.latest(plan.init_checkpoint)))
   print(f"finetuned weights: {weights}")
   learned = checkpoints.learned_timesteps(weights, num_timesteps=cfg.diffusion.num_timesteps)
   if learned is not None:
