@@ -63,7 +63,7 @@ def test_build_resolves_defaults(monkeypatch, repo_root):
   assert cfg.unet.ch_mult == (1, 2, 2) and cfg.unet.attn_resolutions == (7,)
   assert cfg.finetune.batch_size == cfg.data.batch_size == 64  # --finetune_batch_size unset.
   assert cfg.eval.steps == (5, 10, 20, 50, 100)
-  assert cfg.eval.feature_nets == ("classifier", "classifier_heldout")
+  assert cfg.eval.feature_nets == ("classifier", "classifier_heldout", "efficientnet_lite0")
   assert cfg.eval.samplers == (("ddim", "trailing"), ("dpm_solver_pp", "uniform"),
                               ("dpm_solver_pp", "trailing"))
   assert cfg.features.classifier_path.endswith("pretrained/fashion_mnist/classifier.weights.h5")
