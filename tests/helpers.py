@@ -142,3 +142,15 @@ def run_test_file_as_script(test_file, out_path, *, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return dict(np.load(out_path))
+
+
+def check_feature_gradient(network, images):
+  """φ(images) of a feature network, after checking ∂Σφ²/∂images is finite and not all zero (MMD
+  finetuning backpropagates through φ)."""
+  with tf.GradientTape() as tape:
+    tape.watch(images)
+    phi = network(images)
+    loss = tf.reduce_sum(tf.square(phi))
+  grad = tape.gradient(loss, images).numpy()
+  assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
+  return phi

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import helpers
+
 from mmd_keras import errors
 from mmd_keras import evaluate
 from mmd_keras import features
@@ -31,13 +33,7 @@ def _images(n=3, size=8, channels=1, seed=0):
 
 
 def _check_gradient(network, images):
-  with tf.GradientTape() as tape:
-    tape.watch(images)
-    phi = network(images)
-    loss = tf.reduce_sum(tf.square(phi))
-  grad = tape.gradient(loss, images).numpy()
-  assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
-  return phi.numpy()
+  return helpers.check_feature_gradient(network, images).numpy()
 
 
 def _np_resize(images, size, *, half_pixel=True):

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import helpers
+
 from mmd_keras import classifier as classifier_lib
 from mmd_keras import features
 from mmd_keras.errors import UserError
@@ -19,15 +21,7 @@ def _images(n=2, size=12, channels=1, seed=0):
                      tf.float32)
 
 
-def _check_gradient(network, images):
-  with tf.GradientTape() as tape:
-    tape.watch(images)
-    phi = network(images)
-    loss = tf.reduce_sum(tf.square(phi))
-  grad = tape.gradient(loss, images).numpy()
-  assert np.all(np.isfinite(grad))
-  assert np.abs(grad).max() > 0
-  return phi
+_check_gradient = helpers.check_feature_gradient
 
 
 @pytest.fixture(scope="module")
