@@ -135,19 +135,21 @@ def _keras_inception(path, resolution):
                      refs=("inception_weights",))
 
 
-def _pick_pool3(outputs, path):
+def _one_output(outputs, *, names, flag, value, what):
+  """The tensor of a model's outputs: the only one, or the first of `names` (dict outputs); a
+  FeatureError on `flag` otherwise (`what` names the output wanted)."""
   if isinstance(outputs, dict):
-    for key in ("pool_3", "pool3", "pool"):
+    for key in names:
       if key in outputs:
         return outputs[key]
     if len(outputs) == 1:
       return next(iter(outputs.values()))
-    raise FeatureError("inception_weights", f"the SavedModel returns {sorted(outputs)}; "
-                       f"expected a single output or one named 'pool_3'", value=path)
+    raise FeatureError(flag, f"returns {sorted(outputs)}; expected one output or one named "
+                       f"'{names[0]}'", value=value)
   if isinstance(outputs, (list, tuple)):
     if len(outputs) != 1:
-      raise FeatureError("inception_weights", f"the SavedModel returns {len(outputs)} "
-                         f"outputs; expected the pool3 activations only", value=path)
+      raise FeatureError(flag, f"returns {len(outputs)} outputs; expected {what} only",
+                         value=value)
     return outputs[0]
   return outputs
 
@@ -187,7 +189,9 @@ def _saved_model_inception(path, resolution):
                        f"signature; {INCEPTION_HELP}", value=path,
                      refs=("inception_weights",))
   # Holding `loaded` in the FeatureNetwork keeps a signature's variables alive.
-  return loaded, lambda x: _pick_pool3(call(x), path)
+  return loaded, lambda x: _one_output(call(x), names=("pool_3", "pool3", "pool"),
+                                       flag="inception_weights", value=path,
+                                       what="the pool3 activations")
 
 
 def _check_inception(*, channels, weights, resolution):
@@ -374,23 +378,6 @@ def _check_model_file(name, *, image_range):
   return kind, path, meta
 
 
-def _single_output(outputs, name):
-  """The features of a model's outputs: the only one, or the one named 'features'."""
-  if isinstance(outputs, dict):
-    if "features" in outputs:
-      return outputs["features"]
-    if len(outputs) == 1:
-      return next(iter(outputs.values()))
-    raise FeatureError("feature_net", f"returns {sorted(outputs)}; expected one output or one "
-                       f"named 'features'", value=name)
-  if isinstance(outputs, (list, tuple)):
-    if len(outputs) != 1:
-      raise FeatureError("feature_net", f"returns {len(outputs)} outputs; expected the features "
-                         f"[N, D] only", value=name)
-    return outputs[0]
-  return outputs
-
-
 def _load_saved_model(name, path):
   """(loaded, call, input shape) of a SavedModel's serving signature or callable."""
   try:
@@ -477,7 +464,8 @@ def _model_network(name, *, image_size, channels, feature_image_size, feature_im
                        f"for grayscale data (the data has {channels})", value=name)
   preprocess = _model_preprocess(size=size, value_range=feature_image_range or meta["image_range"],
                                  channels=wanted)
-  features = lambda x: _single_output(call(x), name)
+  features = lambda x: _one_output(call(x), names=("features",), flag="feature_net", value=name,
+                                   what="the features [N, D]")
   try:
     probe = features(preprocess(tf.zeros([2, image_size, image_size, channels])))
   except UserError:
