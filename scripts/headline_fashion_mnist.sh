@@ -73,28 +73,32 @@ echo "$BEST" > "$WORK/sweep/chosen_learning_rate.txt"
 for seed in "${SEEDS[@]}"; do
   finetune "$WORK/lr_$BEST/seed_$seed" 10 "$BEST" "$seed"
 done
-# The base model's sweep (the long part: 185 sampling steps per image) does not depend on the
-# finetuning, so it is its own run; the finetuned models are evaluated with DDIM at their K beside
-# them, and the reports are merged (the shared rows must agree: same noise, same samples).
-# The other training-free samplers run at the finetuned models' K only: at every K they would
-# take 3x the base model's sweep.
-if [ ! -f "$WORK/ddim/evaluate/report.json" ]; then
-  echo "$(stamp) [final] evaluate DDIM K=5,10,20,50,100, N=$N, every space"
-  python main.py --flagfile=$CFG --mode=evaluate --workdir="$WORK/ddim" --seed=0 \
-    --init_checkpoint="$BASE" --num_eval_images="$N" --eval_steps=5,10,20,50,100 --eval_samplers=
-fi
-reports="$WORK/ddim/evaluate"
+# Every N-image evaluation shares one workdir, WORK/eval: `--mode=evaluate` keeps each finished
+# row under a key of its samples' settings and feature spaces, so a row needed by several runs (DDIM
+# K=5 and K=10, the training-free samplers) is sampled once, and an interrupted run continues.
+# The seeds' runs come first (everything at K=5,10: MMD-DDM, DDIM and the flagfile's
+# --eval_samplers, on the same noise); the base model's long DDIM sweep (185 sampling steps per
+# image) last, reusing their DDIM K=5,10 rows. The other training-free samplers run at the finetuned
+# models' K only: at every K they would take 3x the base model's sweep.
+reports=""
 for seed in "${SEEDS[@]}"; do
   report="$WORK/final/seed_$seed.json"
   if [ ! -f "$report" ]; then
     echo "$(stamp) [final] evaluate MMD-DDM K=5,10 of seed $seed, DDIM and --eval_samplers at K=5,10, N=$N"
-    python main.py --flagfile=$CFG --mode=evaluate --workdir="$WORK/final_eval" --seed=0 \
+    python main.py --flagfile=$CFG --mode=evaluate --workdir="$WORK/eval" --seed=0 \
       --init_checkpoint="$BASE" --num_eval_images="$N" --eval_steps=5,10 \
       --finetuned_checkpoints=5:"$WORK/lr_$BEST/seed_$seed/finetune_k5/unet.weights.h5",10:"$WORK/lr_$BEST/seed_$seed/finetune_k10/unet.weights.h5"
-    cp "$WORK/final_eval/evaluate/report.json" "$report"
+    cp "$WORK/eval/evaluate/report.json" "$report"
   fi
   reports="$reports,$report"
 done
+if [ ! -f "$WORK/final/ddim.json" ]; then
+  echo "$(stamp) [final] evaluate DDIM K=5,10,20,50,100, N=$N, every space"
+  python main.py --flagfile=$CFG --mode=evaluate --workdir="$WORK/eval" --seed=0 \
+    --init_checkpoint="$BASE" --num_eval_images="$N" --eval_steps=5,10,20,50,100 --eval_samplers=
+  cp "$WORK/eval/evaluate/report.json" "$WORK/final/ddim.json"
+fi
+reports="$WORK/final/ddim.json$reports"
 python main.py --mode=merge_reports --workdir="$WORK" --reports="$reports"
 # The median seed's weights (by trained-space FID) stand for the row.
 python - "$WORK/merged" <<'PY'

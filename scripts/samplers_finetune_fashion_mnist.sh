@@ -6,7 +6,10 @@
 #     trailing spacing on the same noise (cached in WORK/eval, so sampled once);
 #  3. WORK/summary.md: every row, MMD-DDM rows as mean ± std over the seeds (and each seed's).
 # Usage: bash scripts/samplers_finetune_fashion_mnist.sh BASE_WEIGHTS [WORK] [N] [SEEDS]
-#   e.g. bash scripts/samplers_finetune_fashion_mnist.sh results/pretrain_fashion_mnist/unet_ema.weights.h5
+#   e.g. bash scripts/samplers_finetune_fashion_mnist.sh pretrained/fashion_mnist/unet_ema.weights.h5
+# EVAL (environment) is the evaluation workdir, WORK/eval by default: point it at the headline's
+# (runs/headline/eval) to reuse its rows, and WORK at the headline's runs/headline/lr_<rate> to
+# reuse its DDIM finetunes (the same settings and seeds: --deterministic gives the same weights).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE=$1; WORK=${2:-runs/samplers_finetune}; N=${3:-5000}; SEEDS=${4:-0 1 2}
@@ -15,6 +18,7 @@ K=5
 SAMPLERS=(ddim dpm_solver_pp)
 # The run's own sampler is left out of --eval_samplers by evaluate, so every report has all four.
 TRAINING_FREE=ddim:uniform,ddim:trailing,dpm_solver_pp:uniform,dpm_solver_pp:trailing
+EVAL=${EVAL:-$WORK/eval}
 mkdir -p "$WORK/reports"
 stamp() { date +%H:%M:%S; }
 
@@ -31,10 +35,10 @@ for seed in $SEEDS; do
     report="$WORK/reports/${sampler}_seed$seed.json"
     if [ ! -f "$report" ]; then
       echo "$(stamp) evaluate MMD-DDM($sampler) seed $seed and the training-free rows, N=$N"
-      python main.py --flagfile=$CFG --mode=evaluate --workdir="$WORK/eval" --seed=0 \
+      python main.py --flagfile=$CFG --mode=evaluate --workdir="$EVAL" --seed=0 \
         --init_checkpoint="$BASE" --sampler=$sampler --eval_steps=$K --num_eval_images="$N" \
         --eval_samplers=$TRAINING_FREE --finetuned_checkpoints=$K:"$weights"
-      cp "$WORK/eval/evaluate/report.json" "$report"
+      cp "$EVAL/evaluate/report.json" "$report"
     fi
   done
 done
