@@ -220,15 +220,9 @@ def _inception(*, channels, weights, resolution):
   else:
     model, call = _keras_inception(weights, resolution)
   preprocess = _inception_preprocess(resolution)
-  try:
-    probe = call(preprocess(tf.zeros([1, resolution, resolution, channels])))
-  except UserError:
-    raise
-  except (TypeError, ValueError, tf.errors.OpError) as e:  # E.g. a callable traced for one size.
-    raise FeatureError("inception_weights", f"cannot embed {resolution}x{resolution}x3 "
-                       f"images ({{inception_resolution}}): {type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}", value=weights,
-                       refs=("inception_resolution",)) from e
+  probe = _probe(call, preprocess(tf.zeros([1, resolution, resolution, channels])),
+                 flag="inception_weights", value=weights, refs=("inception_resolution",),
+                 images_text=f"{resolution}x{resolution}x3 images ({{inception_resolution}})")
   if probe.shape.num_elements() != INCEPTION_DIM:
     raise FeatureError("inception_weights", f"gives {probe.shape} activations per image; "
                        f"expected pool3 with {INCEPTION_DIM} values", value=weights)
@@ -325,6 +319,17 @@ def parse_image_range(text):
 
 def _first_line(e):
   return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _probe(call, images, *, flag, value, images_text, refs=()):
+  """`call(images)`, or a FeatureError on `flag` when the network cannot take them."""
+  try:
+    return call(images)
+  except UserError:
+    raise
+  except (TypeError, ValueError, tf.errors.OpError) as e:  # E.g. a callable traced for one size.
+    raise FeatureError(flag, f"cannot embed {images_text}: {_first_line(e)}", value=value,
+                       refs=refs) from None
 
 
 # Models from files: savedmodel:<dir>, keras:<file.keras>.
@@ -466,13 +471,8 @@ def _model_network(name, *, image_size, channels, feature_image_size, feature_im
                                  channels=wanted)
   features = lambda x: _one_output(call(x), names=("features",), flag="feature_net", value=name,
                                    what="the features [N, D]")
-  try:
-    probe = features(preprocess(tf.zeros([2, image_size, image_size, channels])))
-  except UserError:
-    raise
-  except (TypeError, ValueError, tf.errors.OpError) as e:  # E.g. a callable traced for one size.
-    raise FeatureError("feature_net", f"cannot embed {size}x{size}x{wanted} images: "
-                       f"{_first_line(e)}", value=name) from None
+  probe = _probe(features, preprocess(tf.zeros([2, image_size, image_size, channels])),
+                 flag="feature_net", value=name, images_text=f"{size}x{size}x{wanted} images")
   if probe.shape.rank != 2 or probe.shape[-1] is None:
     raise FeatureError("feature_net", f"returns features of shape {probe.shape} for 2 images; "
                        f"expected [N, D] (rank 2)", value=name)
