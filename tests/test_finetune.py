@@ -184,12 +184,17 @@ def _driver(workdir, init, *, steps, real, **options):
       **options)
 
 
-@pytest.mark.slow
-def test_driver_checkpoints_resumes_and_never_overwrites(tmp_path):
+def _base_and_real(tmp_path):
+  """A small random base model's weights file and 4 real images for the driver."""
   init = tmp_path / "base.weights.h5"
   checkpoints.save_weights_h5(randomize_weights(tiny_unet(image_size=IMAGE_SIZE), scale=0.05),
                               str(init))
-  real = real_images(4, seed=0)
+  return init, real_images(4, seed=0)
+
+
+@pytest.mark.slow
+def test_driver_checkpoints_resumes_and_never_overwrites(tmp_path):
+  init, real = _base_and_real(tmp_path)
   straight = _driver(tmp_path / "straight", init, steps=3, real=real)
   assert int(straight.optimizer.iterations.numpy()) == 3
   run = tmp_path / "straight"
@@ -304,10 +309,7 @@ def test_learned_timesteps_with_eta_or_a_bad_learning_rate_are_refused():
 
 @pytest.mark.slow
 def test_driver_saves_and_resumes_the_learned_timesteps(tmp_path):
-  init = tmp_path / "base.weights.h5"
-  checkpoints.save_weights_h5(randomize_weights(tiny_unet(image_size=IMAGE_SIZE), scale=0.05),
-                              str(init))
-  real = real_images(4, seed=0)
+  init, real = _base_and_real(tmp_path)
   options = dict(learn_timesteps=True, timesteps_lr=0.1, timestep_kind=CONTINUOUS[:2])
   run = tmp_path / "run"
   _driver(run, init, steps=1, real=real, **options)
