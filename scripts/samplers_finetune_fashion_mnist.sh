@@ -30,7 +30,8 @@ for seed in $SEEDS; do
     if [ ! -f "$weights" ]; then
       echo "$(stamp) finetune K=$K through $sampler, seed $seed"
       python main.py --flagfile=$CFG --mode=finetune --workdir="$WORK/seed_$seed" \
-        --init_checkpoint="$BASE" --num_steps=$K --sampler=$sampler --seed="$seed" --deterministic
+        --init_checkpoint="$BASE" --num_steps=$K --sampler=$sampler --seed="$seed" --deterministic \
+        --checkpoint_every=20  # A finetune cut short resumes from its last checkpoint.
     fi
     report="$WORK/reports/${sampler}_seed$seed.json"
     if [ ! -f "$report" ]; then
