@@ -87,10 +87,12 @@ def run(cfg, plan=None):
         use_ema=cfg.run.use_ema, recompute=f.recompute, dropout=f.dropout,
         learn_timesteps=f.learn_timesteps, timesteps_lr=f.timesteps_lr)
   weights = os.path.join(run_dir, "unet.weights.h5")
-  if distribute.is_chief(plan.strategy):
-    # Written once the weights are: a refused or failed run leaves the record as it was.
-    atomic.write_json(os.path.join(run_dir, SETTINGS), provenance.finetune_settings(
-        cfg, init_checkpoint=checkpoints.latest(plan.init_checkpoint)))
+  if not distribute.is_chief(plan.strategy):
+    # The chief writes `weights`, maybe after this worker is done: a worker must not read them.
+    return weights
+  # Written once the weights are: a refused or failed run leaves the record as it was.
+  atomic.write_json(os.path.join(run_dir, SETTINGS), provenance.finetune_settings(
+      cfg, init_checkpoint=checkpoints.latest(plan.init_checkpoint)))
   print(f"finetuned weights: {weights}")
   learned = checkpoints.learned_timesteps(weights, num_timesteps=cfg.diffusion.num_timesteps)
   if learned is not None:
