@@ -175,6 +175,13 @@ flags.DEFINE_list(
     f"--num_steps. Entries <sampler>:<spacing>, sampler {'|'.join(samplers.SAMPLERS)}, spacing "
     f"{'|'.join(schedule.TIMESTEP_KINDS)} (an explicit timestep list only through --timesteps), "
     "e.g. ddim:trailing,dpm_solver_pp:trailing. Empty: --sampler with --timesteps only.")
+flags.DEFINE_list(
+    "eval_reuse_rows", [],
+    "Directories of finished report rows (<model>_k<K>_<key>.json and .png) that evaluate and "
+    "quickstart reuse, read only, for every row whose key matches: the same weights, sampler, "
+    "timesteps, seed, number of images, sample batch size, real set and feature networks. E.g. "
+    "the rows/ of another evaluation, or the base-model rows bundled with a pretrained model. "
+    "Rows not found there are sampled into the run's own rows/.")
 flags.DEFINE_list("reports", [],
                   "--mode=merge_reports: the evaluations to merge (report.json files or their "
                   "directories); the merged report goes to <workdir>/merged.")
@@ -233,7 +240,7 @@ PARAMETERS = {
     "eval.steps": "eval_steps", "eval.num_images": "num_eval_images",
     "eval.finetuned_checkpoints": "finetuned_checkpoints", "eval.feature_nets": "eval_feature_nets",
     "eval.split": "eval_split", "eval.quickstart_images": "quickstart_eval_images",
-    "eval.samplers": "eval_samplers",
+    "eval.samplers": "eval_samplers", "eval.reuse_rows": "eval_reuse_rows",
     "export.export_dir": "export_dir", "export.model_name": "model_name",
     "export.model_version": "model_version", "export.max_images": "max_images",
     "export.overwrite": "overwrite", "export.tflite_float16": "tflite_float16",

@@ -190,6 +190,8 @@ class EvalConfig:
   quickstart_images: int = 1000
   # ((sampler, spacing), ...): training-free samplers also run on the base model.
   samplers: tuple = ()
+  # Directories of finished rows reused read only (see evaluate.run's reuse_dirs).
+  reuse_rows: tuple = ()
 
   def __post_init__(self):
     _positive(self, "num_images", "quickstart_images")
@@ -310,6 +312,7 @@ def build(values):
                                               values["finetune.rbf_bandwidths"])
   values["eval.finetuned_checkpoints"] = _finetuned_entries(values["eval.finetuned_checkpoints"])
   values["eval.samplers"] = _eval_samplers(values["eval.samplers"])
+  values["eval.reuse_rows"] = tuple(values.get("eval.reuse_rows") or ())
   values["eval.feature_nets"] = tuple(dict.fromkeys([feature_net,
                                                      *values["eval.feature_nets"]]))
   section = lambda cls, name: cls(**{f.name: values[f"{name}.{f.name}"]

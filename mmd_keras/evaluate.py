@@ -192,7 +192,7 @@ def reference_features(spaces, real_images, *, num_images, batch_size, digests, 
 
 def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_dir,
         sampler="ddim", timestep_kind="uniform", eta=0.0, clip_x0=False, batch_size=256,
-        real_set="real", cache_dir=None):
+        real_set="real", cache_dir=None, reuse_dirs=()):
   """Samples every (model, K) with `sampler` over `timestep_kind` (or the model's own), scores it
   in every feature space, writes the report; returns it.
 
@@ -200,6 +200,8 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
   a space's features are not cached); its first `num_images` images are the reference set.
   real_set: names those images (dataset, split, size) in the report and the cache's file names.
   cache_dir: where the real set's features are cached (see `reference_features`).
+  reuse_dirs: directories of finished rows (the rows/ of other evaluations) read, never written,
+    when `out_dir/rows` lacks a row: a row is a function of its file name's key alone.
   """
   if not callable(real_images) and len(real_images) < num_images:
     raise ParameterError("num_images", f"exceeds the {len(real_images)} real images available "
@@ -238,13 +240,14 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
           seed=seed, batch_size=batch_size, num_images=num_images)
       slug = f"{label_slug(model.label)}_k{num_steps}"
       key = _cache_digest([], json.dumps(samples, sort_keys=True) + scoring)
-      stem = os.path.join(row_dir, f"{slug}_{key[:16]}")
-      if os.path.exists(stem + ".json") and os.path.exists(stem + ".png"):
+      stem = _finished_row(f"{slug}_{key[:16]}", [row_dir, *reuse_dirs])
+      if stem is not None:
         with open(stem + ".json") as f:
           row = json.load(f)
         console.note(f"[{len(rows) + 1}/{total}] {model.label} K={num_steps}: reusing "
                      f"{stem}.json")
       else:
+        stem = os.path.join(row_dir, f"{slug}_{key[:16]}")
         row = _sample_and_score(model, num_steps, feature_spaces=feature_spaces,
                                 reference=reference, reference_stats=reference_stats,
                                 num_images=num_images, sampling_args=sampling_args, stem=stem,
@@ -269,6 +272,16 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
                 rows=rows)
   _write_outputs(report, out_dir, grids=grids)
   return report
+
+
+def _finished_row(name, dirs):
+  """`<dir>/<name>` of the first of `dirs` holding the finished row `name` (its .json, written
+  after its .png), or None."""
+  for folder in dirs:
+    stem = os.path.join(folder, name)
+    if os.path.exists(stem + ".json") and os.path.exists(stem + ".png"):
+      return stem
+  return None
 
 
 def _sample_and_score(model, num_steps, *, feature_spaces, reference, reference_stats, num_images,

@@ -18,6 +18,7 @@ from mmd_keras import checkpoints
 from mmd_keras import evaluate
 from mmd_keras import provenance
 from mmd_keras import unet as unet_lib
+from mmd_keras.app import quickstart as quickstart_app
 
 
 @pytest.mark.slow
@@ -107,6 +108,10 @@ def _error_in_process(main_module, capsys, args):
     (["--mode=quickstart", "--quickstart_eval_images=10001"],
      ["--quickstart_eval_images=10001", "10000 images"]),
     (["--mode=evaluate", "--eval_steps=5,10,5"], ["--eval_steps", "K=5 more than once"]),
+    (["--mode=quickstart", "--eval_reuse_rows=pretrained/fashion_mnist/rows,/no/such/rows"],
+     ["--eval_reuse_rows", "'/no/such/rows' is not a directory"]),
+    (["--mode=evaluate", "--eval_reuse_rows=pretrained/fashion_mnist/unet_ema.weights.h5"],
+     ["--eval_reuse_rows", "unet_ema.weights.h5' is not a directory"]),
     (["--mode=evaluate", "--finetuned_checkpoints=5:pretrained/fashion_mnist/unet_ema.weights.h5,"
       "5:pretrained/fashion_mnist/classifier.weights.h5"],
      ["--finetuned_checkpoints", "K=5 twice", "unet_ema.weights.h5", "classifier.weights.h5"]),
@@ -223,6 +228,34 @@ def test_evaluate_end_to_end(tmp_path):
       + [dict(path=finetuned, sha256=_fingerprint(finetuned))])
   assert len(glob.glob(os.path.join(workdir, "reference", "*.npz"))) == 2
   assert glob.glob(os.path.join(workdir, "evaluate", "flags_evaluate_*.cfg"))
+
+
+@pytest.mark.slow
+def test_the_flagfiles_quickstart_samples_only_mmd_ddm(main_module, monkeypatch, tmp_path):
+  """The base model's rows of configs/fashion_mnist.cfg's quickstart (DDIM K=5 and K=100, the
+  --eval_samplers at K=5) are all in the rows bundled with the base model (--eval_reuse_rows).
+  A change of the code or the flagfile that changes their keys fails here, not as a quickstart
+  that silently takes 15 minutes longer: rerun scripts/quickstart_rows_fashion_mnist.sh."""
+  monkeypatch.chdir(REPO_ROOT)  # The flagfile's paths are relative to the repository.
+  main_module._parse_flags(["main.py", *QUICKSTART_CFG, f"--workdir={tmp_path}"])
+  cfg = main_module.configuration()
+  bundled = cfg.eval.reuse_rows
+  assert bundled == ("pretrained/fashion_mnist/rows",)
+
+  def no_sampling(*args, **kwargs):
+    raise AssertionError(f"the quickstart sampled a base-model row: {kwargs}")
+
+  monkeypatch.setattr(evaluate.sampling, "batches", no_sampling)
+  spaces = quickstart_app.inputs.feature_spaces(
+      cfg, num_images=cfg.eval.quickstart_images, images_field="eval.quickstart_images",
+      skip_too_wide=True)
+  report = quickstart_app.compare(cfg, finetuned={}, spaces=spaces,
+                                  init_checkpoint=cfg.run.init_checkpoint)
+  assert [(row["model"], row["num_steps"]) for row in report["rows"]] == [
+      ("DDIM", 5), ("DDIM", 100), ("DDIM (trailing)", 5), ("DPM-Solver++ (uniform)", 5),
+      ("DPM-Solver++ (trailing)", 5)]
+  assert set(report["feature_spaces"]) == {"classifier", "classifier_heldout"}
+  assert glob.glob(os.path.join(tmp_path, "quickstart", "rows", "*")) == []
 
 
 @pytest.fixture(scope="module")

@@ -327,6 +327,40 @@ def test_an_interrupted_sweep_reuses_its_finished_rows(setup, tmp_path, monkeypa
   assert sampled == [3] + [2] * len(changes) + [2]
 
 
+def _files(folder):
+  """{relative path: bytes} of every file under `folder`."""
+  return {str(path.relative_to(folder)): path.read_bytes()
+          for path in folder.rglob("*") if path.is_file()}
+
+
+def test_rows_of_another_evaluation_are_reused_read_only_under_their_key(setup, tmp_path,
+                                                                          monkeypatch):
+  schedule, real = setup
+  unet = _tiny_unet(5)
+  common = dict(feature_spaces=_spaces(8), real_images=real, schedule=schedule, num_images=16,
+                seed=6, clip_x0=True, batch_size=8)
+  first = evaluate.run(models=[evaluate.ModelSpec("DDIM", unet, (2, 3))],
+                       out_dir=str(tmp_path / "first"), **common)
+  bundled = tmp_path / "first" / "rows"
+  before = _files(bundled)
+  sampled = _record_sampling(monkeypatch)
+  # K=2 and 3 come from the other evaluation's rows, K=4 is sampled into this run's own rows/.
+  second = evaluate.run(models=[evaluate.ModelSpec("DDIM", unet, (2, 3, 4))],
+                        out_dir=str(tmp_path / "second"), reuse_dirs=[str(bundled)], **common)
+  assert sampled == [4]
+  assert second["rows"][:2] == first["rows"]
+  assert _files(bundled) == before
+  assert [os.path.basename(p).split("_")[1] for p in os.listdir(tmp_path / "second" / "rows")
+          if p.endswith(".json")] == ["k4"]
+  # The grids of reused rows are the run's grids too.
+  assert ((tmp_path / "second" / "samples_ddim_k2.png").read_bytes()
+          == (tmp_path / "first" / "samples_ddim_k2.png").read_bytes())
+  # Another seed is another key: nothing of the other evaluation fits.
+  evaluate.run(models=[evaluate.ModelSpec("DDIM", unet, (2,))], out_dir=str(tmp_path / "third"),
+               reuse_dirs=[str(bundled)], **dict(common, seed=7))
+  assert sampled == [4, 2]
+
+
 def _top_level_files(folder):
   """{name: bytes} of the files directly in `folder` (not rows/)."""
   return {name: (folder / name).read_bytes() for name in os.listdir(folder)

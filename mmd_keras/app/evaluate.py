@@ -50,6 +50,14 @@ def check_samplers(cfg, steps):
                              f"use another spacing", refs=("diffusion.num_timesteps",)) from None
 
 
+def check_reuse_rows(cfg):
+  """Every directory of eval.reuse_rows exists."""
+  for folder in cfg.eval.reuse_rows:
+    if not os.path.isdir(folder):
+      raise ParameterError("eval.reuse_rows", f"entry {folder!r} is not a directory (expected one "
+                           f"of finished report rows, e.g. the rows/ of an evaluation)")
+
+
 def finetuned_timesteps(cfg, k, path):
   """The timesteps learned with the MMD-DDM weights `path` at K = `k`, or None (see
   `runs.learned_timesteps`)."""
@@ -84,7 +92,7 @@ def sweep(cfg, *, ddim_steps, sampler_steps, finetuned, spaces, num_images, out_
       schedule=cfg.diffusion.schedule(), num_images=num_images, seed=cfg.run.seed,
       out_dir=out_dir, sampler=s.sampler, timestep_kind=s.timesteps, eta=s.eta, clip_x0=s.clip_x0,
       batch_size=s.batch_size, real_set=real_set,
-      cache_dir=os.path.join(cfg.run.workdir, "reference"))
+      cache_dir=os.path.join(cfg.run.workdir, "reference"), reuse_dirs=cfg.eval.reuse_rows)
   print(evaluate_lib.markdown_table(report), end="")
   print(f"report: {os.path.join(out_dir, 'report.md')}")
   return report
@@ -94,6 +102,7 @@ def run(cfg):
   steps = cfg.eval.steps
   check_steps(cfg, steps, field="eval.steps")
   check_samplers(cfg, steps)
+  check_reuse_rows(cfg)
   inputs.check_eval_split(cfg, num_images=cfg.eval.num_images, images_field="eval.num_images")
   finetuned = runs.finetuned_checkpoints(cfg, steps)
   for k, path in finetuned.items():

@@ -23,6 +23,11 @@ from mmd_keras.errors import ParameterError
 REFERENCE_STEPS = 100  # The many-step DDIM row.
 RECORD = "quickstart_settings.json"
 
+def reference_steps(cfg):
+  """The K of the many-step DDIM row: REFERENCE_STEPS, or T if smaller."""
+  return min(REFERENCE_STEPS, cfg.diffusion.num_timesteps)
+
+
 def check_reuse(cfg, settings):
   """The path of the record of the finetune's settings; a ParameterError if the workdir holds a
   finetune at this K that other (or unrecorded) settings made, since it would be reused."""
@@ -50,12 +55,13 @@ def check_reuse(cfg, settings):
 
 def run(cfg):
   k = cfg.sampler.num_steps
-  reference_k = min(REFERENCE_STEPS, cfg.diffusion.num_timesteps)
+  reference_k = reference_steps(cfg)
   num_images = cfg.eval.quickstart_images
   # The evaluation's and export's settings are checked before minutes of finetuning.
   plan = finetune.check(cfg)
   evaluate.check_steps(cfg, (reference_k,), field="diffusion.num_timesteps")
   evaluate.check_samplers(cfg, (k,))
+  evaluate.check_reuse_rows(cfg)
   export.check(cfg)
   inputs.check_eval_split(cfg, num_images=num_images, images_field="eval.quickstart_images")
   spaces = inputs.feature_spaces(cfg, num_images=num_images, images_field="eval.quickstart_images",
@@ -74,11 +80,19 @@ def run(cfg):
                    for pair in evaluate.extra_samplers(cfg))
   print(f"[2/3] evaluating {base} K={k}{others}, MMD-DDM K={k} and {base} K={reference_k} on "
         f"{num_images} images")
-  out_dir = runs.mode_dir(cfg.run, "quickstart")
-  with errors.renamed(num_images="eval.quickstart_images"):
-    # The training-free samplers of eval.samplers at K only: the comparison MMD-DDM is made for.
-    evaluate.sweep(cfg, ddim_steps=sorted({k, reference_k}), sampler_steps=(k,),
-                   finetuned={k: finetuned}, spaces=spaces, num_images=num_images, out_dir=out_dir,
-                   init_checkpoint=plan.init_checkpoint)
+  compare(cfg, finetuned={k: finetuned}, spaces=spaces, init_checkpoint=plan.init_checkpoint)
   print(f"[3/3] exporting the MMD-DDM K={k} sampler")
   export.run(cfg, init_checkpoint=finetuned, next_free_version=True)
+
+
+def compare(cfg, *, finetuned, spaces, init_checkpoint):
+  """The quickstart's report in <workdir>/quickstart: the base model with the run's sampler at K
+  and at the reference K, with the training-free samplers of eval.samplers at K only (the
+  comparison MMD-DDM is made for), and the `finetuned` models ({K: path}); returns it."""
+  k = cfg.sampler.num_steps
+  with errors.renamed(num_images="eval.quickstart_images"):
+    return evaluate.sweep(
+        cfg, ddim_steps=sorted({k, reference_steps(cfg)}),
+        sampler_steps=(k,), finetuned=finetuned, spaces=spaces,
+        num_images=cfg.eval.quickstart_images, out_dir=runs.mode_dir(cfg.run, "quickstart"),
+        init_checkpoint=init_checkpoint)
