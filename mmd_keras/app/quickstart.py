@@ -23,6 +23,7 @@ from mmd_keras.errors import ParameterError
 REFERENCE_STEPS = 100  # The many-step DDIM row.
 RECORD = "quickstart_settings.json"
 
+
 def reference_steps(cfg):
   """The K of the many-step DDIM row: REFERENCE_STEPS, or T if smaller."""
   return min(REFERENCE_STEPS, cfg.diffusion.num_timesteps)
