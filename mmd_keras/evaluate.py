@@ -9,6 +9,7 @@ evaluation never leaves a report that looks complete, nor changes what an earlie
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -240,10 +241,13 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
           seed=seed, batch_size=batch_size, num_images=num_images)
       slug = f"{label_slug(model.label)}_k{num_steps}"
       key = _cache_digest([], json.dumps(samples, sort_keys=True) + scoring)
-      stem = _finished_row(f"{slug}_{key[:16]}", [row_dir, *reuse_dirs])
+      stem = _finished_row(slug, key[:16], [row_dir, *reuse_dirs])
       if stem is not None:
         with open(stem + ".json") as f:
           row = json.load(f)
+        # The key alone decides: a row sampled under another label (DDIM as "DDIM (uniform)"
+        # of --eval_samplers, say) holds the same samples and scores.
+        row.update(model=model.label, num_steps=num_steps)
         console.note(f"[{len(rows) + 1}/{total}] {model.label} K={num_steps}: reusing "
                      f"{stem}.json")
       else:
@@ -274,13 +278,16 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
   return report
 
 
-def _finished_row(name, dirs):
-  """`<dir>/<name>` of the first of `dirs` holding the finished row `name` (its .json, written
-  after its .png), or None."""
+def _finished_row(slug, key, dirs):
+  """The stem (path without .json/.png) of a finished row of key `key` (its .json, written after
+  its .png) in the first of `dirs` that has one, preferring the name `<slug>_<key>`; or None."""
   for folder in dirs:
-    stem = os.path.join(folder, name)
-    if os.path.exists(stem + ".json") and os.path.exists(stem + ".png"):
-      return stem
+    exact = os.path.join(folder, f"{slug}_{key}")
+    candidates = [exact] + sorted(path[:-len(".json")] for path in
+                                  glob.glob(os.path.join(glob.escape(folder), f"*_{key}.json")))
+    for stem in candidates:
+      if os.path.exists(stem + ".json") and os.path.exists(stem + ".png"):
+        return stem
   return None
 
 

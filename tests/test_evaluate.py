@@ -534,6 +534,27 @@ def test_rows_of_other_samplers_are_cached_apart(setup, tmp_path, monkeypatch):
   assert len(sampled) == 2 and third["rows"] == second["rows"]
 
 
+def test_a_row_is_found_by_its_key_under_another_label(setup, tmp_path, monkeypatch):
+  schedule, real = setup
+  unet = _tiny_unet(9)
+  common = dict(feature_spaces=_spaces(8), real_images=real, schedule=schedule, num_images=16,
+                seed=1, clip_x0=True, batch_size=8, out_dir=str(tmp_path))
+  # DPM-Solver++ over uniform timesteps as an --eval_samplers row, then as the run's own sampler.
+  extra = evaluate.run(models=[evaluate.ModelSpec("DPM-Solver++ (uniform)", unet, (2,),
+                                                  sampler="dpm_solver_pp", timesteps="uniform")],
+                       **common)
+  sampled = _record_batches(monkeypatch)
+  own = evaluate.run(models=[evaluate.ModelSpec("DPM-Solver++", unet, (2,))],
+                     **dict(common, sampler="dpm_solver_pp"))
+  assert sampled == []
+  assert own["rows"][0] == dict(extra["rows"][0], model="DPM-Solver++")
+  assert os.path.exists(tmp_path / "samples_dpm_solver++_k2.png")
+  # Trailing timesteps are other samples: sampled.
+  evaluate.run(models=[evaluate.ModelSpec("DPM-Solver++", unet, (2,))],
+               **dict(common, sampler="dpm_solver_pp", timestep_kind="trailing"))
+  assert [settings for settings, _ in sampled] == [("dpm_solver_pp", "trailing", 2)]
+
+
 def _row(model, k, fids, **settings):
   """A report row with the FID `fids[space]` in each space (its other figures fixed)."""
   spaces = {name: dict(fid=fid, kid=1e-3, kid_std=1e-4, recall=0.5, coverage=0.5)
