@@ -241,17 +241,18 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
           seed=seed, batch_size=batch_size, num_images=num_images)
       slug = f"{label_slug(model.label)}_k{num_steps}"
       key = _cache_digest([], json.dumps(samples, sort_keys=True) + scoring)
-      stem = _finished_row(slug, key[:16], [row_dir, *reuse_dirs])
+      name = f"{slug}_{key[:16]}"
+      stem = _finished_row(name, key[:16], [row_dir, *reuse_dirs])
       if stem is not None:
         with open(stem + ".json") as f:
           row = json.load(f)
         # The key alone decides: a row sampled under another label (DDIM as "DDIM (uniform)"
         # of --eval_samplers, say) holds the same samples and scores.
-        row.update(model=model.label, num_steps=num_steps)
+        row["model"] = model.label
         console.note(f"[{len(rows) + 1}/{total}] {model.label} K={num_steps}: reusing "
                      f"{stem}.json")
       else:
-        stem = os.path.join(row_dir, f"{slug}_{key[:16]}")
+        stem = os.path.join(row_dir, name)
         row = _sample_and_score(model, num_steps, feature_spaces=feature_spaces,
                                 reference=reference, reference_stats=reference_stats,
                                 num_images=num_images, sampling_args=sampling_args, stem=stem,
@@ -278,13 +279,14 @@ def run(*, models, feature_spaces, real_images, schedule, num_images, seed, out_
   return report
 
 
-def _finished_row(slug, key, dirs):
+def _finished_row(name, key, dirs):
   """The stem (path without .json/.png) of a finished row of key `key` (its .json, written after
-  its .png) in the first of `dirs` that has one, preferring the name `<slug>_<key>`; or None."""
+  its .png) in the first of `dirs` that has one, preferring the name `name` (`<slug>_<key>`); or
+  None."""
   for folder in dirs:
-    exact = os.path.join(folder, f"{slug}_{key}")
-    candidates = [exact] + sorted(path[:-len(".json")] for path in
-                                  glob.glob(os.path.join(glob.escape(folder), f"*_{key}.json")))
+    candidates = [os.path.join(folder, name)] + sorted(
+        path[:-len(".json")]
+        for path in glob.glob(os.path.join(glob.escape(folder), f"*_{key}.json")))
     for stem in candidates:
       if os.path.exists(stem + ".json") and os.path.exists(stem + ".png"):
         return stem

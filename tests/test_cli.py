@@ -239,8 +239,7 @@ def test_the_flagfiles_quickstart_samples_only_mmd_ddm(main_module, monkeypatch,
   monkeypatch.chdir(REPO_ROOT)  # The flagfile's paths are relative to the repository.
   main_module._parse_flags(["main.py", *QUICKSTART_CFG, f"--workdir={tmp_path}"])
   cfg = main_module.configuration()
-  bundled = cfg.eval.reuse_rows
-  assert bundled == ("pretrained/fashion_mnist/rows",)
+  assert cfg.eval.reuse_rows == ("pretrained/fashion_mnist/rows",)
 
   def no_sampling(*args, **kwargs):
     raise AssertionError(f"the quickstart sampled a base-model row: {kwargs}")
