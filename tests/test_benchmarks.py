@@ -90,6 +90,27 @@ def test_finetune_benchmark_compare_ref_smoke(repo_root, tmp_path):
   assert str(tmp_path) not in worktrees
 
 
+@pytest.mark.slow
+def test_finetune_benchmark_measures_both_gradients_side_by_side(repo_root):
+  result = _run(repo_root, "--configs=tiny", "--ks=2", "--steps=1", "--gradients=replay,tape")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert ("| K | step s current replay | step s current tape | speed-up current replay/current "
+          "tape |") in result.stdout
+  report = json.loads(result.stdout.splitlines()[-1])
+  assert [(row["variant"], row["tree"], row["gradient"]) for row in report["rows"]] == [
+      ("current replay", "current", "replay"), ("current tape", "current", "tape")]
+  for row in report["rows"]:
+    _check_figures(row)
+
+
+def test_variant_names_keep_the_tree_names_for_one_gradient():
+  trees = {"ref": "/a", "current": "/b"}
+  assert finetune_benchmark.variant_names(trees, ["tape"]) == {
+      "ref": ("ref", "tape"), "current": ("current", "tape")}
+  assert list(finetune_benchmark.variant_names(trees, ["replay", "tape"])) == [
+      "ref replay", "ref tape", "current replay", "current tape"]
+
+
 @pytest.mark.parametrize("args, names", [
     (["--ks=0"], ["--ks=0", "comma-separated integers >= 1"]),
     (["--ks=5,x"], ["--ks=5,x", "comma-separated integers >= 1"]),
@@ -98,12 +119,14 @@ def test_finetune_benchmark_compare_ref_smoke(repo_root, tmp_path):
     (["--steps=0"], ["--steps=0", "an integer >= 1"]),
     (["--configs=fashion,huge"], ["--configs=fashion,huge", "'huge'", "fashion, small, tiny"]),
     (["--compare_ref=no-such-rev"], ["--compare_ref=no-such-rev", "git revision"]),
-    (["--dropout=1"], ["'--dropout=1'", "configs, ks, batch_size, steps, compare_ref, json_out"]),
+    (["--gradients=replay,keep"], ["--gradients=replay,keep", "'keep'", "replay, tape"]),
+    (["--dropout=1"], ["'--dropout=1'",
+                       "configs, ks, batch_size, steps, gradients, compare_ref, json_out"]),
     (["--steps"], ["--steps", "--steps=<value>"]),
     (["--json_out=/no/such/dir/out.json"], ["--json_out=/no/such/dir/out.json",
                                             "existing directory"]),
 ], ids=["k_zero", "k_not_int", "batch_zero", "batch_list", "steps_zero", "unknown_config",
-        "unknown_ref", "unknown_option", "option_without_value", "json_out_dir_missing"])
+        "unknown_ref", "unknown_gradient", "unknown_option", "option_without_value", "json_out_dir_missing"])
 def test_finetune_benchmark_refuses_bad_input(monkeypatch, capsys, args, names):
   def no_child(**kwargs):
     raise AssertionError(f"a child started despite the bad input: {kwargs}")

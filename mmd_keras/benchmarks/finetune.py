@@ -1,10 +1,10 @@
 """Memory and time the unrolled K-step MMD finetuning step costs a user's machine.
 
   python -m mmd_keras.benchmarks finetune [--configs=fashion,small] [--ks=5,20] [--batch_size=N]
-      [--steps=2] [--compare_ref=<git rev>] [--json_out=<file>]
+      [--steps=2] [--gradients=replay,tape] [--compare_ref=<git rev>] [--json_out=<file>]
 
 Each (config, K) variant runs in a fresh Python process, so none inherits another's heap or
-graphs. The child builds the config's UNet, `MMDFinetuner(..., recompute=True)` with Adam and a
+graphs. The child builds the config's UNet, `MMDFinetuner` with Adam and a
 fixed random pixel projection as feature network (so the unroll, not the features, is measured),
 runs one step and then `--steps` timed steps on a fixed real batch, and reports:
 
@@ -27,12 +27,17 @@ block per level and no attention, at batch 32; `tiny` an 8-px UNet at batch 4 (f
 Their dropout is off while finetuning (the finetuner's default). `--batch_size` overrides the
 config's batch.
 
+`--gradients` names how the step's gradient is taken, one variant each: `replay` (the default,
+`recompute=True`: one UNet call's activations alive at a time) and `tape` (`recompute=False`,
+main.py's `--norecompute`: one tape over all K calls).
+
 `--compare_ref=<rev>` also measures another git revision of the code: a temporary detached
 worktree of <rev> is first on the child's PYTHONPATH, so `import mmd_keras` loads the old code
 while the child script is this file (it uses only APIs both trees have). The variants alternate,
-ref then current for each config and K, so machine noise hits both alike. The output is a header
-line (command, date, commit, TensorFlow, CPUs), a table per config, the ratios peak RSS at the
-largest K over the smallest per config and tree, and a JSON line with all of it; progress goes to
+ref then current for each config and K, so machine noise hits both alike (and so do the
+gradients' variants). The output is a header line (command, date, commit, TensorFlow, CPUs), a
+table per config (with more than one variant, each one's step-time speed-up over the first
+variant's), the ratios peak RSS at the largest K over the smallest per config and variant, and a JSON line with all of it; progress goes to
 stderr.
 """
 
@@ -62,9 +67,12 @@ CONFIGS = dict(
     tiny=Config(dict(image_size=8, channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                      attn_resolutions=(), dropout=0.0), 4))
 
-Options = collections.namedtuple("Options", "configs ks batch_size steps compare_ref json_out")
-DEFAULTS = dict(configs="fashion,small", ks="5,20", batch_size=None, steps="2", compare_ref=None,
-                json_out=None)
+Options = collections.namedtuple("Options",
+                                 "configs ks batch_size steps gradients compare_ref json_out")
+DEFAULTS = dict(configs="fashion,small", ks="5,20", batch_size=None, steps="2", gradients="replay",
+                compare_ref=None, json_out=None)
+# --gradients names -> MMDFinetuner's `recompute`.
+GRADIENTS = dict(replay=True, tape=False)
 
 # (row key, column title, format) of the tables.
 COLUMNS = (("step_s", "step s", ".2f"), ("peak_rss_mib", "peak RSS MiB", ".0f"),
@@ -84,7 +92,7 @@ def _status_mib(field):
   raise KeyError(field)
 
 
-def _child(*, config, k, batch_size, steps, tree):
+def _child(*, config, k, batch_size, steps, tree, recompute=True):
   """Measures one variant in this fresh process; prints its figures as one JSON line."""
   import mmd_keras
   if pathlib.Path(mmd_keras.__file__).resolve().parents[1] != pathlib.Path(tree).resolve():
@@ -107,7 +115,7 @@ def _child(*, config, k, batch_size, steps, tree):
   trainer = finetune.MMDFinetuner(
       unet, feature_net=lambda images: tf.reshape(images, [-1, dim]) @ projection,
       schedule=schedule_lib.NoiseSchedule.linear(), num_steps=k,
-      kernel=mmd.make_kernel("polynomial"), grad_clip=0.5, recompute=True)
+      kernel=mmd.make_kernel("polynomial"), grad_clip=0.5, recompute=recompute)
   trainer.compile(optimizer=keras.optimizers.Adam(5e-6))
   trainer.optimizer.build(unet.trainable_weights)
   step = tf.function(trainer.train_step)
@@ -168,6 +176,11 @@ def _parse(argv):
   if unknown:
     sys.exit(f"error: --configs={options['configs']}: unknown config {unknown[0]!r}; expected "
              f"names from {', '.join(CONFIGS)}")
+  gradients = list(dict.fromkeys(options["gradients"].split(",")))
+  unknown = [name for name in gradients if name not in GRADIENTS]
+  if unknown:
+    sys.exit(f"error: --gradients={options['gradients']}: unknown gradient {unknown[0]!r}; "
+             f"expected names from {', '.join(GRADIENTS)}")
   batch_size = options["batch_size"]
   if batch_size is not None:
     [batch_size] = _ints("batch_size", batch_size, single=True)
@@ -176,6 +189,7 @@ def _parse(argv):
     sys.exit(f"error: --json_out={json_out}: expected a file in an existing directory")
   return Options(configs=configs, ks=list(dict.fromkeys(_ints("ks", options["ks"], single=False))),
                  batch_size=batch_size, steps=_ints("steps", options["steps"], single=True)[0],
+                 gradients=gradients,
                  compare_ref=options["compare_ref"], json_out=json_out)
 
 
@@ -215,11 +229,12 @@ def _worktree(commit):
     shutil.rmtree(parent, ignore_errors=True)
 
 
-def _run_child(*, tree, config, k, batch_size, steps):
+def _run_child(*, tree, config, k, batch_size, steps, recompute):
   """One variant's figures, measured in a fresh process that imports mmd_keras from `tree`."""
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
-  spec = json.dumps(dict(config=config, k=k, batch_size=batch_size, steps=steps, tree=str(tree)))
+  spec = json.dumps(dict(config=config, k=k, batch_size=batch_size, steps=steps, tree=str(tree),
+                         recompute=recompute))
   # -P keeps this file's directory off sys.path: PYTHONPATH alone decides which mmd_keras loads.
   result = subprocess.run([sys.executable, "-P", os.path.abspath(__file__), "--child", spec],
                           cwd=tree, env=env, capture_output=True, text=True)
@@ -229,21 +244,30 @@ def _run_child(*, tree, config, k, batch_size, steps):
   return json.loads(result.stdout.splitlines()[-1])
 
 
+def variant_names(trees, gradients):
+  """{variant name: (tree name, gradient)}: the tree's name alone while one gradient is measured
+  (so a --compare_ref run keeps its "ref" and "current"), else "<tree> <gradient>"."""
+  return {(tree if len(gradients) == 1 else f"{tree} {gradient}"): (tree, gradient)
+          for tree in trees for gradient in gradients}
+
+
 def _measure(options, *, trees, commits):
-  """Every variant's row, ref and current alternating for each config and K."""
-  variants = [(config, k, name) for config in options.configs for k in options.ks
-              for name in trees]
+  """Every variant's row, the variants alternating for each config and K."""
+  variants = variant_names(trees, options.gradients)
+  runs = [(config, k, name) for config in options.configs for k in options.ks
+          for name in variants]
   rows = []
-  for index, (config, k, name) in enumerate(variants, 1):
+  for index, (config, k, name) in enumerate(runs, 1):
+    tree, gradient = variants[name]
     batch_size = options.batch_size or CONFIGS[config].batch_size
-    print(f"[{index}/{len(variants)}] {config} K={k} batch {batch_size} {name} "
-          f"({commits[name]}) ...", end="", file=sys.stderr, flush=True)
-    figures = _run_child(tree=trees[name], config=config, k=k, batch_size=batch_size,
-                         steps=options.steps)
+    print(f"[{index}/{len(runs)}] {config} K={k} batch {batch_size} {name} "
+          f"({commits[tree]}) ...", end="", file=sys.stderr, flush=True)
+    figures = _run_child(tree=trees[tree], config=config, k=k, batch_size=batch_size,
+                         steps=options.steps, recompute=GRADIENTS[gradient])
     print(f" {figures['step_s']:.2f} s/step, peak RSS {figures['peak_rss_mib']:.0f} MiB, "
           f"first step {figures['first_step_s']:.1f} s", file=sys.stderr, flush=True)
-    rows.append(dict(config=config, k=k, batch_size=batch_size, steps=options.steps, tree=name,
-                     commit=commits[name], **figures))
+    rows.append(dict(config=config, k=k, batch_size=batch_size, steps=options.steps, tree=tree,
+                     gradient=gradient, variant=name, commit=commits[tree], **figures))
   return rows
 
 
@@ -252,7 +276,8 @@ def _cell(value, spec):
 
 
 def _print_tables(rows, *, configs, ks, trees):
-  by = {(row["config"], row["k"], row["tree"]): row for row in rows}
+  """One table per config; `trees` are the variant names (columns), the first the baseline."""
+  by = {(row["config"], row["k"], row["variant"]): row for row in rows}
   compare = len(trees) > 1
   for config in configs:
     first = by[(config, ks[0], trees[-1])]
@@ -262,7 +287,7 @@ def _print_tables(rows, *, configs, ks, trees):
     for key, title, _ in COLUMNS:
       titles += [f"{title} {tree}" for tree in trees] if compare else [title]
       if key == "step_s" and compare:
-        titles.append("speed-up ref/current")
+        titles += [f"speed-up {trees[0]}/{tree}" for tree in trees[1:]]
     print("| " + " | ".join(titles) + " |")
     print("|" + "---|" * len(titles))
     for k in ks:
@@ -270,19 +295,19 @@ def _print_tables(rows, *, configs, ks, trees):
       for key, _, spec in COLUMNS:
         cells += [_cell(by[(config, k, tree)][key], spec) for tree in trees]
         if key == "step_s" and compare:
-          speed_up = by[(config, k, "ref")]["step_s"] / by[(config, k, "current")]["step_s"]
-          cells.append(f"{speed_up:.2f}")
+          cells += [f"{by[(config, k, trees[0])]['step_s'] / by[(config, k, tree)]['step_s']:.2f}"
+                    for tree in trees[1:]]
       print("| " + " | ".join(cells) + " |")
 
 
 def _ratios(rows, *, configs, ks, trees):
-  """peak RSS(K = max) / peak RSS(K = min) per config and tree: how the unroll's memory grows."""
+  """peak RSS(K = max) / peak RSS(K = min) per config and variant: how the unroll's memory grows."""
   if len(ks) < 2:
     return []
-  by = {(row["config"], row["k"], row["tree"]): row["peak_rss_mib"] for row in rows}
-  return [dict(config=config, tree=tree, k_min=min(ks), k_max=max(ks),
-               peak_rss_ratio=by[(config, max(ks), tree)] / by[(config, min(ks), tree)])
-          for config in configs for tree in trees]
+  by = {(row["config"], row["k"], row["variant"]): row["peak_rss_mib"] for row in rows}
+  return [dict(config=config, variant=name, k_min=min(ks), k_max=max(ks),
+               peak_rss_ratio=by[(config, max(ks), name)] / by[(config, min(ks), name)])
+          for config in configs for name in trees]
 
 
 def main():
@@ -303,12 +328,12 @@ def main():
     if options.compare_ref is not None:
       trees = {"ref": stack.enter_context(_worktree(ref_commit)), **trees}
     rows = _measure(options, trees=trees, commits=commits)
-  names = list(trees)
+  names = list(variant_names(trees, options.gradients))
   _print_tables(rows, configs=options.configs, ks=options.ks, trees=names)
   ratios = _ratios(rows, configs=options.configs, ks=options.ks, trees=names)
   if ratios:
     print(f"\npeak RSS(K={max(options.ks)}) / peak RSS(K={min(options.ks)}): " + ", ".join(
-        f"{r['config']} {r['tree']} {r['peak_rss_ratio']:.2f}" for r in ratios))
+        f"{r['config']} {r['variant']} {r['peak_rss_ratio']:.2f}" for r in ratios))
   report = dict(header, rows=rows, ratios=ratios)
   print(json.dumps(report))
   if options.json_out is not None:
