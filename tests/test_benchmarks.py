@@ -126,7 +126,8 @@ def test_variant_names_keep_the_tree_names_for_one_gradient():
     (["--json_out=/no/such/dir/out.json"], ["--json_out=/no/such/dir/out.json",
                                             "existing directory"]),
 ], ids=["k_zero", "k_not_int", "batch_zero", "batch_list", "steps_zero", "unknown_config",
-        "unknown_ref", "unknown_gradient", "unknown_option", "option_without_value", "json_out_dir_missing"])
+        "unknown_ref", "unknown_gradient", "unknown_option", "option_without_value",
+        "json_out_dir_missing"])
 def test_finetune_benchmark_refuses_bad_input(monkeypatch, capsys, args, names):
   def no_child(**kwargs):
     raise AssertionError(f"a child started despite the bad input: {kwargs}")

@@ -4,9 +4,9 @@
       [--steps=2] [--gradients=replay,tape] [--compare_ref=<git rev>] [--json_out=<file>]
 
 Each (config, K) variant runs in a fresh Python process, so none inherits another's heap or
-graphs. The child builds the config's UNet, `MMDFinetuner` with Adam and a
-fixed random pixel projection as feature network (so the unroll, not the features, is measured),
-runs one step and then `--steps` timed steps on a fixed real batch, and reports:
+graphs. The child builds the config's UNet, `MMDFinetuner` with Adam and a fixed random pixel
+projection as feature network (so the unroll, not the features, is measured), runs one step and
+then `--steps` timed steps on a fixed real batch, and reports:
 
 - peak RSS: the process's resident-set high-water mark (VmHWM in /proc/self/status), from process
   start to the end of the timed steps: imports, tracing and graph optimisation included. This is
@@ -37,8 +37,8 @@ while the child script is this file (it uses only APIs both trees have). The var
 ref then current for each config and K, so machine noise hits both alike (and so do the
 gradients' variants). The output is a header line (command, date, commit, TensorFlow, CPUs), a
 table per config (with more than one variant, each one's step-time speed-up over the first
-variant's), the ratios peak RSS at the largest K over the smallest per config and variant, and a JSON line with all of it; progress goes to
-stderr.
+variant's), the ratios peak RSS at the largest K over the smallest per config and variant, and a
+JSON line with all of it; progress goes to stderr.
 """
 
 import collections
