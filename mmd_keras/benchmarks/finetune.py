@@ -92,7 +92,7 @@ def _status_mib(field):
   raise KeyError(field)
 
 
-def _child(*, config, k, batch_size, steps, tree, recompute=True):
+def _child(*, config, k, batch_size, steps, tree, recompute):
   """Measures one variant in this fresh process; prints its figures as one JSON line."""
   import mmd_keras
   if pathlib.Path(mmd_keras.__file__).resolve().parents[1] != pathlib.Path(tree).resolve():
@@ -160,6 +160,17 @@ def _ints(option, text, *, single):
   return values
 
 
+def _names(option, text, known, *, noun):
+  """The distinct comma-separated names of `text`, in order; exits with a one-line error naming the
+  first one not in `known`."""
+  names = list(dict.fromkeys(text.split(",")))
+  unknown = [name for name in names if name not in known]
+  if unknown:
+    sys.exit(f"error: --{option}={text}: unknown {noun} {unknown[0]!r}; expected names from "
+             f"{', '.join(known)}")
+  return names
+
+
 def _parse(argv):
   """Options from `--name=value` arguments; exits with a one-line error on bad input."""
   options = dict(DEFAULTS)
@@ -171,16 +182,8 @@ def _parse(argv):
       sys.exit(f"error: unknown option {arg!r}; expected --name=value, name one of "
                f"{', '.join(options)}")
     options[name[2:]] = value
-  configs = list(dict.fromkeys(options["configs"].split(",")))
-  unknown = [name for name in configs if name not in CONFIGS]
-  if unknown:
-    sys.exit(f"error: --configs={options['configs']}: unknown config {unknown[0]!r}; expected "
-             f"names from {', '.join(CONFIGS)}")
-  gradients = list(dict.fromkeys(options["gradients"].split(",")))
-  unknown = [name for name in gradients if name not in GRADIENTS]
-  if unknown:
-    sys.exit(f"error: --gradients={options['gradients']}: unknown gradient {unknown[0]!r}; "
-             f"expected names from {', '.join(GRADIENTS)}")
+  configs = _names("configs", options["configs"], CONFIGS, noun="config")
+  gradients = _names("gradients", options["gradients"], GRADIENTS, noun="gradient")
   batch_size = options["batch_size"]
   if batch_size is not None:
     [batch_size] = _ints("batch_size", batch_size, single=True)
@@ -275,39 +278,39 @@ def _cell(value, spec):
   return "null" if value is None else format(value, spec)
 
 
-def _print_tables(rows, *, configs, ks, trees):
-  """One table per config; `trees` are the variant names (columns), the first the baseline."""
+def _print_tables(rows, *, configs, ks, variants):
+  """One table per config, a column per name of `variants`, the first the speed-ups' baseline."""
   by = {(row["config"], row["k"], row["variant"]): row for row in rows}
-  compare = len(trees) > 1
+  compare = len(variants) > 1
   for config in configs:
-    first = by[(config, ks[0], trees[-1])]
+    first = by[(config, ks[0], variants[-1])]
     print(f"\n{config}: batch {first['batch_size']}; step s: the mean of the {first['steps']} "
           f"timed step(s) after the first")
     titles = ["K"]
     for key, title, _ in COLUMNS:
-      titles += [f"{title} {tree}" for tree in trees] if compare else [title]
+      titles += [f"{title} {name}" for name in variants] if compare else [title]
       if key == "step_s" and compare:
-        titles += [f"speed-up {trees[0]}/{tree}" for tree in trees[1:]]
+        titles += [f"speed-up {variants[0]}/{name}" for name in variants[1:]]
     print("| " + " | ".join(titles) + " |")
     print("|" + "---|" * len(titles))
     for k in ks:
       cells = [str(k)]
       for key, _, spec in COLUMNS:
-        cells += [_cell(by[(config, k, tree)][key], spec) for tree in trees]
+        cells += [_cell(by[(config, k, name)][key], spec) for name in variants]
         if key == "step_s" and compare:
-          cells += [f"{by[(config, k, trees[0])]['step_s'] / by[(config, k, tree)]['step_s']:.2f}"
-                    for tree in trees[1:]]
+          base = by[(config, k, variants[0])]["step_s"]
+          cells += [f"{base / by[(config, k, name)]['step_s']:.2f}" for name in variants[1:]]
       print("| " + " | ".join(cells) + " |")
 
 
-def _ratios(rows, *, configs, ks, trees):
+def _ratios(rows, *, configs, ks, variants):
   """peak RSS(K = max) / peak RSS(K = min) per config and variant: how the unroll's memory grows."""
   if len(ks) < 2:
     return []
   by = {(row["config"], row["k"], row["variant"]): row["peak_rss_mib"] for row in rows}
   return [dict(config=config, variant=name, k_min=min(ks), k_max=max(ks),
                peak_rss_ratio=by[(config, max(ks), name)] / by[(config, min(ks), name)])
-          for config in configs for name in trees]
+          for config in configs for name in variants]
 
 
 def main():
@@ -329,8 +332,8 @@ def main():
       trees = {"ref": stack.enter_context(_worktree(ref_commit)), **trees}
     rows = _measure(options, trees=trees, commits=commits)
   names = list(variant_names(trees, options.gradients))
-  _print_tables(rows, configs=options.configs, ks=options.ks, trees=names)
-  ratios = _ratios(rows, configs=options.configs, ks=options.ks, trees=names)
+  _print_tables(rows, configs=options.configs, ks=options.ks, variants=names)
+  ratios = _ratios(rows, configs=options.configs, ks=options.ks, variants=names)
   if ratios:
     print(f"\npeak RSS(K={max(options.ks)}) / peak RSS(K={min(options.ks)}): " + ", ".join(
         f"{r['config']} {r['variant']} {r['peak_rss_ratio']:.2f}" for r in ratios))
