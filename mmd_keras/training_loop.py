@@ -277,3 +277,4 @@ def train_to(run, *, max_steps, dataset_fn, sample_fn, checkpoint_every, log_eve
   final = step_of(trainer)
   if final % progress.every:
     progress.save(final)
+  progress.writer.close()

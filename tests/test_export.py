@@ -230,8 +230,18 @@ def test_each_signature_is_traced_once_for_any_batch(unet):
   assert sampler.serving_default.experimental_get_tracing_count() == 1
 
 
+def test_the_k_step_sampler_is_traced_once_for_both_signatures_and_tflite(unet):
+  sampler = _sampler(unet)
+  sampler.from_noise(tf.constant(_noise(2)))
+  sampler.serving_default(tf.constant(0, tf.int64), tf.constant(3))
+  sampler.tflite_function()
+  assert sampler._sample_traced.experimental_get_tracing_count() == 1
+
+
 def _conv_ops(sampler):
-  graph = sampler.from_noise.get_concrete_function().graph
+  # The signatures call the K-step sampler's one traced function.
+  sampler.from_noise.get_concrete_function()
+  graph = sampler._sample_traced.get_concrete_function().graph
   return sum(op.type == "Conv2D" for op in graph.get_operations())
 
 

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 
 from helpers import randomize_weights, tiny_unet
+from mmd_keras import ddim
 from mmd_keras import dpm_solver
 from mmd_keras import sampling
 from mmd_keras import schedule as schedule_lib
+from mmd_keras import streams
 
 SCHEDULE = schedule_lib.NoiseSchedule.linear(num_timesteps=100)
 
@@ -37,6 +39,20 @@ def test_fewer_images_are_a_prefix_of_more(unet):
   np.testing.assert_allclose(few, many[:6], atol=1e-5)
   other_seed = sampling.generate(unet, num_images=6, **dict(kwargs, seed=8))
   assert np.abs(other_seed - few).max() > 1e-3
+
+
+def test_a_short_last_batch_draws_what_a_batch_of_its_size_draws(unet):
+  # The last batch runs at the full batch size (one XLA shape); its extra images must not change
+  # the kept ones, η-noise included.
+  kwargs = dict(num_steps=3, schedule=SCHEDULE, eta=1.0, clip_x0=True, seed=7, batch_size=4)
+  images = sampling.generate(unet, num_images=6, **kwargs)
+  timesteps = SCHEDULE.timesteps(3, "uniform")
+  last = ddim.sample(lambda x, t: unet(x, t),
+                     sampling.initial_noise(seed=7, batch_index=1, batch_size=4,
+                                            image_shape=(8, 8, 1))[:2],
+                     timesteps=timesteps, alphas_cumprod=SCHEDULE.alphas_cumprod, eta=1.0,
+                     clip_x0=True, seed=streams.key(7, streams.SAMPLE_STEPS + 1))
+  np.testing.assert_allclose(images[4:], np.clip(last.numpy(), -1.0, 1.0), atol=1e-5)
 
 
 def test_progress_bar_counts_every_image(unet, capsys):

@@ -89,6 +89,12 @@ class Sampler(tf.Module):
                          tf.TensorSpec([], tf.int32, name="num_images")])
     self.from_noise = tf.function(
         self._from_noise, input_signature=[tf.TensorSpec(None, tf.float32, name="noise")])
+    # The K UNet calls, traced once and called by both signatures and the TFLite function: each
+    # trace of them takes seconds (most of an export's time), and the graphs are the same.
+    self._sample_traced = tf.function(
+        self._sample_noise,
+        input_signature=[tf.TensorSpec([None, *self._image_shape], tf.float32, name="noise"),
+                         tf.TensorSpec([], tf.int64, name="seed")])
 
   @classmethod
   def from_schedule(cls, unet, *, schedule, num_steps, timestep_kind="uniform", **kwargs):
@@ -117,6 +123,10 @@ class Sampler(tf.Module):
                           seed=None if seed is None else step_noise_seed(seed))
     return tf.clip_by_value(x_0, -1.0, 1.0)
 
+  def _sample_noise(self, noise, seed):
+    # The seed only matters for η > 0 (see `sample`).
+    return self.sample(noise, seed=seed if self._eta else None)
+
   def tflite_function(self):
     """noise [None, H, W, C] -> images uint8: the concrete function the TFLite file is made from.
 
@@ -125,8 +135,9 @@ class Sampler(tf.Module):
     if self._eta:
       raise ValueError("the TFLite sampler is deterministic (noise -> images); eta must be 0")
     spec = tf.TensorSpec([None, *self._image_shape], tf.float32, name="noise")
-    return tf.function(lambda noise: {"images": ddim.to_uint8(self.sample(noise))},
-                       input_signature=[spec]).get_concrete_function()
+    return tf.function(
+        lambda noise: {"images": ddim.to_uint8(self._sample_traced(noise, tf.constant(0, tf.int64)))},
+        input_signature=[spec]).get_concrete_function()
 
   def _serving_default(self, seed, num_images):
     message = (f"num_images must be in [1, {self._max_images}] (the export's max_images), "
@@ -135,7 +146,7 @@ class Sampler(tf.Module):
               tf.debugging.assert_less_equal(num_images, self._max_images, message=message)]
     with tf.control_dependencies(checks):
       x_T = seeded_noise(seed, num_images, self._image_shape)
-    return {"images": ddim.to_uint8(self.sample(x_T, seed=seed if self._eta else None))}
+    return {"images": ddim.to_uint8(self._sample_traced(x_T, seed))}
 
   def _from_noise(self, noise):
     height, width, channels = self._image_shape
@@ -150,5 +161,5 @@ class Sampler(tf.Module):
     checks = [tf.debugging.Assert(valid, [message + "; got shape", shape])]
     with tf.control_dependencies(checks):
       noise = tf.ensure_shape(noise, [None, height, width, channels])
-    x_0 = self.sample(noise, seed=tf.constant(0, tf.int64) if self._eta else None)
+    x_0 = self._sample_traced(noise, tf.constant(0, tf.int64))
     return {"images": ddim.to_uint8(x_0), "images_float": x_0}
