@@ -213,3 +213,14 @@ def test_training_stream_flips_are_keyed_by_position(synthetic_dir):
         np.testing.assert_array_equal(image, reference[:, ::-1])
         flipped += 1
   assert flipped and unflipped
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_streams_run_without_the_autotuning_thread(synthetic_dir, shuffle):
+  # Deleting an iterator waits for that thread's optimization period (up to 60 s in TF 2.21): the
+  # end of every fit. Without it, the stream still yields its batches.
+  folder, _, _ = synthetic_dir
+  ds = data_lib.make_dataset(dataset="fashion_mnist", global_batch_size=4, data_dir=str(folder),
+                             shuffle=shuffle, repeat=shuffle)
+  assert ds.options().autotune.enabled is False
+  assert next(iter(ds)).shape == (4, 28, 28, 1)
