@@ -127,6 +127,9 @@ class Sampler(tf.Module):
     # The seed only matters for η > 0 (see `sample`).
     return self.sample(noise, seed=seed if self._eta else None)
 
+  def _sample_seed0(self, noise):
+    return self._sample_traced(noise, tf.constant(0, tf.int64))
+
   def tflite_function(self):
     """noise [None, H, W, C] -> images uint8: the concrete function the TFLite file is made from.
 
@@ -135,9 +138,8 @@ class Sampler(tf.Module):
     if self._eta:
       raise ValueError("the TFLite sampler is deterministic (noise -> images); eta must be 0")
     spec = tf.TensorSpec([None, *self._image_shape], tf.float32, name="noise")
-    return tf.function(
-        lambda noise: {"images": ddim.to_uint8(self._sample_traced(noise, tf.constant(0, tf.int64)))},
-        input_signature=[spec]).get_concrete_function()
+    return tf.function(lambda noise: {"images": ddim.to_uint8(self._sample_seed0(noise))},
+                       input_signature=[spec]).get_concrete_function()
 
   def _serving_default(self, seed, num_images):
     message = (f"num_images must be in [1, {self._max_images}] (the export's max_images), "
@@ -161,5 +163,5 @@ class Sampler(tf.Module):
     checks = [tf.debugging.Assert(valid, [message + "; got shape", shape])]
     with tf.control_dependencies(checks):
       noise = tf.ensure_shape(noise, [None, height, width, channels])
-    x_0 = self._sample_traced(noise, tf.constant(0, tf.int64))
+    x_0 = self._sample_seed0(noise)
     return {"images": ddim.to_uint8(x_0), "images_float": x_0}
