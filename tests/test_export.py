@@ -240,7 +240,6 @@ def test_the_k_step_sampler_is_traced_once_for_both_signatures_and_tflite(unet):
 
 def _conv_ops(sampler):
   # The signatures call the K-step sampler's one traced function.
-  sampler.from_noise.get_concrete_function()
   graph = sampler._sample_traced.get_concrete_function().graph
   return sum(op.type == "Conv2D" for op in graph.get_operations())
 

@@ -90,7 +90,7 @@ class Sampler(tf.Module):
     self.from_noise = tf.function(
         self._from_noise, input_signature=[tf.TensorSpec(None, tf.float32, name="noise")])
     # The K UNet calls, traced once and called by both signatures and the TFLite function: each
-    # trace of them takes seconds (most of an export's time), and the graphs are the same.
+    # trace of them takes seconds (most of writing the SavedModel), and the graphs are the same.
     self._sample_traced = tf.function(
         self._sample_noise,
         input_signature=[tf.TensorSpec([None, *self._image_shape], tf.float32, name="noise"),
