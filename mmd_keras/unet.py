@@ -45,8 +45,64 @@ def _dense(units, name, *, init_scale=1.0):
   return keras.layers.Dense(units, name=name, kernel_initializer=_init(init_scale))
 
 
+class GroupNorm(keras.layers.GroupNormalization):
+  """GroupNormalization over the last axis of NHWC images with its gradient in closed form.
+
+  Keras normalises a [B, H, W, G, C/G] view, reducing over three non-adjacent axes, and its
+  automatic gradient keeps every intermediate. Here the statistics sum over H, W first (a [B, C]
+  result), then over each group's channels, and the backward pass is GroupNorm's closed form,
+  keeping only the input and the per-group mean and σ⁻¹. The same function and weights (`gamma`,
+  `beta`), two-pass variance.
+  """
+
+  def call(self, inputs):
+    if self.axis not in (-1, len(inputs.shape) - 1) or len(inputs.shape) != 4:
+      return super().call(inputs)
+    channels = inputs.shape[-1]
+    groups, per_group, epsilon = self.groups, channels // self.groups, self.epsilon
+    # Statistics in float32 under a bfloat16/float16 policy, as Keras' layer does.
+    x = tf.cast(inputs, tf.float32)
+    shape = tf.shape(x)
+    count = tf.cast(shape[1] * shape[2] * per_group, tf.float32)
+
+    def group_mean(v):  # [B, C] sums over H, W -> [B, G, 1] means over each group's pixels
+      return tf.reduce_sum(tf.reshape(v, [-1, groups, per_group]), -1, keepdims=True) / count
+
+    def per_channel(v):  # [B, G, 1] -> [B, 1, 1, C]
+      return tf.reshape(tf.broadcast_to(v, [shape[0], groups, per_group]), [-1, 1, 1, channels])
+
+    def pixel_sum(v):  # [B, H, W, C] -> [B, C]
+      return tf.reduce_sum(v, axis=[1, 2])
+
+    @tf.custom_gradient
+    def normalize(x, gamma, beta):
+      mean = per_channel(group_mean(pixel_sum(x)))
+      inv = per_channel(tf.math.rsqrt(group_mean(pixel_sum(tf.square(x - mean))) + epsilon))
+      scale = inv * gamma
+
+      def gradient(dy):
+        # dx = σ⁻¹(g − mean(g) − x̂·mean(g·x̂)), g = γ·dy, x̂ = (x − μ)σ⁻¹, written as
+        # dy·p + x·q + r with per-channel p, q, r: the only image-sized tensors are x, which stays
+        # alive anyway, dy and three temporaries (a literal x̂ and g: +12 % of a UNet backward's
+        # tensor peak).
+        inv_c, mean_c = tf.reshape(inv, [-1, channels]), tf.reshape(mean, [-1, channels])
+        dy_sum = pixel_sum(dy)
+        dy_x_hat_sum = inv_c * (pixel_sum(dy * x) - mean_c * dy_sum)  # Σ dy·x̂ over H, W
+        mean_g = per_channel(group_mean(gamma * dy_sum))
+        mean_g_x_hat = per_channel(group_mean(gamma * dy_x_hat_sum))
+        q = -inv * inv * mean_g_x_hat
+        r = -inv * mean_g - mean * q
+        dx = dy * scale + x * q + r
+        return dx, tf.reduce_sum(dy_x_hat_sum, axis=0), tf.reduce_sum(dy_sum, axis=0)
+      return x * scale + (beta - mean * scale), gradient
+
+    gamma = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([channels])
+    beta = tf.cast(self.beta, tf.float32) if self.center else tf.zeros([channels])
+    return tf.cast(normalize(x, gamma, beta), self.compute_dtype)
+
+
 def _group_norm(name):
-  return keras.layers.GroupNormalization(groups=32, epsilon=1e-6, name=name)
+  return GroupNorm(groups=32, epsilon=1e-6, name=name)
 
 
 def _dropout(h, *, rate, seed, seed_generator):

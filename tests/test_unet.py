@@ -1,5 +1,5 @@
 """unet.py: the published parameter count, shapes, the timestep embedding (integer and continuous
-t), seeded dropout, bad shapes."""
+t), seeded dropout, GroupNorm against NumPy's closed forms, bad shapes."""
 
 import math
 
@@ -131,3 +131,57 @@ def test_upsample_is_nearest_neighbour_resize_and_compiles_with_its_gradient():
 
   block_sums = tf.reduce_sum(tf.reshape(weights, [2, 3, 2, 5, 2, 4]), axis=[2, 4])
   np.testing.assert_allclose(gradient(x), block_sums, rtol=1e-6)
+
+
+def _np_group_norm(x, gamma, beta, groups, eps):
+  """(y, the function that maps dy to (dx, dγ, dβ)): GroupNorm's closed forms in float64."""
+  b, h, w, c = x.shape
+  xg = x.reshape(b, h, w, groups, c // groups)
+  mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+  inv = 1.0 / np.sqrt(xg.var(axis=(1, 2, 4), keepdims=True) + eps)
+  x_hat = (xg - mean) * inv
+  y = x_hat.reshape(x.shape) * gamma + beta
+
+  def backward(dy):
+    g = (dy * gamma).reshape(xg.shape)
+    dx = inv * (g - g.mean(axis=(1, 2, 4), keepdims=True)
+                - x_hat * (g * x_hat).mean(axis=(1, 2, 4), keepdims=True))
+    return (dx.reshape(x.shape), (dy * x_hat.reshape(x.shape)).sum(axis=(0, 1, 2)),
+            dy.sum(axis=(0, 1, 2)))
+  return y, backward
+
+
+@pytest.mark.parametrize("groups,channels,offset", [(4, 8, 0.0), (2, 2, 0.0), (4, 8, 30.0)])
+def test_group_norm_and_its_gradient_match_the_closed_forms(groups, channels, offset):
+  rng = np.random.default_rng(groups + channels)
+  # An offset far above the spread: the two-pass variance must not cancel it away.
+  x = rng.normal(size=(3, 5, 6, channels)) * 2.0 + offset
+  gamma, beta = rng.normal(size=channels) + 1.0, rng.normal(size=channels)
+  dy = rng.normal(size=x.shape)
+  layer = unet_lib.GroupNorm(groups=groups, epsilon=1e-6)
+  layer.build(x.shape)
+  layer.gamma.assign(gamma.astype(np.float32))
+  layer.beta.assign(beta.astype(np.float32))
+  x_tf = tf.constant(x, tf.float32)
+  with tf.GradientTape() as tape:
+    tape.watch(x_tf)
+    y = layer(x_tf)
+    loss = tf.reduce_sum(y * tf.constant(dy, tf.float32))
+  grads = tape.gradient(loss, [x_tf, layer.gamma, layer.beta])
+  y_ref, backward = _np_group_norm(x, gamma, beta, groups, 1e-6)
+  np.testing.assert_allclose(y, y_ref, atol=2e-5)
+  for got, want in zip(grads, backward(dy)):
+    np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max())
+
+
+def test_group_norm_keeps_the_compute_dtype_and_an_unknown_batch():
+  layer = unet_lib.GroupNorm(groups=2, epsilon=1e-6, dtype="mixed_bfloat16")
+  layer.build((None, 4, 4, 4))
+  fn = tf.function(layer).get_concrete_function(tf.TensorSpec([None, 4, 4, 4], tf.bfloat16))
+  assert fn.structured_outputs.dtype == tf.bfloat16
+  x = tf.random.stateless_normal([3, 4, 4, 4], seed=[5, 6])
+  y = tf.cast(fn(tf.cast(x, tf.bfloat16)), tf.float32)
+  # Each group of the output has mean 0 and variance 1 (γ = 1, β = 0), to bfloat16's precision.
+  groups = tf.reshape(y, [3, 16, 2, 2])
+  np.testing.assert_allclose(tf.reduce_mean(groups, axis=[1, 3]), 0.0, atol=0.03)
+  np.testing.assert_allclose(tf.math.reduce_variance(groups, axis=[1, 3]), 1.0, atol=0.05)
