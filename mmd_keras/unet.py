@@ -45,8 +45,10 @@ def _dense(units, name, *, init_scale=1.0):
   return keras.layers.Dense(units, name=name, kernel_initializer=_init(init_scale))
 
 
-class GroupNorm(keras.layers.GroupNormalization):
+class GroupNormalization(keras.layers.GroupNormalization):
   """GroupNormalization over the last axis of NHWC images with its gradient in closed form.
+
+  Keras' own class name: `.weights.h5` files key a model's direct layers by it (`norm_out`).
 
   Keras normalises a [B, H, W, G, C/G] view, reducing over three non-adjacent axes, and its
   automatic gradient keeps every intermediate. Here the statistics sum over H, W first (a [B, C]
@@ -102,7 +104,7 @@ class GroupNorm(keras.layers.GroupNormalization):
 
 
 def _group_norm(name):
-  return GroupNorm(groups=32, epsilon=1e-6, name=name)
+  return GroupNormalization(groups=32, epsilon=1e-6, name=name)
 
 
 def _dropout(h, *, rate, seed, seed_generator):

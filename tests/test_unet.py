@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import randomize_weights, tiny_unet
+from helpers import REPO_ROOT, randomize_weights, tiny_unet
+from mmd_keras import checkpoints
 from mmd_keras import unet as unet_lib
 from mmd_keras.errors import UserError
 
@@ -158,7 +159,7 @@ def test_group_norm_and_its_gradient_match_the_closed_forms(groups, channels, of
   x = rng.normal(size=(3, 5, 6, channels)) * 2.0 + offset
   gamma, beta = rng.normal(size=channels) + 1.0, rng.normal(size=channels)
   dy = rng.normal(size=x.shape)
-  layer = unet_lib.GroupNorm(groups=groups, epsilon=1e-6)
+  layer = unet_lib.GroupNormalization(groups=groups, epsilon=1e-6)
   layer.build(x.shape)
   layer.gamma.assign(gamma.astype(np.float32))
   layer.beta.assign(beta.astype(np.float32))
@@ -175,7 +176,7 @@ def test_group_norm_and_its_gradient_match_the_closed_forms(groups, channels, of
 
 
 def test_group_norm_keeps_the_compute_dtype_and_an_unknown_batch():
-  layer = unet_lib.GroupNorm(groups=2, epsilon=1e-6, dtype="mixed_bfloat16")
+  layer = unet_lib.GroupNormalization(groups=2, epsilon=1e-6, dtype="mixed_bfloat16")
   layer.build((None, 4, 4, 4))
   fn = tf.function(layer).get_concrete_function(tf.TensorSpec([None, 4, 4, 4], tf.bfloat16))
   assert fn.structured_outputs.dtype == tf.bfloat16
@@ -185,3 +186,13 @@ def test_group_norm_keeps_the_compute_dtype_and_an_unknown_batch():
   groups = tf.reshape(y, [3, 16, 2, 2])
   np.testing.assert_allclose(tf.reduce_mean(groups, axis=[1, 3]), 0.0, atol=0.03)
   np.testing.assert_allclose(tf.math.reduce_variance(groups, axis=[1, 3]), 1.0, atol=0.05)
+
+
+def test_the_bundled_weights_load_into_the_flagfile_unet():
+  # .weights.h5 files key a model's direct layers by their class name (norm_out: a
+  # GroupNormalization), so the bundled file of Keras' own layer must still load.
+  unet = unet_lib.UNet(image_size=28, channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
+                       attn_resolutions=(7,), dropout=0.1).build_for_inference()
+  checkpoints.restore_unet(unet, str(REPO_ROOT / "pretrained" / "fashion_mnist" /
+                                     "unet_ema.weights.h5"))
+  assert np.abs(unet.norm_out.gamma.numpy() - 1.0).max() > 1e-3  # Trained, not the initial ones.
