@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
-from helpers import REPO_ROOT
+from helpers import FASHION_UNET, REPO_ROOT
 from mmd_keras import checkpoints
 from mmd_keras import ddim
 from mmd_keras import schedule as schedule_lib
@@ -19,9 +19,6 @@ from mmd_keras.export import sampler_module, writers
 
 NUM_STEPS = 5
 SCHEDULE = schedule_lib.NoiseSchedule.linear()
-# configs/fashion_mnist.cfg's UNet.
-FASHION_UNET = dict(image_size=28, channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
-                    attn_resolutions=(7,), dropout=0.1)
 BUNDLED = REPO_ROOT / "pretrained" / "fashion_mnist" / "unet_ema.weights.h5"
 
 pytestmark = pytest.mark.slow

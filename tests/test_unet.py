@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import REPO_ROOT, randomize_weights, tiny_unet
+from helpers import FASHION_UNET, REPO_ROOT, randomize_weights, tiny_unet
 from mmd_keras import checkpoints
 from mmd_keras import unet as unet_lib
 from mmd_keras.errors import UserError
@@ -191,8 +191,7 @@ def test_group_norm_keeps_the_compute_dtype_and_an_unknown_batch():
 def test_the_bundled_weights_load_into_the_flagfile_unet():
   # .weights.h5 files key a model's direct layers by their class name (norm_out: a
   # GroupNormalization), so the bundled file of Keras' own layer must still load.
-  unet = unet_lib.UNet(image_size=28, channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
-                       attn_resolutions=(7,), dropout=0.1).build_for_inference()
+  unet = unet_lib.UNet(**FASHION_UNET).build_for_inference()
   checkpoints.restore_unet(unet, str(REPO_ROOT / "pretrained" / "fashion_mnist" /
                                      "unet_ema.weights.h5"))
   assert np.abs(unet.norm_out.gamma.numpy() - 1.0).max() > 1e-3  # Trained, not the initial ones.

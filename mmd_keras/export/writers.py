@@ -32,6 +32,10 @@ from mmd_keras.errors import ParameterError
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
+# No gradients are served: skip tracing the gradient of every op with a custom gradient.
+_SAVE_OPTIONS = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+
+
 def check_model_name(name):
   """Raises a ParameterError unless `name` is a plain model name (see MODEL_NAME_PATTERN)."""
   if not MODEL_NAME_PATTERN.fullmatch(name or ""):
@@ -148,10 +152,8 @@ def write_saved_model(sampler, *, export_dir, model_name, version, overwrite=Fal
     # tf.functions, not concrete functions: save traces under its own context anyway, so one
     # trace per signature instead of two.
     signatures = dict(serving_default=sampler.serving_default, from_noise=sampler.from_noise)
-    # No gradients are served: skip tracing the gradient of every op with a custom gradient.
-    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     with console.timed("writing the SavedModel"):
-      tf.saved_model.save(sampler, staging, signatures=signatures, options=options)
+      tf.saved_model.save(sampler, staging, signatures=signatures, options=_SAVE_OPTIONS)
   return target
 
 
@@ -162,9 +164,9 @@ def tflite_bytes(sampler, *, float16=False):
   # gradient of every op with a custom gradient (the UNet's GroupNorm) traced, 1.8x the time.
   weights = tf.Module()
   weights.unet_variables = sampler.unet_variables
-  options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
   with tempfile.TemporaryDirectory() as scratch:
-    tf.saved_model.save(weights, scratch, signatures=sampler.tflite_function(), options=options)
+    tf.saved_model.save(weights, scratch, signatures=sampler.tflite_function(),
+                        options=_SAVE_OPTIONS)
     converter = tf.lite.TFLiteConverter.from_saved_model(scratch)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if float16:
