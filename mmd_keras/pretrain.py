@@ -34,7 +34,7 @@ class DDPMTrainer(keras.Model):
 
   learned_timesteps = None  # Pretraining samples at fixed timesteps.
 
-  def __init__(self, unet, *, schedule, ema_decay=0.9999, grad_clip=None, seed=0, **kwargs):
+  def __init__(self, unet, *, schedule, ema_decay, grad_clip=None, seed=0, **kwargs):
     super().__init__(**kwargs)
     self.unet = unet
     self.grad_clip = grad_clip

@@ -15,7 +15,12 @@ from mmd_keras.errors import ParameterError
 TIMESTEP_KINDS = ("uniform", "trailing", "linspace", "quadratic")
 
 
-def linear_betas(*, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
+# Ho et al. 2020's schedule, the default of every base model.
+DDPM_NUM_TIMESTEPS, DDPM_BETA_START, DDPM_BETA_END = 1000, 1e-4, 0.02
+
+
+def linear_betas(*, num_timesteps=DDPM_NUM_TIMESTEPS, beta_start=DDPM_BETA_START,
+                 beta_end=DDPM_BETA_END):
   """β_t linearly spaced from beta_start to beta_end, t = 0 … T−1 (Ho et al. 2020)."""
   if num_timesteps < 1:
     raise ParameterError("num_timesteps", "must be >= 1", value=num_timesteps)
@@ -140,9 +145,9 @@ class NoiseSchedule:
   betas: np.ndarray
 
   @classmethod
-  def linear(cls, *, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
-    return cls(linear_betas(num_timesteps=num_timesteps, beta_start=beta_start,
-                            beta_end=beta_end))
+  def linear(cls, **schedule):
+    """The schedule of `linear_betas(**schedule)`."""
+    return cls(linear_betas(**schedule))
 
   @property
   def num_timesteps(self):

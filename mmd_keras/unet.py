@@ -268,11 +268,18 @@ class Middle(keras.layers.Layer):
     return self.block_2(h, temb, training=training, dropout_seed=_fold_seed(dropout_seed, 2))
 
 
+# The DDPM CIFAR-10 UNet (Ho et al. 2020): the architecture a UNet has unless told otherwise.
+DDPM_CIFAR10 = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                    dropout=0.1)
+
+
 class UNet(keras.Model):
   """ε_θ(x_t, t) for images NHWC in [-1, 1] and integer timesteps t of shape [B]."""
 
-  def __init__(self, *, image_size, channels, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-               attn_resolutions=(16,), dropout=0.1, name="unet", **kwargs):
+  def __init__(self, *, image_size, channels, ch=DDPM_CIFAR10["ch"],
+               ch_mult=DDPM_CIFAR10["ch_mult"], num_res_blocks=DDPM_CIFAR10["num_res_blocks"],
+               attn_resolutions=DDPM_CIFAR10["attn_resolutions"],
+               dropout=DDPM_CIFAR10["dropout"], name="unet", **kwargs):
     super().__init__(name=name, **kwargs)
     check_architecture(image_size=image_size, ch=ch, ch_mult=ch_mult)
     self.image_size = image_size

@@ -9,6 +9,7 @@ from mmd_keras import config as config_lib
 from mmd_keras import data as data_lib
 from mmd_keras import errors
 from mmd_keras import metrics
+from mmd_keras import settings
 from mmd_keras.app import evaluate as evaluate_app
 from mmd_keras.app import finetune as finetune_app
 from mmd_keras.app import inputs
@@ -30,8 +31,7 @@ def _values(**overrides):
   import main
   main.FLAGS.unparse_flags()
   main.FLAGS(["main.py", "--flagfile=configs/fashion_mnist.cfg"])
-  values = {field: main.FLAGS[names if isinstance(names, str) else names[0]].value
-            for field, names in main.PARAMETERS.items()}
+  values = {s.field: main.FLAGS[s.flag].value for s in settings.SETTINGS}
   main.FLAGS.unparse_flags()
   values.update(overrides)
   return values
@@ -211,28 +211,3 @@ def test_eval_samplers_flag_lists_sampler_and_spacing_pairs(monkeypatch, repo_ro
 def test_bad_eval_samplers_name_the_flag(main_module, monkeypatch, repo_root, entries, message):
   monkeypatch.chdir(repo_root)
   assert _configuration_error(main_module, f"--eval_samplers={entries}") == message
-
-
-def test_every_field_has_a_flag_and_every_flag_a_field(main_module):
-  fields = {f"{section}.{f.name}"
-            for section, cls in (("run", config_lib.RunConfig), ("data", config_lib.DataConfig),
-                                 ("diffusion", config_lib.DiffusionConfig),
-                                 ("unet", config_lib.UNetConfig),
-                                 ("sampler", config_lib.SamplerConfig),
-                                 ("pretrain", config_lib.PretrainConfig),
-                                 ("features", config_lib.FeatureConfig),
-                                 ("finetune", config_lib.FinetuneConfig),
-                                 ("eval", config_lib.EvalConfig),
-                                 ("export", config_lib.ExportConfig),
-                                 ("distribution", config_lib.DistributionConfig))
-            for f in dataclasses.fields(cls)}
-  # Derived, not set by a flag of their own.
-  derived = {"run.flags_text", "data.channels", "unet.image_size", "unet.channels",
-             "features.dataset"}
-  assert fields - derived == set(main_module.PARAMETERS) - {"merge.reports"}
-  ours = {name for names in main_module.PARAMETERS.values()
-          for name in ((names,) if isinstance(names, str) else names)}
-  defined = {name for name, flag in main_module.FLAGS._flags().items()
-             if flag.name == name and "main" in (main_module.FLAGS.find_module_defining_flag(name)
-                                                 or "")}
-  assert defined <= ours, defined - ours

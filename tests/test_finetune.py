@@ -248,6 +248,7 @@ CONTINUOUS = [10.3, 40.6, 70.4]
 
 
 def learned_finetuner(unet, **options):
+  options.setdefault("timesteps_lr", 1e-2)
   return make_finetuner(unet, num_steps=3, timestep_kind=CONTINUOUS, learn_timesteps=True,
                         **options)
 

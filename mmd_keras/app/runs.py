@@ -11,19 +11,6 @@ from mmd_keras import schedule as schedule_lib
 from mmd_keras.errors import ParameterError
 
 
-# Library parameters that mean one configuration field wherever a mode passes them; a mode renames
-# the others (a batch size, a number of images) where it knows which field supplied them.
-LIBRARY_FIELDS = dict(
-    init_checkpoint="run.init_checkpoint", workdir="run.workdir", mode="run.mode",
-    dataset="data.dataset", data_dir="data.data_dir", image_size="data.image_size",
-    ch="unet.ch", ch_mult="unet.ch_mult", num_res_blocks="unet.num_res_blocks",
-    attn_resolutions="unet.attn_resolutions", finetuned_checkpoints="eval.finetuned_checkpoints",
-    classifier_path="features.classifier_path", inception_weights="features.inception_weights",
-    inception_resolution="features.inception_resolution",
-    inception_graph="features.inception_graph", feature_image_size="features.feature_image_size",
-    feature_image_range="features.feature_image_range", split="eval.split")
-
-
 def mode_dir(run, name):
   """<workdir>/<name> of the RunConfig `run`, created and checked writable."""
   return errors.writable_dir(os.path.join(run.workdir, name), parameter="run.workdir",

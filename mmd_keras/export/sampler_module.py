@@ -45,6 +45,10 @@ def _constant(value, dtype=None):
   return tf.Variable(value, dtype=dtype, trainable=False)
 
 
+# The largest request a served sampler takes unless told otherwise.
+MAX_IMAGES = 64
+
+
 class Sampler(tf.Module):
   """x_T -> x_0 in K steps of the sampler `sampler` (DDIM by default) of a UNet, with the
   sampler's settings saved beside the weights.
@@ -55,7 +59,7 @@ class Sampler(tf.Module):
   """
 
   def __init__(self, unet, *, alphas_cumprod, timesteps, sampler="ddim", eta=0.0, clip_x0=False,
-               max_images=64):
+               max_images=MAX_IMAGES):
     super().__init__(name="sampler")
     if max_images < 1:
       raise ValueError(f"max_images must be >= 1, got {max_images}")
