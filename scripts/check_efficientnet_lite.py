@@ -1,4 +1,4 @@
-"""Checks that `mmd_keras/efficientnet_lite.py` is the ImageNet network it claims to be, and
+"""Checks that `mmd_keras/features/efficientnet_lite.py` is the ImageNet network it claims to be, and
 measures what its resolution costs and keeps.
 
   python scripts/check_efficientnet_lite.py [--resolutions=224,160,128,96,64] [--num_images=1000]
@@ -24,7 +24,7 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmd_keras import data as data_lib
-from mmd_keras import efficientnet_lite
+from mmd_keras.features import efficientnet_lite
 
 DARKNET_DATA = "/usr/share/darknet/data"
 PHOTOS = ("eagle", "dog", "horses", "person", "giraffe", "kite", "scream")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mmd_keras import efficientnet_lite
+from mmd_keras.features import efficientnet_lite
+from mmd_keras.features import torch_state_dict
 from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 
@@ -82,7 +83,7 @@ def test_reader_matches_numpy_views_of_the_storages(tmp_path):
   ])
   path = tmp_path / "tiny.pth"
   _write_pth(path, body, [("a", floats), ("b", doubles), ("c", counter)])
-  state = efficientnet_lite.read_legacy_state_dict(str(path))
+  state = torch_state_dict.read_legacy(str(path))
   assert list(state) == ["w", "w_odd_columns", "d", "bn.num_batches_tracked"]
   np.testing.assert_array_equal(state["w"], floats.reshape(3, 4))
   np.testing.assert_array_equal(state["w_odd_columns"], floats.reshape(3, 4)[:, 1::2])
@@ -102,7 +103,7 @@ def test_reader_refuses_other_globals_without_calling_them(tmp_path, where):
         f.write(pickle.dumps(value, protocol=2))
     f.write(attack)
   with pytest.raises(UserError) as error:
-    efficientnet_lite.read_legacy_state_dict(str(path))
+    torch_state_dict.read_legacy(str(path))
   message = str(error.value)
   assert "refusing the global os.system" in message and "\n" not in message
   assert not marker.exists()
@@ -112,7 +113,7 @@ def test_reader_refuses_a_pickle_that_is_not_a_torch_file(tmp_path):
   path = tmp_path / "plain.pkl"
   path.write_bytes(pickle.dumps({"w": [1.0, 2.0]}))
   with pytest.raises(UserError, match="not a pre-1.6 torch.save file"):
-    efficientnet_lite.read_legacy_state_dict(str(path))
+    torch_state_dict.read_legacy(str(path))
 
 
 def test_a_missing_package_names_feature_net_and_the_pip_command(monkeypatch):

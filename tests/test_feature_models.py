@@ -14,11 +14,11 @@ import tensorflow as tf
 import helpers
 
 from mmd_keras import errors
-from mmd_keras import evaluate
+from mmd_keras import evaluation as evaluate
 from mmd_keras import features
 from mmd_keras import mmd
+from mmd_keras import settings
 from mmd_keras.app import inputs
-from mmd_keras.app import runs
 from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 
@@ -226,7 +226,7 @@ def test_mmd_gradient_flows_through_each_kind_in_a_traced_step(kind, saved_model
 def _message(main_module, cfg, name):
   """The one line main.py prints for the error of loading feature network `name` of `cfg`."""
   with pytest.raises(ParameterError) as caught:
-    with errors.renamed(**runs.LIBRARY_FIELDS):  # As main.main does.
+    with errors.renamed(**settings.LIBRARY_NAMES):  # As main.main does.
       inputs.feature_network(cfg, name)
   message = caught.value.message(main_module.flag_of)
   assert "\n" not in message

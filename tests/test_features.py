@@ -199,7 +199,7 @@ def test_default_classifier_path_is_in_the_project():
   assert path.endswith(os.path.join("pretrained", "lsun_church_outdoor",
                                     "classifier_heldout.weights.h5"))
   project = os.path.dirname(os.path.dirname(os.path.dirname(path)))
-  assert os.path.isfile(os.path.join(project, "mmd_keras", "features.py"))
+  assert os.path.isfile(os.path.join(project, "mmd_keras", "features", "__init__.py"))
 
 
 def test_inception_from_legacy_weights_only_notop_h5(tmp_path):
