@@ -15,7 +15,7 @@ from helpers import TINY_UNET
 from helpers import assert_user_error
 from helpers import run_main
 from mmd_keras import checkpoints
-from mmd_keras import evaluate
+from mmd_keras import evaluation as evaluate
 from mmd_keras import provenance
 from mmd_keras import unet as unet_lib
 from mmd_keras.app import quickstart as quickstart_app

@@ -11,7 +11,7 @@ import tensorflow as tf
 from scipy import linalg
 
 from mmd_keras import checkpoints
-from mmd_keras import evaluate
+from mmd_keras import evaluation as evaluate
 from mmd_keras import samplers
 from mmd_keras import schedule as schedule_lib
 from mmd_keras import unet as unet_lib
@@ -137,19 +137,6 @@ def test_too_few_images_for_covariance(setup, tmp_path):
   with pytest.raises(UserError, match="^num_images=100 exceeds"):
     evaluate.run(models=[], feature_spaces=_spaces(8), real_images=real, schedule=schedule,
                  num_images=100, seed=0, out_dir=str(tmp_path))
-
-
-@pytest.mark.parametrize("value, message", [
-    ("", "is empty"), ("5,x", "list of integers"), ("5,0", ">= 1"), (",", "is empty"),
-    ("5,10,5", "K=5 more than once")])
-def test_parse_steps_errors(value, message):
-  with pytest.raises(UserError, match=message):
-    evaluate.parse_steps(value)
-
-
-def test_parse_steps():
-  assert evaluate.parse_steps("5, 10,20") == (5, 10, 20)
-  assert evaluate.parse_steps(["5", "100"]) == (5, 100)
 
 
 def test_cached_reference_features_are_reused(setup, tmp_path):
@@ -359,6 +346,43 @@ def test_rows_of_another_evaluation_are_reused_read_only_under_their_key(setup, 
   evaluate.run(models=[evaluate.ModelSpec("DDIM", unet, (2,))], out_dir=str(tmp_path / "third"),
                reuse_dirs=[str(bundled)], **dict(common, seed=7))
   assert sampled == [4, 2]
+
+
+class NoisyPixelFeatures(PixelFeatures):
+  """PixelFeatures as another CPU computes them: the same weights, outputs off by ~1e-5."""
+
+  def __call__(self, images):
+    out = super().__call__(images)
+    return out * (1 + 1e-5 * np.random.default_rng(self.calls).standard_normal(out.shape))
+
+
+def test_rows_travel_between_machines_but_not_between_inputs(setup, tmp_path, monkeypatch):
+  """A row's key holds what decides it, never a float computed on the machine: rows sampled where
+  the reference features round differently are still reused; other weights, another real set or
+  another feature network are not."""
+  schedule, real = setup
+  unet = _tiny_unet(5)
+  common = dict(real_images=real, schedule=schedule, num_images=16, seed=6, clip_x0=True,
+                batch_size=8, models=[evaluate.ModelSpec("DDIM", unet, (2,))])
+  evaluate.run(feature_spaces=_spaces(8), out_dir=str(tmp_path / "here"), **common)
+  bundled = str(tmp_path / "here" / "rows")
+  sampled = _record_sampling(monkeypatch)
+  elsewhere = [evaluate.FeatureSpace("train_space", NoisyPixelFeatures(image_size=8, seed=0), True),
+               evaluate.FeatureSpace("heldout", NoisyPixelFeatures(image_size=8, seed=1), False)]
+  evaluate.run(feature_spaces=elsewhere, out_dir=str(tmp_path / "there"), reuse_dirs=[bundled],
+               **common)
+  assert sampled == []
+  other_net = [evaluate.FeatureSpace("train_space", PixelFeatures(image_size=8, seed=0), True),
+               evaluate.FeatureSpace("heldout", PixelFeatures(image_size=8, seed=2), False)]
+  evaluate.run(feature_spaces=other_net, out_dir=str(tmp_path / "net"), reuse_dirs=[bundled],
+               **common)
+  evaluate.run(feature_spaces=_spaces(8), out_dir=str(tmp_path / "real"), reuse_dirs=[bundled],
+               real_set="other_real", **common)
+  assert sampled == [2, 2]
+  unet.conv_out.kernel.assign(unet.conv_out.kernel * 2.0)
+  evaluate.run(feature_spaces=_spaces(8), out_dir=str(tmp_path / "weights"), reuse_dirs=[bundled],
+               **common)
+  assert sampled == [2, 2, 2]
 
 
 def _top_level_files(folder):

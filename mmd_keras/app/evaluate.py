@@ -6,7 +6,7 @@ import os
 
 from mmd_keras import checkpoints
 from mmd_keras import errors
-from mmd_keras import evaluate as evaluate_lib
+from mmd_keras import evaluation as evaluate_lib
 from mmd_keras import samplers
 from mmd_keras import schedule as schedule_lib
 from mmd_keras.app import finetune as finetune_app

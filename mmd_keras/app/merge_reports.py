@@ -4,7 +4,7 @@
 import json
 import os
 
-from mmd_keras import evaluate as evaluate_lib
+from mmd_keras import evaluation as evaluate_lib
 from mmd_keras.app import runs
 from mmd_keras.errors import ParameterError
 
