@@ -129,14 +129,14 @@ def test_progress_advances_the_bar_with_the_metrics(tmp_path):
   trainer = _trainer()
   progress = _progress(trainer, _manager(trainer, tmp_path), tmp_path, every=100, log_every=100)
   stream = io.StringIO()
-  progress.bar = console.ProgressBar(4, desc="pretrain", unit="steps", initial=2, stream=stream)
+  progress.bar = console.progress(4, desc="pretrain", unit="steps", initial=2, stream=stream)
   progress.on_train_begin()
   for step in (3, 4):
     trainer.optimizer.iterations.assign(step)
     progress.on_train_batch_end(step - 1, _healthy())
   progress.bar.close()
-  assert stream.getvalue().startswith("pretrain: 4/4 steps (100%), ")
-  assert ", loss 0.5, in " in stream.getvalue()
+  last = stream.getvalue().split("\r")[-1]
+  assert last.startswith("pretrain: 4/4 steps (100%) [") and "loss=0.5" in last
 
 
 def test_resume_restores_the_step_and_takes_the_flag_learning_rate(tmp_path):
