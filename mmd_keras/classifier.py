@@ -1,10 +1,12 @@
-"""The project's own classifiers: two small CNNs trained on the dataset labels, whose penultimate
-layers are the offline feature spaces (`features.py`).
+"""The project's own classifiers: small CNNs trained on the dataset labels, whose penultimate
+layers are the offline feature spaces (`features/classifier.py`).
 
 `classifier` is the space MMD finetuning optimises; `classifier_heldout` is an independent second
 opinion for evaluation only: a different architecture (5×5 first kernel, average pooling, GELU,
 other widths and feature dimension) and a different seed, so a generator cannot have
-learned its particular blind spots.
+learned its particular blind spots. `classifier_val` is a third, for validation during finetuning
+only (strided convolutions, ELU, global pooling, another seed): choosing the best step in a space
+no report scores keeps the reports' spaces unbiased.
 """
 
 import json
@@ -18,7 +20,7 @@ from mmd_keras import atomic
 from mmd_keras import data as data_lib
 from mmd_keras.errors import ParameterError
 
-ARCHITECTURES = ("classifier", "classifier_heldout")
+ARCHITECTURES = ("classifier", "classifier_heldout", "classifier_val")
 FEATURE_LAYER = "features"
 
 
@@ -51,9 +53,22 @@ def _classifier_heldout(inputs):
   return keras.layers.Dropout(0.3, name="dropout")(h)
 
 
-_BODIES = dict(classifier=_classifier, classifier_heldout=_classifier_heldout)
-# Added to --seed, so the two classifiers never share an initialisation or a data order.
-_SEED_OFFSETS = dict(classifier=0, classifier_heldout=1)
+def _classifier_val(inputs):
+  """Strided 3×3 convs (ELU), BN before global average pooling, a 64-d feature layer."""
+  h = inputs
+  for i, (width, stride) in enumerate(((32, 2), (64, 2), (96, 1))):
+    h = keras.layers.Conv2D(width, 3, strides=stride, padding="same", name=f"conv{i}")(h)
+    h = keras.layers.Activation("elu", name=f"elu{i}")(h)
+  h = keras.layers.BatchNormalization(name="bn")(h)
+  h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+  h = keras.layers.Dense(64, activation="elu", name=FEATURE_LAYER)(h)
+  return keras.layers.Dropout(0.2, name="dropout")(h)
+
+
+_BODIES = dict(classifier=_classifier, classifier_heldout=_classifier_heldout,
+               classifier_val=_classifier_val)
+# Added to --seed, so the classifiers never share an initialisation or a data order.
+_SEED_OFFSETS = dict(classifier=0, classifier_heldout=1, classifier_val=2)
 NUM_CLASSES = 10
 
 

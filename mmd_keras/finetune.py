@@ -18,11 +18,13 @@ be a different, noisier loss).
 """
 
 import os
+import shutil
 
 import keras
 import tensorflow as tf
 from absl import logging
 
+from mmd_keras import atomic
 from mmd_keras import checkpoints
 from mmd_keras import console
 from mmd_keras import distribute
@@ -34,6 +36,7 @@ from mmd_keras import schedule as schedule_lib
 from mmd_keras import steps as steps_lib
 from mmd_keras import streams
 from mmd_keras import training_loop
+from mmd_keras import validation as validation_lib
 from mmd_keras.errors import ParameterError
 
 
@@ -85,7 +88,7 @@ class MMDFinetuner(keras.Model):
 
   def __init__(self, unet, *, feature_net, schedule, num_steps, kernel, sampler="ddim",
                timestep_kind="uniform", eta=0.0, grad_clip=None, recompute=True, dropout=False,
-               clip_x0=False, seed=0, learn_timesteps=False, timesteps_lr=1e-2, **kwargs):
+               clip_x0=False, seed=0, learn_timesteps=False, timesteps_lr=None, **kwargs):
     super().__init__(**kwargs)
     samplers.check(sampler, eta=eta)
     self.sampler = sampler
@@ -220,7 +223,7 @@ class MMDFinetuner(keras.Model):
 
 
 def _check_positive(parameter, value):
-  if not value > 0:
+  if value is None or not value > 0:
     raise ParameterError(parameter, "must be > 0", value=value)
 
 
@@ -228,10 +231,14 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
              finetune_steps, learning_rate, grad_clip, global_batch_size, checkpoint_every,
              log_every, seed, strategy, init_checkpoint, use_ema=True, sampler="ddim",
              timestep_kind="uniform", eta=0.0, clip_x0=False, recompute=True, dropout=False,
-             learn_timesteps=False, timesteps_lr=1e-2, num_sample_images=64):
+             learn_timesteps=False, timesteps_lr=None, num_sample_images=64, validation=None):
   """MMD-finetunes (or resumes) the UNet in `workdir`; writes `<workdir>/unet.weights.h5` at the end
   and, for continuous timesteps (`learn_timesteps`, or a `timestep_kind` of float values), the
   timesteps beside it (`checkpoints.save_timesteps`).
+
+  With `validation` (a `validation.Settings`) the run is guarded: validated at the start and every
+  `validation.every` steps, stopped after `validation.patience` validations without improvement,
+  and `unet.weights.h5` holds the best validated weights (the last ones: `unet_last.weights.h5`).
 
   `dataset_fn(start_batch)` yields the global batches of real images from batch `start_batch` on;
   Keras' fit splits them across replicas.
@@ -239,7 +246,7 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
   for parameter, value in (("learning_rate", learning_rate), ("finetune_steps", finetune_steps),
                            ("global_batch_size", global_batch_size),
                            ("checkpoint_every", checkpoint_every), ("log_every", log_every),
-                           ("timesteps_lr", timesteps_lr)):
+                           *([("timesteps_lr", timesteps_lr)] if learn_timesteps else [])):
     _check_positive(parameter, value)
   if not grad_clip >= 0:
     raise ParameterError("grad_clip", "must be >= 0 (0 disables clipping)", value=grad_clip)
@@ -267,7 +274,18 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
       noise_seed=streams.key(seed, streams.FINETUNE_GRID), num_images=num_sample_images,
       sampler=sampler, timesteps=trainer.current_timesteps,
       alphas_cumprod=schedule.alphas_cumprod, clip_x0=clip_x0)
-  if run.start_step < finetune_steps:
+  validator = None if validation is None else validation_lib.Validator(
+      settings=validation, out_dir=run.out_dir,
+      sample_fn=training_loop.GridSampler(
+          unet_factory, weights=trainer.unet.weights,
+          noise_seed=streams.key(seed, streams.FINETUNE_VALIDATION),
+          num_images=validation.num_images, sampler=sampler, timesteps=trainer.current_timesteps,
+          alphas_cumprod=schedule.alphas_cumprod, clip_x0=clip_x0),
+      save_best=lambda path: _save(grid, trainer, path, schedule=schedule, sampler=sampler))
+  if validator is not None and validator.exhausted():
+    console.note(f"already stopped early: {validation.patience} validations without improvement "
+                 f"on step {validator.best['step']}")
+  elif run.start_step < finetune_steps:
     if os.path.exists(final_weights):
       raise ParameterError("workdir", f"holds a finished run: {final_weights} exists; move it "
                            f"away or use another {{workdir}} before finetuning further",
@@ -276,21 +294,38 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
                            checkpoint_every=checkpoint_every, log_every=log_every,
                            global_batch_size=global_batch_size, image_tag="samples",
                            describe=None if learned is None else (
-                               lambda: describe_timesteps(learned.values())))
+                               lambda: describe_timesteps(learned.values())),
+                           validator=validator)
   else:
     console.note(f"already finetuned for {run.start_step} >= {finetune_steps} steps")
   if not os.path.exists(final_weights):
     weights_path = os.path.join(run.out_dir, "unet.weights.h5")
-    timesteps = trainer.current_timesteps()
-    if steps_lib.is_continuous(timesteps):  # Learned, or learned by the run it started from.
-      # Before the weights: a finished run (its weights exist) always has its timesteps beside.
-      checkpoints.save_timesteps(weights_path, timesteps, num_timesteps=schedule.num_timesteps,
-                                 sampler=sampler)
-      logging.info("finetuned at %s", describe_timesteps(timesteps)[0])
-    # Saved from the grid's UNet, a plain copy outside the strategy.
-    checkpoints.save_weights_h5(grid.synced_unet(), weights_path)
+    if validator is None:
+      _save(grid, trainer, weights_path, schedule=schedule, sampler=sampler)
+    else:
+      _save(grid, trainer, os.path.join(run.out_dir, "unet_last.weights.h5"), schedule=schedule,
+            sampler=sampler)
+      best = validator.best_weights()
+      if os.path.exists(checkpoints.timesteps_path(best)):
+        shutil.copyfile(checkpoints.timesteps_path(best), checkpoints.timesteps_path(weights_path))
+      with atomic.staged(weights_path) as staging:  # The weights last: they mark a finished run.
+        shutil.copyfile(best, staging)
+      console.note(f"finetuned weights: the best validated, step {validator.best['step']} "
+                   f"({os.path.join(run.out_dir, validation_lib.RECORD)})")
     logging.info("wrote %s", final_weights)
   return trainer
+
+
+def _save(grid, trainer, path, *, schedule, sampler):
+  """The trainer's current weights (and learned timesteps) to `path`, from the grid's UNet, a plain
+  copy outside the strategy."""
+  timesteps = trainer.current_timesteps()
+  if steps_lib.is_continuous(timesteps):  # Learned, or learned by the run it started from.
+    # Before the weights: finished weights always have their timesteps beside.
+    checkpoints.save_timesteps(path, timesteps, num_timesteps=schedule.num_timesteps,
+                               sampler=sampler)
+    logging.info("finetuned at %s", describe_timesteps(timesteps)[0])
+  checkpoints.save_weights_h5(grid.synced_unet(), path, overwrite=True)
 
 
 def describe_timesteps(timesteps):

@@ -16,6 +16,7 @@ TRAIN_STEP = 0
 PRETRAIN_GRID = 1  # x_T of pretraining's progress grid.
 FINETUNE_EXAMPLES = 1  # x_T of finetuning's examples, keyed by (step, global example index).
 FINETUNE_GRID = 2  # x_T of finetuning's progress grid.
+FINETUNE_VALIDATION = 2001  # x_T of finetuning's validation batch, drawn directly from its key.
 
 # Sampling (`sampling.batches`, int32 keys): x_T of batch i is keyed by i; its η-noise has a stream
 # of its own, SAMPLE_STEPS + i.

@@ -88,8 +88,9 @@ class Progress(keras.callbacks.Callback):
   """
 
   def __init__(self, *, manager, trainer, weights, sample_fn, workdir, every, log_every,
-               global_batch, image_tag, describe=None):
+               global_batch, image_tag, describe=None, validator=None):
     super().__init__()
+    self.validator = validator
     self.describe = describe
     self.manager = manager
     self.trainer = trainer
@@ -101,22 +102,46 @@ class Progress(keras.callbacks.Callback):
     self.global_batch = global_batch
     self.image_tag = image_tag
     self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    if validator is not None:
+      validator.writer = self.writer
     self.last_time = None
     self.last_step = None
     self.bar = None
 
   def on_train_begin(self, logs=None):
     self.last_time, self.last_step = time.time(), step_of(self.trainer)
+    v = self.validator
+    # The start is validated once: step 0, or a validation step whose record a kill lost.
+    if v is not None and (not v.history or (self.last_step % v.every == 0
+                                            and not v.done(self.last_step))):
+      self.validate(self.last_step)
 
   def on_train_batch_end(self, batch, logs=None):
     step = step_of(self.trainer)
     self.check_finite(step, logs)
     if self.bar is not None:
-      self.bar.update(1, **{m.name: float(m.result()) for m in self.trainer.metrics})
+      self.bar.set_postfix({m.name: f"{float(m.result()):.3g}" for m in self.trainer.metrics},
+                           refresh=False)
+      self.bar.update(1)
     if step % self.log_every == 0:
       self.log(step)
-    if step % self.every == 0:
+    validating = self.validator is not None and step % self.validator.every == 0
+    # A validation step is a checkpoint too: a resumed run never repeats or loses a validation.
+    if step % self.every == 0 or validating:
       self.save(step)
+    if validating:
+      self.validate(step)
+
+  def validate(self, step):
+    record = self.validator(step)
+    best = self.validator.best
+    console.note(f"validation at step {step}: score {record['score']:.3f} ("
+                 + ", ".join(f"FID {name} {s['fid']:.2f}" for name, s in record["spaces"].items())
+                 + f"); best step {best['step']}")
+    if self.validator.exhausted():
+      console.note(f"stopping: {self.validator.patience} validations without improvement on step "
+                   f"{best['step']}")
+      self.trainer.stop_training = True
 
   def check_finite(self, step, logs):
     if logs["nonfinite"] != 0:
@@ -252,10 +277,10 @@ class GridSampler:
 
 
 def train_to(run, *, max_steps, dataset_fn, sample_fn, checkpoint_every, log_every,
-             global_batch_size, image_tag, describe=None):
+             global_batch_size, image_tag, describe=None, validator=None):
   """Trains `run` from its step to exactly `max_steps` on `dataset_fn(start_batch)` (the run's
-  global batches from batch `start_batch` on), and checkpoints the last step. `describe`: see
-  `Progress`."""
+  global batches from batch `start_batch` on), or until `validator` (a `validation.Validator`)
+  runs out of patience, and checkpoints the last step. `describe`: see `Progress`."""
   trainer = run.trainer
   learned = trainer.learned_timesteps
   progress = Progress(manager=run.manager, trainer=trainer,
@@ -263,11 +288,10 @@ def train_to(run, *, max_steps, dataset_fn, sample_fn, checkpoint_every, log_eve
                                + ([learned.logits] if learned is not None else [])),
                       sample_fn=sample_fn, workdir=run.out_dir, every=checkpoint_every,
                       log_every=log_every, global_batch=global_batch_size, image_tag=image_tag,
-                      describe=describe)
+                      describe=describe, validator=validator)
   start_step = step_of(trainer)
-  progress.bar = console.ProgressBar(max_steps, desc=os.path.basename(run.out_dir), unit="steps",
-                                     initial=start_step, rate_unit="img",
-                                     rate_scale=global_batch_size)
+  progress.bar = console.progress(max_steps, desc=os.path.basename(run.out_dir), unit="steps",
+                                  initial=start_step)
   with progress.bar:
     # Each worker takes its part of every global batch. The stream is already shuffled, keyed by
     # (seed, position); Keras' shuffle does not apply to it.

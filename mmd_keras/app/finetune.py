@@ -9,6 +9,7 @@ import os
 
 from mmd_keras import atomic
 from mmd_keras import checkpoints
+from mmd_keras import config as config_lib
 from mmd_keras import distribute
 from mmd_keras import errors
 from mmd_keras import finetune as finetune_lib
@@ -42,6 +43,8 @@ def check(cfg):
     raise ParameterError("finetune.batch_size", "must be >= 2 (the unbiased MMD² compares at "
                          "least two images per batch)", value=cfg.finetune.batch_size)
   inputs.check_feature_network(cfg, cfg.features.feature_net)
+  if cfg.finetune.validate:
+    inputs.check_validation(cfg)
   strategy = runtime.strategy_for(cfg, batch_size=cfg.finetune.batch_size,
                                   batch_field="finetune.batch_size")
   init_checkpoint = runs.init_checkpoint(cfg)
@@ -72,6 +75,8 @@ def run(cfg, plan=None):
   f, s = cfg.finetune, cfg.sampler
   dataset_fn = inputs.training_data(cfg, batch_size=f.batch_size,
                                     batch_field="finetune.batch_size")
+  validation = inputs.validation(
+      cfg, select=config_lib.validation_select(f, cfg.eval)) if f.validate else None
   if distribute.is_chief(plan.strategy):  # Workers of a cluster share the workdir: one flags file.
     runs.write_flags(cfg.run, run_dir)
   with errors.renamed(global_batch_size="finetune.batch_size", workdir="run.workdir"):
@@ -85,7 +90,7 @@ def run(cfg, plan=None):
         checkpoint_every=cfg.run.checkpoint_every, log_every=cfg.run.log_every,
         seed=cfg.run.seed, strategy=plan.strategy, init_checkpoint=plan.init_checkpoint,
         use_ema=cfg.run.use_ema, recompute=f.recompute, dropout=f.dropout,
-        learn_timesteps=f.learn_timesteps, timesteps_lr=f.timesteps_lr)
+        learn_timesteps=f.learn_timesteps, timesteps_lr=f.timesteps_lr, validation=validation)
   weights = os.path.join(run_dir, "unet.weights.h5")
   if not distribute.is_chief(plan.strategy):
     # The chief writes `weights`, maybe after this worker is done: a worker must not read them.

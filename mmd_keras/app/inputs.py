@@ -1,12 +1,16 @@
 """What a mode reads: the training stream, the reference images and the feature spaces."""
 
+import numpy as np
+
+from mmd_keras import config as config_lib
 from mmd_keras import console
 from mmd_keras import data as data_lib
 from mmd_keras import errors
-from mmd_keras import evaluate as evaluate_lib
+from mmd_keras import evaluation as evaluate_lib
 from mmd_keras import features as features_lib
 from mmd_keras import metrics
 from mmd_keras import provenance
+from mmd_keras import validation as validation_lib
 from mmd_keras.errors import ParameterError
 
 
@@ -45,10 +49,11 @@ def real_set(cfg):
   return name, lambda: (batch.numpy() for batch in dataset)
 
 
-def _feature_fields(cfg, name):
-  """The field that named feature network `name` (its files' fields are runs.LIBRARY_FIELDS)."""
-  return dict(feature_net=("features.feature_net" if name == cfg.features.feature_net
-                           else "eval.feature_nets"))
+def _feature_fields(cfg, name, field=None):
+  """The field that named feature network `name` (its files' fields are settings.LIBRARY_NAMES):
+  `field`, else the trained one's or the report's."""
+  return dict(feature_net=field or ("features.feature_net" if name == cfg.features.feature_net
+                                    else "eval.feature_nets"))
 
 
 def _network_args(cfg, name):
@@ -75,16 +80,54 @@ def _space_settings(cfg, name):
   return repr(settings)
 
 
-def check_feature_network(cfg, name):
-  """The files of feature network `name` exist and fit; nothing is loaded."""
-  with errors.renamed(**_feature_fields(cfg, name)):
+def check_feature_network(cfg, name, *, field=None):
+  """The files of feature network `name` (named by `field`) exist and fit; nothing is loaded."""
+  with errors.renamed(**_feature_fields(cfg, name, field)):
     features_lib.check_feature_network(name, **_network_args(cfg, name))
 
 
-def feature_network(cfg, name):
-  """The frozen feature network `name` (loaded)."""
-  with errors.renamed(**_feature_fields(cfg, name)):
+def feature_network(cfg, name, *, field=None):
+  """The frozen feature network `name` (named by `field`), loaded."""
+  with errors.renamed(**_feature_fields(cfg, name, field)):
     return features_lib.make_feature_network(name, **_network_args(cfg, name))
+
+
+def check_validation(cfg):
+  """Validation's settings against the reports', the validation spaces' files, and enough images
+  in `finetune.val_split`'s slice."""
+  f = cfg.finetune
+  config_lib.check_validation(f, cfg.eval)
+  for name in f.val_feature_nets:
+    check_feature_network(cfg, name, field="finetune.val_feature_nets")
+  split, start, stop = f.val_split
+  size = data_lib.num_examples(dataset=cfg.data.dataset, split=split, data_dir=cfg.data.data_dir)
+  available = None if size is None else min(size, stop or size) - start
+  if available is not None and available < f.num_val_images:
+    raise ParameterError("finetune.num_val_images", f"exceeds the {max(available, 0)} images of "
+                         f"{{finetune.val_split}}", value=f.num_val_images,
+                         refs=("finetune.val_split",))
+
+
+def validation(cfg, *, select):
+  """The `validation.Settings` of a guarded finetune: its spaces loaded (each narrower than
+  `finetune.num_val_images`, for FID) and the held-back images embedded in them."""
+  f = cfg.finetune
+  split, start, _ = f.val_split
+  dataset = data_lib.make_dataset(
+      dataset=cfg.data.dataset, split=split, global_batch_size=cfg.sampler.batch_size,
+      image_size=cfg.data.image_size, data_dir=cfg.data.data_dir, shuffle=False, repeat=False,
+      drop_remainder=False)
+  images = np.concatenate([batch.numpy() for batch in dataset.unbatch().skip(start)
+                           .take(f.num_val_images).batch(cfg.sampler.batch_size)], axis=0)
+  spaces, real = {}, {}
+  for name in f.val_feature_nets:
+    spaces[name] = feature_network(cfg, name, field="finetune.val_feature_nets")
+    with errors.renamed(num_images="finetune.num_val_images"):
+      metrics.check_enough_samples(len(images), spaces[name].dim)
+    real[name] = np.asarray(spaces[name](images), np.float64)
+  return validation_lib.Settings(every=f.validate_every, patience=f.patience,
+                                 num_images=f.num_val_images, spaces=spaces, real_features=real,
+                                 select=select)
 
 
 def check_feature_spaces(cfg):

@@ -59,12 +59,12 @@ def run(cfg):
   reference_k = reference_steps(cfg)
   num_images = cfg.eval.quickstart_images
   # The evaluation's and export's settings are checked before minutes of finetuning.
+  inputs.check_eval_split(cfg, num_images=num_images, images_field="eval.quickstart_images")
   plan = finetune.check(cfg)
   evaluate.check_steps(cfg, (reference_k,), field="diffusion.num_timesteps")
   evaluate.check_samplers(cfg, (k,))
   evaluate.check_reuse_rows(cfg)
   export.check(cfg)
-  inputs.check_eval_split(cfg, num_images=num_images, images_field="eval.quickstart_images")
   spaces = inputs.feature_spaces(cfg, num_images=num_images, images_field="eval.quickstart_images",
                                  skip_too_wide=True)
   # A directory stands for its latest checkpoint: that one is what the finetune starts from.
