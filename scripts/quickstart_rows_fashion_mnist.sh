@@ -17,7 +17,7 @@ if [ -e "$WORK" ]; then
   echo "error: WORKDIR $WORK exists (expected a fresh directory, so that every row is sampled)" >&2
   exit 2
 fi
-python main.py --flagfile=configs/fashion_mnist.cfg --workdir="$WORK" --eval_reuse_rows= \
+python main.py --flagfile=configs/fashion_mnist.cfg --workdir="$WORK" --eval_reuse_rows= --novalidate \
   --finetune_steps=1 --export_dir="$WORK/export"
 mkdir -p "$OUT"
 for row in "$WORK"/quickstart/rows/*; do
