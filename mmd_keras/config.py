@@ -134,7 +134,9 @@ class FeatureConfig:
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
   steps: int
-  batch_size: int
+  batch_size: int  # Generated images per step.
+  real_batch_size: int
+  micro_batches: int
   learning_rate: float
   grad_clip: float
   recompute: bool
@@ -243,6 +245,11 @@ class MergeConfig:
   """--mode=merge_reports: the evaluations to merge; no model is built."""
   run: RunConfig
   reports: tuple
+
+
+def from_flagfile(path, *args):
+  """The `Config` of the flagfile `path` and `args` (more flags), e.g. the UNet of a preset."""
+  return build(settings_lib.flagfile_values(path, *args))
 
 
 def build_merge(values):

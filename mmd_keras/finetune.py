@@ -82,14 +82,30 @@ class LearnedTimesteps(tf.Module):
 class MMDFinetuner(keras.Model):
   """Minimises MMD²_u(φ(S_K(ε_θ, z)), φ(x_real)) over all UNet weights θ, S_K the K-step
   sampler of `samplers` named `sampler`; with `learn_timesteps` over S_K's timesteps too
-  (`LearnedTimesteps`, learning rate `timesteps_lr`)."""
+  (`LearnedTimesteps`, learning rate `timesteps_lr`).
+
+  `generated_batch_size`: the global number of generated images per step (default: as many as the
+  real batch), so the real batch may be larger (a lower-variance MMD² for a few more feature
+  passes). `micro_batches` > 1 samples them in that many parts one after another, for the memory
+  of one part: features of every part first (no gradient), then each part's share of the gradient
+  of the whole batch's MMD² (∂L/∂φ of its rows through φ and the sampler): the same gradient.
+  """
 
   ema = None  # Finetuning keeps no EMA: its checkpoints hold the raw weights.
 
   def __init__(self, unet, *, feature_net, schedule, num_steps, kernel, sampler="ddim",
                timestep_kind="uniform", eta=0.0, grad_clip=None, recompute=True, dropout=False,
-               clip_x0=False, seed=0, learn_timesteps=False, timesteps_lr=None, **kwargs):
+               clip_x0=False, seed=0, learn_timesteps=False, timesteps_lr=None,
+               generated_batch_size=None, micro_batches=1, **kwargs):
     super().__init__(**kwargs)
+    if generated_batch_size is not None and generated_batch_size < 2:
+      raise ParameterError("generated_batch_size", "must be >= 2 (the unbiased MMD² compares at "
+                           "least two images per set)", value=generated_batch_size)
+    if micro_batches < 1 or (generated_batch_size or micro_batches) % micro_batches:
+      raise ParameterError("micro_batches", f"must be >= 1 and divide the generated batch "
+                           f"({generated_batch_size})", value=micro_batches)
+    self.generated_batch_size = generated_batch_size
+    self.micro_batches = micro_batches
     samplers.check(sampler, eta=eta)
     self.sampler = sampler
     self.unet = unet
@@ -172,7 +188,10 @@ class MMDFinetuner(keras.Model):
     num_replicas = replica.num_replicas_in_sync
     step = self.optimizer.iterations
     if z is None:
-      z = example_noise(tf.shape(x_real), seed=self.seed, step=step)
+      shape = tf.shape(x_real)
+      if self.generated_batch_size is not None:
+        shape = tf.concat([[self.generated_batch_size // num_replicas], shape[1:]], axis=0)
+      z = example_noise(shape, seed=self.seed, step=step)
     real_features = replica.all_gather(tf.stop_gradient(self.feature_net(x_real)), axis=0)
     weights = self.unet.trainable_weights
 
@@ -189,7 +208,9 @@ class MMDFinetuner(keras.Model):
     steps, eps = self._steps(streams.step_seed(self.seed, step), timesteps)
     # all_gather's gradient sums the (identical) upstream gradients of all N replicas, so the
     # local gradient of L/N is exactly this replica's examples' share of ∇L.
-    if self.recompute:
+    if self.micro_batches > 1:
+      loss, grads = self._micro_batch_gradients(steps, eps, z, real_features, weights)
+    elif self.recompute:
       loss, grads = replay.value_and_gradients(steps, eps, z, loss_fn=loss_fn, weights=weights,
                                                gradient_scale=1.0 / num_replicas)
     else:
@@ -203,6 +224,37 @@ class MMDFinetuner(keras.Model):
       grads[-1] = timesteps_tape.gradient(timesteps, self.learned_timesteps.logits,
                                           output_gradients=tf.convert_to_tensor(grads[-1]))
     return loss, replica.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+
+  def _micro_batch_gradients(self, steps, eps, z, real_features, weights):
+    """(L, this replica's share of ∂L/∂weights) with the generated batch `z` sampled in
+    `micro_batches` parts: L's gradient with respect to every generated feature first, then each
+    part's through φ and the sampler (a linear surrogate Σ φ(x̂)·∂L/∂φ, by replay or one tape)."""
+    replica = tf.distribute.get_replica_context()
+    parts = tf.split(z, self.micro_batches, axis=0)
+    features = tf.concat([tf.stop_gradient(self.feature_net(steps_lib.run(steps, eps, part)))
+                          for part in parts], axis=0)
+    everyone = replica.all_gather(features, axis=0)
+    with tf.GradientTape() as tape:
+      tape.watch(everyone)
+      loss = mmd.mmd2_unbiased(everyone, real_features, kernel=self.kernel)
+    feature_grads = tape.gradient(loss, everyone)
+    # This replica's rows of the gathered batch (all_gather orders replicas by id).
+    mine = tf.shape(features)[0]
+    feature_grads = feature_grads[replica.replica_id_in_sync_group * mine:][:mine]
+    grads = [tf.zeros_like(w) for w in weights]
+    for part, part_grads in zip(parts, tf.split(feature_grads, self.micro_batches, axis=0)):
+      surrogate = lambda x, g=part_grads: tf.reduce_sum(self.feature_net(x) * g)
+      if self.recompute:
+        _, more = replay.value_and_gradients(steps, eps, part, loss_fn=surrogate,
+                                             weights=weights)
+      else:
+        with tf.GradientTape() as part_tape:
+          part_tape.watch([w for w in weights if isinstance(w, tf.Tensor)])
+          value = surrogate(steps_lib.run(steps, eps, part))
+        more = part_tape.gradient(value, weights,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+      grads = [g + tf.convert_to_tensor(m) for g, m in zip(grads, more)]
+    return loss, grads
 
   def train_step(self, x_real):
     loss, grads = self.compute_gradients(x_real)
@@ -231,7 +283,8 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
              finetune_steps, learning_rate, grad_clip, global_batch_size, checkpoint_every,
              log_every, seed, strategy, init_checkpoint, use_ema=True, sampler="ddim",
              timestep_kind="uniform", eta=0.0, clip_x0=False, recompute=True, dropout=False,
-             learn_timesteps=False, timesteps_lr=None, num_sample_images=64, validation=None):
+             learn_timesteps=False, timesteps_lr=None, num_sample_images=64, validation=None,
+             real_batch_size=None, micro_batches=1):
   """MMD-finetunes (or resumes) the UNet in `workdir`; writes `<workdir>/unet.weights.h5` at the end
   and, for continuous timesteps (`learn_timesteps`, or a `timestep_kind` of float values), the
   timesteps beside it (`checkpoints.save_timesteps`).
@@ -240,8 +293,9 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
   `validation.every` steps, stopped after `validation.patience` validations without improvement,
   and `unet.weights.h5` holds the best validated weights (the last ones: `unet_last.weights.h5`).
 
-  `dataset_fn(start_batch)` yields the global batches of real images from batch `start_batch` on;
-  Keras' fit splits them across replicas.
+  `dataset_fn(start_batch)` yields the global batches of real images (`real_batch_size`, default
+  `global_batch_size`) from batch `start_batch` on; Keras' fit splits them across replicas. Each
+  step generates `global_batch_size` images, in `micro_batches` parts per replica.
   """
   for parameter, value in (("learning_rate", learning_rate), ("finetune_steps", finetune_steps),
                            ("global_batch_size", global_batch_size),
@@ -252,6 +306,8 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
     raise ParameterError("grad_clip", "must be >= 0 (0 disables clipping)", value=grad_clip)
   with errors.renamed(global_batch="global_batch_size"):
     distribute.check_global_batch(global_batch_size, strategy)
+  with errors.renamed(global_batch="real_batch_size"):
+    distribute.check_global_batch(real_batch_size or global_batch_size, strategy)
   final_weights = os.path.join(workdir, "unet.weights.h5")
 
   def initialize(trainer):
@@ -265,7 +321,8 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
           unet, feature_net=feature_net_factory(), schedule=schedule, num_steps=num_steps,
           kernel=kernel, sampler=sampler, timestep_kind=timestep_kind, eta=eta, grad_clip=grad_clip,
           recompute=recompute, dropout=dropout, clip_x0=clip_x0, seed=seed,
-          learn_timesteps=learn_timesteps, timesteps_lr=timesteps_lr),
+          learn_timesteps=learn_timesteps, timesteps_lr=timesteps_lr,
+          generated_batch_size=global_batch_size, micro_batches=micro_batches),
       learning_rate=learning_rate, initialize=initialize)
   trainer = run.trainer
   learned = trainer.learned_timesteps

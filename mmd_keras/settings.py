@@ -11,6 +11,8 @@ field it always means. No other module writes a setting's default.
 import dataclasses
 from typing import Callable, Optional
 
+from absl import flags
+
 from mmd_keras import features as features_lib
 from mmd_keras import mmd
 from mmd_keras import samplers
@@ -174,6 +176,14 @@ SETTINGS = (
     S("finetune_batch_size", "finetune.batch_size", "integer", None,
       "Global batch of MMD finetuning (default: --batch_size); the paper's code uses 64 on "
       "CIFAR-10 and 32 on LSUN church.", check=rules.positive, fallback="data.batch_size"),
+    S("real_batch_size", "finetune.real_batch_size", "integer", None,
+      "Global batch of real images each MMD step compares the generated batch with (default: "
+      "--finetune_batch_size); larger lowers the MMD² estimate's variance for a few feature "
+      "passes (no sampler).", fallback="finetune.batch_size"),
+    S("micro_batches", "finetune.micro_batches", "integer", 1,
+      "Sample each replica's generated batch in this many parts one after another: the same "
+      "gradient as the whole batch (features of all parts first, then each part's share) in the "
+      "activation memory of one part, for one more sampler pass per part.", check=rules.positive),
     S("learning_rate", "finetune.learning_rate", "float", 5e-6,
       "Adam learning rate of MMD finetuning.", check=rules.positive),
     S("grad_clip", "finetune.grad_clip", "float", 0.5,
@@ -270,6 +280,27 @@ SETTINGS = (
       "the merged report goes to <workdir>/merged.", parse=rules.strings),
 )
 del S, _UNET, _text
+
+def define_flags(flag_values):
+  """Defines every setting's absl flag in `flag_values`, grouped by section in --helpfull."""
+  define = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
+            "float": flags.DEFINE_float, "bool": flags.DEFINE_bool, "list": flags.DEFINE_list}
+  for s in SETTINGS:
+    where = dict(flag_values=flag_values, module_name=f"{s.section} settings")
+    if s.kind == "enum":
+      flags.DEFINE_enum(s.flag, s.default, list(s.choices), s.help, **where)
+    else:
+      define[s.kind](s.flag, s.default, s.help, **where)
+
+
+def flagfile_values(path, *args):
+  """{field: flag value} of the flagfile `path` and `args` (more flags), parsed as main.py parses
+  them: what benchmarks and tests read a flagfile's settings (its UNet) from."""
+  flag_values = flags.FlagValues()
+  define_flags(flag_values)
+  flag_values(["flagfile_values", f"--flagfile={path}", *args])
+  return {s.field: flag_values[s.flag].value for s in SETTINGS}
+
 
 BY_FIELD = {s.field: s for s in SETTINGS}
 BY_FLAG = {s.flag: s for s in SETTINGS}

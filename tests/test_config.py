@@ -211,3 +211,28 @@ def test_eval_samplers_flag_lists_sampler_and_spacing_pairs(monkeypatch, repo_ro
 def test_bad_eval_samplers_name_the_flag(main_module, monkeypatch, repo_root, entries, message):
   monkeypatch.chdir(repo_root)
   assert _configuration_error(main_module, f"--eval_samplers={entries}") == message
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--real_batch_size=1"], "--real_batch_size=1 must be >= 2 "),
+    (["--finetune_batch_size=8", "--micro_batches=3"],
+     "--micro_batches=3 must divide each replica's generated batch (--finetune_batch_size=8 over 1"),
+    (["--micro_batches=0"], "--micro_batches=0 must be > 0"),
+])
+def test_real_batch_and_micro_batches_are_checked_before_any_work(main_module, monkeypatch,
+                                                                  repo_root, flags, message):
+  monkeypatch.chdir(repo_root)
+  main_module._parse_flags(["main.py", *FASHION, "--mode=finetune", *flags])
+  with pytest.raises(ParameterError) as caught:
+    finetune_app.check(main_module.configuration())
+  assert caught.value.message(main_module.flag_of).startswith(message)
+
+
+def test_the_real_batch_falls_back_on_the_finetune_batch(main_module, monkeypatch, repo_root):
+  monkeypatch.chdir(repo_root)
+  main_module._parse_flags(["main.py", *FASHION, "--finetune_batch_size=16"])
+  assert main_module.configuration().finetune.real_batch_size == 16
+  main_module.FLAGS.unparse_flags()
+  main_module._parse_flags(["main.py", *FASHION, "--real_batch_size=256"])
+  cfg = main_module.configuration()
+  assert (cfg.finetune.real_batch_size, cfg.finetune.batch_size) == (256, 64)

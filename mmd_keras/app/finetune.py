@@ -39,14 +39,23 @@ def run_dir_name(cfg):
 def check(cfg):
   """Every setting and input file of the finetune, before any data is read."""
   # Only a finetune needs two images (--batch_size=1 is a valid pretraining batch).
-  if cfg.finetune.batch_size < 2:
-    raise ParameterError("finetune.batch_size", "must be >= 2 (the unbiased MMD² compares at "
-                         "least two images per batch)", value=cfg.finetune.batch_size)
+  f = cfg.finetune
+  for field, value in (("finetune.batch_size", f.batch_size),
+                       ("finetune.real_batch_size", f.real_batch_size)):
+    if value < 2:
+      raise ParameterError(field, "must be >= 2 (the unbiased MMD² compares at least two images "
+                           "per batch)", value=value)
   inputs.check_feature_network(cfg, cfg.features.feature_net)
   if cfg.finetune.validate:
     inputs.check_validation(cfg)
-  strategy = runtime.strategy_for(cfg, batch_size=cfg.finetune.batch_size,
+  strategy = runtime.strategy_for(cfg, batch_size=f.batch_size,
                                   batch_field="finetune.batch_size")
+  runtime.strategy_for(cfg, batch_size=f.real_batch_size, batch_field="finetune.real_batch_size")
+  if (f.batch_size // strategy.num_replicas_in_sync) % f.micro_batches:
+    raise ParameterError("finetune.micro_batches", f"must divide each replica's generated batch "
+                         f"({{finetune.batch_size}}={f.batch_size} over "
+                         f"{strategy.num_replicas_in_sync} replica(s))", value=f.micro_batches,
+                         refs=("finetune.batch_size",))
   init_checkpoint = runs.init_checkpoint(cfg)
   learned = runs.learned_timesteps(cfg, init_checkpoint, num_steps=cfg.sampler.num_steps)
   _check_resumed_timesteps(cfg, runs.check_resume(cfg, run_dir_name(cfg)))
@@ -73,13 +82,15 @@ def run(cfg, plan=None):
   plan = plan or check(cfg)
   run_dir = runs.mode_dir(cfg.run, run_dir_name(cfg))
   f, s = cfg.finetune, cfg.sampler
-  dataset_fn = inputs.training_data(cfg, batch_size=f.batch_size,
-                                    batch_field="finetune.batch_size")
+  dataset_fn = inputs.training_data(cfg, batch_size=f.real_batch_size,
+                                    batch_field="finetune.real_batch_size")
   validation = inputs.validation(
       cfg, select=config_lib.validation_select(f, cfg.eval)) if f.validate else None
   if distribute.is_chief(plan.strategy):  # Workers of a cluster share the workdir: one flags file.
     runs.write_flags(cfg.run, run_dir)
-  with errors.renamed(global_batch_size="finetune.batch_size", workdir="run.workdir"):
+  with errors.renamed(global_batch_size="finetune.batch_size", workdir="run.workdir",
+                      real_batch_size="finetune.real_batch_size",
+                      micro_batches="finetune.micro_batches"):
     finetune_lib.finetune(
         unet_factory=cfg.unet.factory(),
         feature_net_factory=lambda: inputs.feature_network(cfg, cfg.features.feature_net),
@@ -90,7 +101,8 @@ def run(cfg, plan=None):
         checkpoint_every=cfg.run.checkpoint_every, log_every=cfg.run.log_every,
         seed=cfg.run.seed, strategy=plan.strategy, init_checkpoint=plan.init_checkpoint,
         use_ema=cfg.run.use_ema, recompute=f.recompute, dropout=f.dropout,
-        learn_timesteps=f.learn_timesteps, timesteps_lr=f.timesteps_lr, validation=validation)
+        learn_timesteps=f.learn_timesteps, timesteps_lr=f.timesteps_lr, validation=validation,
+        real_batch_size=f.real_batch_size, micro_batches=f.micro_batches)
   weights = os.path.join(run_dir, "unet.weights.h5")
   if not distribute.is_chief(plan.strategy):
     # The chief writes `weights`, maybe after this worker is done: a worker must not read them.
