@@ -45,15 +45,9 @@ MODES = {
 
 assert tuple(MODES) == settings.MODES
 
-_DEFINE = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
-           "float": flags.DEFINE_float, "bool": flags.DEFINE_bool, "list": flags.DEFINE_list,
-           "enum": lambda name, default, help, choices, **kw: flags.DEFINE_enum(
-               name, default, list(choices), help, **kw)}
-for _s in settings.SETTINGS:
-  # module_name groups --helpfull by section.
-  _DEFINE[_s.kind](_s.flag, _s.default, _s.help, module_name=f"{_s.section} settings",
-                   **({"choices": _s.choices} if _s.kind == "enum" else {}))
-  flags.declare_key_flag(_s.flag)  # --help lists it too.
+settings.define_flags(flags.FLAGS)
+for _setting in settings.SETTINGS:
+  flags.declare_key_flag(_setting.flag)  # --help lists them too.
 
 FLAGS = flags.FLAGS
 

@@ -18,11 +18,11 @@ from mmd_keras import finetune
 from mmd_keras import mmd
 from mmd_keras import schedule as schedule_lib
 from mmd_keras import unet as unet_lib
+from mmd_keras.benchmarks import presets
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-# configs/fashion_mnist.cfg's UNet, the architecture of the bundled base model.
-FASHION_UNET = dict(image_size=28, channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
-                    attn_resolutions=(7,), dropout=0.1)
+# configs/fashion_mnist.cfg's UNet, the architecture of the bundled base model, read from it.
+FASHION_UNET = presets.unet_kwargs("fashion")
 
 # The flags of a UNet small enough for end-to-end runs of main.py (8 px, T = 20).
 TINY_UNET = ["--image_size=8", "--ch=32", "--ch_mult=1,2", "--num_res_blocks=1",

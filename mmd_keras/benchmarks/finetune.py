@@ -58,14 +58,13 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[2]
 FEATURE_DIM = 256
 
-Config = collections.namedtuple("Config", "unet batch_size")
-CONFIGS = dict(
-    fashion=Config(dict(image_size=28, channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
-                        attn_resolutions=(7,), dropout=0.1), 64),
-    small=Config(dict(image_size=28, channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
-                      attn_resolutions=(), dropout=0.1), 32),
-    tiny=Config(dict(image_size=8, channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-                     attn_resolutions=(), dropout=0.0), 4))
+
+
+def _presets():
+  """benchmarks.presets, imported by the parent only: a child of an older tree has none."""
+  from mmd_keras.benchmarks import presets  # pylint: disable=import-outside-toplevel
+  return presets
+
 
 Options = collections.namedtuple("Options",
                                  "configs ks batch_size steps gradients compare_ref json_out")
@@ -92,7 +91,7 @@ def _status_mib(field):
   raise KeyError(field)
 
 
-def _child(*, config, k, batch_size, steps, tree, recompute):
+def _child(*, config, unet, k, batch_size, steps, tree, recompute):
   """Measures one variant in this fresh process; prints its figures as one JSON line."""
   import mmd_keras
   if pathlib.Path(mmd_keras.__file__).resolve().parents[1] != pathlib.Path(tree).resolve():
@@ -107,7 +106,8 @@ def _child(*, config, k, batch_size, steps, tree, recompute):
   from mmd_keras import unet as unet_lib
 
   rss_after_imports = _status_mib("VmRSS")
-  unet = unet_lib.UNet(**CONFIGS[config].unet).build_for_inference()
+  del config  # Named in the spec for error messages; `unet` holds its architecture.
+  unet = unet_lib.UNet(**unet).build_for_inference()
   image_shape = [unet.image_size, unet.image_size, unet.channels]
   dim = int(np.prod(image_shape))
   projection = tf.constant(
@@ -182,7 +182,7 @@ def _parse(argv):
       sys.exit(f"error: unknown option {arg!r}; expected --name=value, name one of "
                f"{', '.join(options)}")
     options[name[2:]] = value
-  configs = _names("configs", options["configs"], CONFIGS, noun="config")
+  configs = _names("configs", options["configs"], _presets().PRESETS, noun="config")
   gradients = _names("gradients", options["gradients"], GRADIENTS, noun="gradient")
   batch_size = options["batch_size"]
   if batch_size is not None:
@@ -236,8 +236,9 @@ def _run_child(*, tree, config, k, batch_size, steps, recompute):
   """One variant's figures, measured in a fresh process that imports mmd_keras from `tree`."""
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
-  spec = json.dumps(dict(config=config, k=k, batch_size=batch_size, steps=steps, tree=str(tree),
-                         recompute=recompute))
+  # The architecture is resolved here, by this tree: an older tree's child builds the same UNet.
+  spec = json.dumps(dict(config=config, unet=_presets().unet_kwargs(config), k=k,
+                         batch_size=batch_size, steps=steps, tree=str(tree), recompute=recompute))
   # -P keeps this file's directory off sys.path: PYTHONPATH alone decides which mmd_keras loads.
   result = subprocess.run([sys.executable, "-P", os.path.abspath(__file__), "--child", spec],
                           cwd=tree, env=env, capture_output=True, text=True)
@@ -262,7 +263,7 @@ def _measure(options, *, trees, commits):
   rows = []
   for index, (config, k, name) in enumerate(runs, 1):
     tree, gradient = variants[name]
-    batch_size = options.batch_size or CONFIGS[config].batch_size
+    batch_size = options.batch_size or _presets().PRESETS[config].batch_size
     print(f"[{index}/{len(runs)}] {config} K={k} batch {batch_size} {name} "
           f"({commits[tree]}) ...", end="", file=sys.stderr, flush=True)
     figures = _run_child(tree=trees[tree], config=config, k=k, batch_size=batch_size,

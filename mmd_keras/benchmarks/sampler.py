@@ -27,13 +27,15 @@ from mmd_keras import checkpoints
 from mmd_keras import ddim
 from mmd_keras import schedule as schedule_lib
 from mmd_keras import unet as unet_lib
+from mmd_keras.benchmarks import presets
 from mmd_keras.export import sampler_module
 from mmd_keras.export import writers
 
 flags.DEFINE_list("num_steps", ["5", "10"], "Step budgets K.")
 flags.DEFINE_list("batch_sizes", ["1", "64"], "Batch sizes.")
-flags.DEFINE_enum("unet", "fashion_mnist", ["fashion_mnist", "tiny"],
-                  "The UNet: configs/fashion_mnist.cfg's, or a tiny 8x8 one (smoke tests).")
+flags.DEFINE_enum("unet", "fashion", list(presets.PRESETS),
+                  "The UNet preset (benchmarks/presets.py): configs/fashion_mnist.cfg's, smaller "
+                  "ones, or a tiny 8x8 one (smoke tests).")
 flags.DEFINE_string("weights", None, "A .weights.h5 of that UNet (default: random weights).")
 flags.DEFINE_integer("tflite_threads", 1, "LiteRT interpreter threads (TF uses its default).",
                      lower_bound=1)
@@ -42,15 +44,8 @@ flags.DEFINE_string("json_out", None, "Also write the results here.")
 FLAGS = flags.FLAGS
 
 
-UNETS = dict(
-    fashion_mnist=dict(image_size=28, channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
-                       attn_resolutions=(7,), dropout=0.1),
-    tiny=dict(image_size=8, channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-              attn_resolutions=(4,), dropout=0.0))
-
-
 def _unet():
-  unet = unet_lib.UNet(**UNETS[FLAGS.unet]).build_for_inference()
+  unet = unet_lib.UNet(**presets.unet_kwargs(FLAGS.unet)).build_for_inference()
   if FLAGS.weights:
     checkpoints.restore_unet(unet, FLAGS.weights)
   else:  # Zero-initialised output convs would make some kernels trivially cheap.

@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 from mmd_keras.benchmarks import finetune as finetune_benchmark
+from mmd_keras.benchmarks import presets
 
 OPTIONS = dict(config="fashion", batch_size="", repeats="5")
 
@@ -39,10 +40,10 @@ def _parse(argv):
     if name not in options or not equals:
       sys.exit(f"error: {arg}: expected one of {', '.join(f'--{o}=...' for o in options)}")
     options[name] = value
-  if options["config"] not in finetune_benchmark.CONFIGS:
+  if options["config"] not in presets.PRESETS:
     sys.exit(f"error: --config={options['config']}: expected one of "
-             f"{', '.join(finetune_benchmark.CONFIGS)}")
-  config = finetune_benchmark.CONFIGS[options["config"]]
+             f"{', '.join(presets.PRESETS)}")
+  config = presets.PRESETS[options["config"]]
   batch_size = options["batch_size"] or str(config.batch_size)
   for name, text in (("batch_size", batch_size), ("repeats", options["repeats"])):
     if not text.isdigit() or int(text) < 1:
@@ -68,7 +69,7 @@ def _passes(config, batch_size, policy):
   from mmd_keras import unet as unet_lib
 
   keras.mixed_precision.set_global_policy(policy)
-  unet = unet_lib.UNet(**finetune_benchmark.CONFIGS[config].unet).build_for_inference()
+  unet = unet_lib.UNet(**presets.unet_kwargs(config)).build_for_inference()
   keras.mixed_precision.set_global_policy("float32")
   rng = np.random.default_rng(0)
   shape = [batch_size, unet.image_size, unet.image_size, unet.channels]
