@@ -50,15 +50,21 @@ def test_architectures(arch, dim):
   assert model.count_params() < 300_000  # Cheap enough to run inside every finetuning step.
 
 
-def test_the_two_architectures_differ():
+def test_the_three_architectures_differ():
   kinds = {arch: sorted({type(layer).__name__ for layer in classifier_lib.build_classifier(
       arch, image_size=28, channels=1).layers}) for arch in classifier_lib.ARCHITECTURES}
   assert "MaxPooling2D" in kinds["classifier"] and "AveragePooling2D" not in kinds["classifier"]
   assert "AveragePooling2D" in kinds["classifier_heldout"]
   assert "MaxPooling2D" not in kinds["classifier_heldout"]
+  # The validation-only space downsamples by strided convolutions and pools globally, once.
+  assert "GlobalAveragePooling2D" in kinds["classifier_val"]
+  assert not {"MaxPooling2D", "AveragePooling2D"} & set(kinds["classifier_val"])
   kernels = {arch: classifier_lib.build_classifier(arch, image_size=28, channels=1).get_layer(
       "conv0").kernel_size for arch in classifier_lib.ARCHITECTURES}
-  assert kernels == {"classifier": (3, 3), "classifier_heldout": (5, 5)}
+  assert kernels == {"classifier": (3, 3), "classifier_heldout": (5, 5), "classifier_val": (3, 3)}
+  strides = classifier_lib.build_classifier("classifier_val", image_size=28,
+                                            channels=1).get_layer("conv0").strides
+  assert strides == (2, 2)
 
 
 def test_unknown_architecture_names_the_parameter():
@@ -107,8 +113,13 @@ def test_bad_output_path_and_epochs(tmp_path):
     classifier_lib.train_classifier(epochs=0, out_path=str(tmp_path / "c.weights.h5"), **kwargs)
 
 
+# The report spaces reach 90 %; the validation-only space, smaller and pooled globally, 85 %: it
+# must tell garments apart, not win a benchmark.
+ACCURACY = dict(classifier=0.90, classifier_heldout=0.90, classifier_val=0.85)
+
+
 @pytest.mark.parametrize("arch", classifier_lib.ARCHITECTURES)
-def test_shipped_classifier_reaches_90_percent(arch):
+def test_shipped_classifier_reaches_its_accuracy(arch):
   """The committed weights, on the first 2000 images of the real Fashion-MNIST test split."""
   try:
     images, labels = data_lib.load_fashion_mnist(split="test")
@@ -118,9 +129,9 @@ def test_shipped_classifier_reaches_90_percent(arch):
   with open(classifier_lib.metadata_path(path)) as f:
     meta = json.load(f)
   assert meta["arch"] == arch and meta["dataset"] == "fashion_mnist"
-  assert meta["test_accuracy"] >= 0.90
+  assert meta["test_accuracy"] >= ACCURACY[arch]
   model = classifier_lib.build_classifier(arch, image_size=28, channels=1)
   model.load_weights(path)
   images, labels = images[:2000].astype(np.float32) / 127.5 - 1.0, labels[:2000]
   logits = model.predict(images, batch_size=500, verbose=0)
-  assert np.mean(np.argmax(logits, axis=1) == labels) >= 0.90
+  assert np.mean(np.argmax(logits, axis=1) == labels) >= ACCURACY[arch]

@@ -132,7 +132,8 @@ def test_inception_errors_name_the_parameter_and_the_file(tmp_path):
 
 def test_unknown_feature_net_names_the_parameter_and_the_choices():
   with pytest.raises(UserError, match="^feature_net=vgg .*inception_v3.classifier."
-                                     "classifier_heldout.inception_fid.efficientnet_lite0, or "
+                                     "classifier_heldout.classifier_val.inception_fid."
+                                     "efficientnet_lite0, or "
                                      "savedmodel:<dir> or "
                                      "keras:<file.keras>"):
     features.make_feature_network("vgg", image_size=28, channels=1)
