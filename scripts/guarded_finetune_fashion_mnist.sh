@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# A guarded finetune beside what the same run would have shipped unguarded: the flagfile's recipe
+# (validation on, 60 steps, lr 2e-5) at K and seed given, then the base model's DDIM K, the guarded
+# weights (unet.weights.h5, the best validated step) and the last weights (unet_last.weights.h5,
+# what an unguarded run ships) scored on the same noise at N images in the report spaces.
+#
+#   bash scripts/guarded_finetune_fashion_mnist.sh WORKDIR [K=10] [SEED=2] [N=1000]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:?usage: bash scripts/guarded_finetune_fashion_mnist.sh WORKDIR [K] [SEED] [N]}
+K=${2:-10}
+SEED=${3:-2}
+N=${4:-1000}
+F=(--flagfile=configs/fashion_mnist.cfg --workdir="$WORK" --deterministic --seed="$SEED")
+python main.py "${F[@]}" --mode=finetune --num_steps="$K"
+RUN="$WORK/finetune_k$K"
+REUSE=  # The second evaluation reuses the first's base-model row.
+for weights in unet unet_last; do
+  python main.py "${F[@]}" --mode=evaluate --eval_steps="$K" --num_eval_images="$N" \
+    --eval_samplers= --eval_feature_nets=classifier,classifier_heldout \
+    --finetuned_checkpoints="$K:$RUN/$weights.weights.h5" --eval_reuse_rows="$REUSE" \
+    --seed=0 --workdir="$WORK/$weights"
+  REUSE="$WORK/unet/evaluate/rows"
+done
+cat "$RUN/validation.json"
+cat "$WORK/unet/evaluate/report.md" "$WORK/unet_last/evaluate/report.md"
