@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from mmd_keras import atomic
 from mmd_keras import metrics
+from mmd_keras.errors import ParameterError
 from mmd_keras.evaluation import sweep
 
 RECORD = "validation.json"
@@ -57,7 +58,16 @@ class Validator:
     path = os.path.join(out_dir, RECORD)
     if os.path.exists(path):
       with open(path) as f:
-        self.history = json.load(f)["validations"]
+        record = json.load(f)
+      # A resumed run must score as the one it resumes: its best is in those spaces' terms.
+      recorded = (tuple(record["select"]), sorted(record["validations"][0]["spaces"]))
+      if recorded != (self.select, sorted(self.spaces)):
+        raise ParameterError(
+            "val_feature_nets", f"differs from the validation record {path} of the run this "
+            f"one resumes (validated in {', '.join(recorded[1])}, choosing in "
+            f"{', '.join(recorded[0])}); rerun with its settings or use another {{workdir}}",
+            value=sorted(self.spaces), refs=("workdir",))
+      self.history = record["validations"]
 
   @property
   def best(self):

@@ -117,6 +117,20 @@ def test_a_kill_during_a_validation_keeps_the_same_best(tmp_path, base, monkeypa
       f"unet_step{resumed['best_step']:07d}.weights.h5"]
 
 
+def test_a_resume_with_other_validation_spaces_is_refused(tmp_path):
+  settings = _settings()
+  images = real_images(24, seed=6)
+  validator = validation.Validator(settings=settings, sample_fn=lambda: images,
+                                   out_dir=str(tmp_path), save_best=lambda path: None)
+  record = validator(0)
+  assert record["score"] == 1.0 and validation.Validator(
+      settings=settings, sample_fn=None, out_dir=str(tmp_path), save_best=None).history == [record]
+  other = validation.Settings(**{**vars(settings), "select": ("shown",)})
+  with pytest.raises(ParameterError, match="^val_feature_nets=.* differs from the validation "
+                                           "record .*choosing in val"):
+    validation.Validator(settings=other, sample_fn=None, out_dir=str(tmp_path), save_best=None)
+
+
 FASHION = ["--flagfile=configs/fashion_mnist.cfg", "--validate", "--mode=finetune"]
 
 

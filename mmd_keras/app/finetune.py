@@ -90,7 +90,8 @@ def run(cfg, plan=None):
     runs.write_flags(cfg.run, run_dir)
   with errors.renamed(global_batch_size="finetune.batch_size", workdir="run.workdir",
                       real_batch_size="finetune.real_batch_size",
-                      micro_batches="finetune.micro_batches"):
+                      micro_batches="finetune.micro_batches",
+                      val_feature_nets="finetune.val_feature_nets"):
     finetune_lib.finetune(
         unet_factory=cfg.unet.factory(),
         feature_net_factory=lambda: inputs.feature_network(cfg, cfg.features.feature_net),
