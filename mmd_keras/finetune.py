@@ -337,7 +337,8 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
           unet_factory, weights=trainer.unet.weights,
           noise_seed=streams.key(seed, streams.FINETUNE_VALIDATION),
           num_images=validation.num_images, sampler=sampler, timesteps=trainer.current_timesteps,
-          alphas_cumprod=schedule.alphas_cumprod, clip_x0=clip_x0),
+          alphas_cumprod=schedule.alphas_cumprod, clip_x0=clip_x0,
+          batch_size=validation.batch_size),
       save_best=lambda path: _save(grid, trainer, path, schedule=schedule, sampler=sampler))
   if validator is not None and validator.exhausted():
     console.note(f"already stopped early: {validation.patience} validations without improvement "

@@ -250,7 +250,7 @@ class GridSampler:
   (or at `timesteps()`, the current ones, when it is a function)."""
 
   def __init__(self, unet_factory, *, weights, noise_seed, num_images, timesteps, alphas_cumprod,
-               clip_x0, sampler="ddim"):
+               clip_x0, sampler="ddim", batch_size=None):
     self.unet = unet_factory().build_for_inference()
     self.weights = list(weights)
     self.noise = tf.random.stateless_normal(
@@ -260,6 +260,7 @@ class GridSampler:
     self.timesteps = timesteps
     self.alphas_cumprod = alphas_cumprod
     self.clip_x0 = clip_x0
+    self.batch_size = batch_size or num_images
     # A plain call: nothing for AutoGraph to convert (and it fails to find this lambda's source).
     self.eps_fn = tf.function(lambda x, t: self.unet(x, t), autograph=False)
 
@@ -272,8 +273,12 @@ class GridSampler:
   def __call__(self):
     self.synced_unet()
     timesteps = self.timesteps() if callable(self.timesteps) else self.timesteps
-    return samplers.sample(self.sampler, self.eps_fn, self.noise, timesteps=timesteps,
-                           alphas_cumprod=self.alphas_cumprod, clip_x0=self.clip_x0)
+    # In batches of `batch_size`: a validation set of a large UNet need not fit at once.
+    return tf.concat([
+        samplers.sample(self.sampler, self.eps_fn, self.noise[i:i + self.batch_size],
+                        timesteps=timesteps, alphas_cumprod=self.alphas_cumprod,
+                        clip_x0=self.clip_x0)
+        for i in range(0, self.noise.shape[0], self.batch_size)], axis=0)
 
 
 def train_to(run, *, max_steps, dataset_fn, sample_fn, checkpoint_every, log_every,

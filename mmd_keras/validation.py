@@ -29,10 +29,12 @@ RECORD = "validation.json"
 class Settings:
   """How a finetune is validated: `num_images` samples every `every` steps, scored in `spaces`
   ({name: feature network}) against `real_features` ({name: float64 [M, D]}, held-back images);
-  the best by the `select` spaces is kept; `patience` validations without improvement stop it."""
+  the best by the `select` spaces is kept; `patience` validations without improvement stop it.
+  The samples are drawn `batch_size` at a time."""
   every: int
   patience: int
   num_images: int
+  batch_size: int
   spaces: dict
   real_features: dict
   select: tuple

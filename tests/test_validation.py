@@ -28,8 +28,9 @@ def _settings(*, every=2, patience=10, num_images=24):
   spaces = {"val": RandomConvFeatures(seed=1), "shown": RandomConvFeatures(seed=2)}
   held_back = real_images(24, seed=5)
   real = {name: np.asarray(space(held_back), np.float64) for name, space in spaces.items()}
-  return validation.Settings(every=every, patience=patience, num_images=num_images, spaces=spaces,
-                             real_features=real, select=("val",))
+  # Sampled 16 at a time: the validation set in two batches.
+  return validation.Settings(every=every, patience=patience, num_images=num_images, batch_size=16,
+                             spaces=spaces, real_features=real, select=("val",))
 
 
 def _finetune(workdir, init, *, steps, learning_rate, settings):

@@ -126,8 +126,8 @@ def validation(cfg, *, select):
       metrics.check_enough_samples(len(images), spaces[name].dim)
     real[name] = np.asarray(spaces[name](images), np.float64)
   return validation_lib.Settings(every=f.validate_every, patience=f.patience,
-                                 num_images=f.num_val_images, spaces=spaces, real_features=real,
-                                 select=select)
+                                 num_images=f.num_val_images, batch_size=cfg.sampler.batch_size,
+                                 spaces=spaces, real_features=real, select=select)
 
 
 def check_feature_spaces(cfg):
