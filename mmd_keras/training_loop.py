@@ -247,7 +247,8 @@ def start(*, strategy, workdir, unet_factory, make_trainer, learning_rate, initi
 class GridSampler:
   """Draws the progress grid: fixed noise sampled in K steps of `sampler` (η = 0) with the current
   values of `weights`, copied into a UNet of `unet_factory` outside the strategy, at `timesteps`
-  (or at `timesteps()`, the current ones, when it is a function)."""
+  (or at `timesteps()`, the current ones, when it is a function), `batch_size` images at a time
+  (default: all at once)."""
 
   def __init__(self, unet_factory, *, weights, noise_seed, num_images, timesteps, alphas_cumprod,
                clip_x0, sampler="ddim", batch_size=None):
