@@ -4,16 +4,18 @@
 # weights (unet.weights.h5, the best validated step) and the last weights (unet_last.weights.h5,
 # what an unguarded run ships) scored on the same noise at N images in the report spaces.
 #
-#   bash scripts/guarded_finetune_fashion_mnist.sh WORKDIR [K=10] [SEED=2] [N=1000]
+#   bash scripts/guarded_finetune_fashion_mnist.sh WORKDIR [K=10] [SEED=2] [N=1000] [FLAG ...]
+#
+# Flags after N go to every run (e.g. --sampler=dpm_solver_pp: finetuned and scored through it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:?usage: bash scripts/guarded_finetune_fashion_mnist.sh WORKDIR [K] [SEED] [N]}
 K=${2:-10}
 SEED=${3:-2}
 N=${4:-1000}
-F=(--flagfile=configs/fashion_mnist.cfg --workdir="$WORK" --deterministic --seed="$SEED")
+F=(--flagfile=configs/fashion_mnist.cfg --workdir="$WORK" --deterministic --seed="$SEED" "${@:5}")
 python main.py "${F[@]}" --mode=finetune --num_steps="$K"
-RUN="$WORK/finetune_k$K"
+RUN=$(ls -d "$WORK"/finetune_*k"$K")  # finetune_k<K>, or finetune_<sampler>_k<K>.
 REUSE=  # The second evaluation reuses the first's base-model row.
 for weights in unet unet_last; do
   python main.py "${F[@]}" --mode=evaluate --eval_steps="$K" --num_eval_images="$N" \
