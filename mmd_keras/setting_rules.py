@@ -41,20 +41,20 @@ def local_path(value):
 
 
 # Parsers of flag text: each gets the field (for its error) and the flag's value.
-def ints(field, items):
+def _numbers(field, items, kind, what):
   try:
-    return tuple(int(v) for v in items)
+    return tuple(kind(v) for v in items)
   except ValueError:
-    raise ParameterError(field, "must be a comma-separated list of integers",
+    raise ParameterError(field, f"must be a comma-separated list of {what}",
                          value=list(items)) from None
+
+
+def ints(field, items):
+  return _numbers(field, items, int, "integers")
 
 
 def floats(field, items):
-  try:
-    return tuple(float(v) for v in items)
-  except ValueError:
-    raise ParameterError(field, "must be a comma-separated list of numbers",
-                         value=list(items)) from None
+  return _numbers(field, items, float, "numbers")
 
 
 def step_budgets(field, steps):

@@ -9,7 +9,6 @@ import os
 
 from mmd_keras import atomic
 from mmd_keras import checkpoints
-from mmd_keras import config as config_lib
 from mmd_keras import distribute
 from mmd_keras import errors
 from mmd_keras import finetune as finetune_lib
@@ -84,8 +83,7 @@ def run(cfg, plan=None):
   f, s = cfg.finetune, cfg.sampler
   dataset_fn = inputs.training_data(cfg, batch_size=f.real_batch_size,
                                     batch_field="finetune.real_batch_size")
-  validation = inputs.validation(
-      cfg, select=config_lib.validation_select(f, cfg.eval)) if f.validate else None
+  validation = inputs.validation(cfg) if f.validate else None
   if distribute.is_chief(plan.strategy):  # Workers of a cluster share the workdir: one flags file.
     runs.write_flags(cfg.run, run_dir)
   with errors.renamed(global_batch_size="finetune.batch_size", workdir="run.workdir",

@@ -108,9 +108,10 @@ def check_validation(cfg):
                          refs=("finetune.val_split",))
 
 
-def validation(cfg, *, select):
+def validation(cfg):
   """The `validation.Settings` of a guarded finetune: its spaces loaded (each narrower than
-  `finetune.num_val_images`, for FID) and the held-back images embedded in them."""
+  `finetune.num_val_images`, for FID), the held-back images embedded in them, and the spaces no
+  report scores chosen to select in."""
   f = cfg.finetune
   split, start, _ = f.val_split
   dataset = data_lib.make_dataset(
@@ -127,7 +128,8 @@ def validation(cfg, *, select):
     real[name] = np.asarray(spaces[name](images), np.float64)
   return validation_lib.Settings(every=f.validate_every, patience=f.patience,
                                  num_images=f.num_val_images, batch_size=cfg.sampler.batch_size,
-                                 spaces=spaces, real_features=real, select=select)
+                                 spaces=spaces, real_features=real,
+                                 select=config_lib.validation_select(f, cfg.eval))
 
 
 def check_feature_spaces(cfg):
