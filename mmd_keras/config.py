@@ -148,6 +148,7 @@ class FinetuneConfig:
   validate: bool
   validate_every: int
   patience: int
+  lr_backoff: float
   num_val_images: int
   val_split: tuple  # (split, start, stop or None)
   val_feature_nets: tuple

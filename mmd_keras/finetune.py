@@ -315,6 +315,9 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
     logging.info("finetuning %s (%s weights), %s K=%d", init_checkpoint, source, sampler,
                  num_steps)
 
+  # A resumed guarded run goes on at the rate its rewinds so far left (see `validation`).
+  rate = learning_rate * (1.0 if validation is None else validation.lr_backoff ** validation_lib
+                          .backoffs(validation_lib.read_history(workdir)))
   run = training_loop.start(
       strategy=strategy, workdir=workdir, unet_factory=unet_factory,
       make_trainer=lambda unet: MMDFinetuner(
@@ -323,7 +326,7 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
           recompute=recompute, dropout=dropout, clip_x0=clip_x0, seed=seed,
           learn_timesteps=learn_timesteps, timesteps_lr=timesteps_lr,
           generated_batch_size=global_batch_size, micro_batches=micro_batches),
-      learning_rate=learning_rate, initialize=initialize)
+      learning_rate=rate, initialize=initialize)
   trainer = run.trainer
   learned = trainer.learned_timesteps
   grid = training_loop.GridSampler(
@@ -339,7 +342,9 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
           num_images=validation.num_images, sampler=sampler, timesteps=trainer.current_timesteps,
           alphas_cumprod=schedule.alphas_cumprod, clip_x0=clip_x0,
           batch_size=validation.batch_size),
-      save_best=lambda path: _save(grid, trainer, path, schedule=schedule, sampler=sampler))
+      save_best=lambda path: _save(grid, trainer, path, schedule=schedule, sampler=sampler),
+      rewind=lambda path, factor: _rewind(trainer, path, learning_rate=learning_rate * factor,
+                                          num_timesteps=schedule.num_timesteps))
   if validator is not None and validator.exhausted():
     console.note(f"already stopped early: {validation.patience} validations without improvement "
                  f"on step {validator.best['step']}")
@@ -384,6 +389,24 @@ def _save(grid, trainer, path, *, schedule, sampler):
                                sampler=sampler)
     logging.info("finetuned at %s", describe_timesteps(timesteps)[0])
   checkpoints.save_weights_h5(grid.synced_unet(), path, overwrite=True)
+
+
+def _rewind(trainer, path, *, learning_rate, num_timesteps):
+  """The trainer back at the weights (and learned timesteps) of `path`, going on at
+  `learning_rate` with Adam's momentum zeroed: it points the way that did not improve (its second
+  moments, the gradients' scale, are kept)."""
+  checkpoints.restore_unet(trainer.unet, path, parameter="workdir")
+  optimizers = [trainer.optimizer]
+  if trainer.learned_timesteps is not None:
+    learned = trainer.learned_timesteps
+    learned.logits.assign(schedule_lib.timestep_logits(
+        checkpoints.learned_timesteps(path, num_timesteps=num_timesteps, parameter="workdir"),
+        num_timesteps=num_timesteps))
+    optimizers.append(learned.optimizer)
+  for optimizer in optimizers:
+    for momentum in optimizer._momentums:  # Keras' Adam keeps its first moments here.
+      momentum.assign(tf.zeros_like(momentum))
+  trainer.optimizer.learning_rate.assign(learning_rate)
 
 
 def describe_timesteps(timesteps):

@@ -31,6 +31,10 @@ def fraction(*, include_one):
   return check
 
 
+def positive_fraction(value):
+  return None if 0 < value <= 1 else "must be in (0, 1]"
+
+
 def local_path(value):
   # Our checks and writes (makedirs, os.replace, os.access) are POSIX calls: on gs://… they would
   # act on a local folder named "gs:".

@@ -214,6 +214,10 @@ SETTINGS = (
       "Finetuning steps between validations.", check=rules.positive),
     S("patience", "finetune.patience", "integer", 3,
       "Validations without improvement before finetuning stops.", check=rules.at_least(1)),
+    S("lr_backoff", "finetune.lr_backoff", "float", 0.5,
+      "With --validate: after a validation without improvement, go back to the best weights and on "
+      "at this times the learning rate, so the rate that fits K and the sampler is found on "
+      "validation (1: go on as before).", check=rules.positive_fraction),
     S("num_val_images", "finetune.num_val_images", "integer", 256,
       "Samples per validation (more than the widest validation space's dimension, for FID).",
       check=rules.positive),

@@ -115,6 +115,9 @@ class Progress(keras.callbacks.Callback):
     if v is not None and (not v.history or (self.last_step % v.every == 0
                                             and not v.done(self.last_step))):
       self.validate(self.last_step)
+    elif v is not None and v.done(self.last_step):
+      # Its checkpoint was saved before its validation: a rewind that followed is made again.
+      v.rewind_if_worse(self.last_step)
 
   def on_train_batch_end(self, batch, logs=None):
     step = step_of(self.trainer)
@@ -142,6 +145,9 @@ class Progress(keras.callbacks.Callback):
       console.note(f"stopping: {self.validator.patience} validations without improvement on step "
                    f"{best['step']}")
       self.trainer.stop_training = True
+    elif self.validator.rewind_if_worse(step):
+      console.note(f"rewound to step {best['step']}'s weights; the learning rate is now "
+                   f"{self.validator.learning_rate_factor():g} times the flag's")
 
   def check_finite(self, step, logs):
     if logs["nonfinite"] != 0:

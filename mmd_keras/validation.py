@@ -2,6 +2,12 @@
 noise batch, are scored against held-back real images in several feature spaces, and the best
 weights are kept; training stops after `patience` validations without improvement.
 
+A validation without improvement also rewinds (with `lr_backoff` < 1): training goes back to the
+best weights and goes on at `lr_backoff` times the learning rate. The rate that fits a step budget
+and a sampler is thus found on validation, descending from the flag's (the rule and its evidence:
+results/guarded_finetune_fashion_mnist/README.md). How many rewinds a run made follows from its
+record alone (`backoffs`), so a resumed run continues at the same rate.
+
 The selection score is the mean, over the `select` spaces (ones no report scores), of FID relative
 to the first validation's; the start counts, so a finetune never ends worse on validation than the
 model it started from. The record (validation.json: every validation, the best step) is written
@@ -30,7 +36,8 @@ class Settings:
   """How a finetune is validated: `num_images` samples every `every` steps, scored in `spaces`
   ({name: feature network}) against `real_features` ({name: float64 [M, D]}, held-back images);
   the best by the `select` spaces is kept; `patience` validations without improvement stop it.
-  The samples are drawn `batch_size` at a time."""
+  The samples are drawn `batch_size` at a time. A validation without improvement multiplies the
+  learning rate by `lr_backoff` and rewinds to the best weights (1: neither)."""
   every: int
   patience: int
   num_images: int
@@ -38,13 +45,38 @@ class Settings:
   spaces: dict
   real_features: dict
   select: tuple
+  lr_backoff: float = 1.0
+
+
+def read_history(out_dir):
+  """The validations recorded in `out_dir` (oldest first), [] for a run not validated yet."""
+  path = os.path.join(out_dir, RECORD)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f)["validations"]
+
+
+def worse(history, step):
+  """Whether the validation of `step` scored no better than the best one before it."""
+  score, = [r["score"] for r in history if r["step"] == step]
+  earlier = [r["score"] for r in history if r["step"] < step]
+  return bool(earlier) and score >= min(earlier)
+
+
+def backoffs(history):
+  """How many validations of `history` scored no better than the best before them: the rewinds
+  of the run, each one a factor `lr_backoff` on its learning rate."""
+  return sum(worse(history, r["step"]) for r in history)
 
 
 class Validator:
   """Validates a run in `out_dir` by `settings`: `sample_fn()` -> images [N, H, W, C] of the
-  current weights on fixed noise; `save_best(path)` writes the current weights to `path`."""
+  current weights on fixed noise; `save_best(path)` writes the current weights to `path`;
+  `rewind(path, factor)` loads the weights of `path` and sets the learning rate to `factor` times
+  the run's."""
 
-  def __init__(self, *, settings, sample_fn, out_dir, save_best, writer=None):
+  def __init__(self, *, settings, sample_fn, out_dir, save_best, rewind=None, writer=None):
     self.sample_fn = sample_fn
     self.spaces = dict(settings.spaces)
     self.real = settings.real_features
@@ -55,6 +87,8 @@ class Validator:
     self.patience = settings.patience
     self.out_dir = out_dir
     self.save_best = save_best
+    self.rewind = rewind
+    self.lr_backoff = settings.lr_backoff
     self.writer = writer
     self.history = []
     path = os.path.join(out_dir, RECORD)
@@ -86,6 +120,20 @@ class Validator:
 
   def done(self, step):
     return any(r["step"] == step for r in self.history)
+
+  def learning_rate_factor(self):
+    """The factor on the run's learning rate after the rewinds so far."""
+    return self.lr_backoff ** backoffs(self.history)
+
+  def rewind_if_worse(self, step):
+    """After the validation of `step`: back to the best weights at a lower learning rate if it
+    did not improve (and training goes on). Returns whether it rewound. Applying it twice is the
+    same as once, so a resumed run reapplies the rewind of its checkpoint's step (saved before
+    its validation)."""
+    if self.lr_backoff >= 1 or not worse(self.history, step) or self.exhausted():
+      return False
+    self.rewind(self.best_weights(), self.learning_rate_factor())
+    return True
 
   def __call__(self, step):
     """Validates the current weights as those of `step`; returns the record."""

@@ -23,14 +23,15 @@ from mmd_keras.app import inputs
 from mmd_keras.errors import ParameterError
 
 
-def _settings(*, every=2, patience=10, num_images=24):
+def _settings(*, every=2, patience=10, num_images=24, lr_backoff=1.0):
   """Validation in two random-convolution spaces (16-d: FID needs N > 16) against 24 images."""
   spaces = {"val": RandomConvFeatures(seed=1), "shown": RandomConvFeatures(seed=2)}
   held_back = real_images(24, seed=5)
   real = {name: np.asarray(space(held_back), np.float64) for name, space in spaces.items()}
   # Sampled 16 at a time: the validation set in two batches.
   return validation.Settings(every=every, patience=patience, num_images=num_images, batch_size=16,
-                             spaces=spaces, real_features=real, select=("val",))
+                             spaces=spaces, real_features=real, select=("val",),
+                             lr_backoff=lr_backoff)
 
 
 def _finetune(workdir, init, *, steps, learning_rate, settings):
@@ -118,6 +119,74 @@ def test_a_kill_during_a_validation_keeps_the_same_best(tmp_path, base, monkeypa
       f"unet_step{resumed['best_step']:07d}.weights.h5"]
 
 
+def test_backoffs_count_the_validations_no_better_than_the_best_before_them():
+  history = [dict(step=10 * i, score=s) for i, s in enumerate([1.0, 1.2, 0.9, 0.95, 0.9, 0.5])]
+  assert [validation.worse(history, r["step"]) for r in history] == [
+      False, True, False, True, True, False]  # A tie with the best is no improvement.
+  assert validation.backoffs(history) == 3
+  assert validation.backoffs([]) == 0
+
+
+@pytest.mark.slow
+def test_a_validation_without_improvement_rewinds_at_a_lower_rate_and_a_resume_does_the_same(
+    tmp_path, base, monkeypatch):
+  settings = _settings(every=2, patience=3, lr_backoff=0.5)
+  rewound = []
+  rewind = finetune._rewind
+
+  def watched(trainer, path, **kwargs):
+    rewind(trainer, path, **kwargs)
+    best = _weights(path)  # Read now: a later best replaces the file.
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(best, trainer.unet.weights))
+    assert all(not np.any(m.numpy()) for m in trainer.optimizer._momentums)
+    rewound.append((os.path.basename(path), kwargs["learning_rate"]))
+
+  def expected_rewinds(record):
+    """(best weights' file, rate) after each validation no better than every one before it, but
+    the last, which ran out of patience; from the scores alone."""
+    scores, out = [r["score"] for r in record["validations"]], []
+    for i in range(1, len(scores) - 1):
+      if scores[i] >= min(scores[:i]):
+        best = record["validations"][int(np.argmin(scores[:i]))]["step"]
+        out.append((f"unet_step{best:07d}.weights.h5", 0.5 ** (len(out) + 1)))
+    return out
+
+  monkeypatch.setattr(finetune, "_rewind", watched)
+  # An absurd rate: the first steps make things worse, so it is rewound (and stops by patience).
+  trainer = _finetune(tmp_path / "straight", base, steps=20, learning_rate=1.0, settings=settings)
+  straight = _record(tmp_path / "straight")
+  assert straight["validations"][1]["score"] > 1.0
+  assert straight["last_step"] < 20
+  assert len(rewound) >= 1 and rewound == expected_rewinds(straight)
+  assert float(trainer.optimizer.learning_rate.numpy()) == 0.5 ** len(rewound)
+
+  # Killed after the record of step 2, before its rewind: the resumed run (from the checkpoint of
+  # step 2, saved before the validation) makes the rewind again and ends as the straight run.
+  rewind_if_worse = validation.Validator.rewind_if_worse
+  killed = []
+
+  def killed_at_step_2(self, step):
+    if step == 2 and not killed:
+      killed.append(step)
+      raise KeyboardInterrupt
+    return rewind_if_worse(self, step)
+
+  monkeypatch.setattr(validation.Validator, "rewind_if_worse", killed_at_step_2)
+  with pytest.raises(KeyboardInterrupt):
+    _finetune(tmp_path / "resumed", base, steps=20, learning_rate=1.0, settings=settings)
+  straight_rewinds, rewound[:] = list(rewound), []
+  trainer = _finetune(tmp_path / "resumed", base, steps=20, learning_rate=1.0, settings=settings)
+  assert rewound == straight_rewinds
+  assert float(trainer.optimizer.learning_rate.numpy()) == 0.5 ** len(rewound)
+  resumed = _record(tmp_path / "resumed")
+  assert [r["step"] for r in resumed["validations"]] == [r["step"] for r in straight["validations"]]
+  np.testing.assert_allclose([r["score"] for r in resumed["validations"]],
+                             [r["score"] for r in straight["validations"]], rtol=1e-4)
+  for a, b in zip(_weights(tmp_path / "resumed" / "unet_last.weights.h5"),
+                  _weights(tmp_path / "straight" / "unet_last.weights.h5")):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_a_resume_with_other_validation_spaces_is_refused(tmp_path):
   settings = _settings()
   images = real_images(24, seed=6)
@@ -146,6 +215,8 @@ FASHION = ["--flagfile=configs/fashion_mnist.cfg", "--validate", "--mode=finetun
     (["--val_split=test[6000:5000]"], "--val_split=test[6000:5000] selects no image"),
     (["--patience=0"], "--patience=0 must be >= 1"),
     (["--validate_every=0"], "--validate_every=0 must be > 0"),
+    (["--lr_backoff=0"], "--lr_backoff=0.0 must be in (0, 1]"),
+    (["--lr_backoff=1.5"], "--lr_backoff=1.5 must be in (0, 1]"),
     (["--val_feature_nets=vgg"], "--val_feature_nets=vgg must be one of"),
 ])
 def test_validation_settings_that_would_bias_the_reports_are_refused(main_module, monkeypatch,

@@ -129,7 +129,8 @@ def validation(cfg):
   return validation_lib.Settings(every=f.validate_every, patience=f.patience,
                                  num_images=f.num_val_images, batch_size=cfg.sampler.batch_size,
                                  spaces=spaces, real_features=real,
-                                 select=config_lib.validation_select(f, cfg.eval))
+                                 select=config_lib.validation_select(f, cfg.eval),
+                                 lr_backoff=f.lr_backoff)
 
 
 def check_feature_spaces(cfg):
