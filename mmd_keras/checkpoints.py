@@ -213,7 +213,7 @@ def resume_error(prefix, detail, *, corrupt=False):
     expected = "expected a complete checkpoint:"
   else:
     expected = (f"expected a checkpoint written by this command (the same {_UNET}): rerun with "
-                f"the flags of the run that wrote it (its flags_*.cfg),")
+                f"the flags of the run that wrote it (its flags.cfg),")
   return CheckpointError(None, f"cannot resume from {prefix}: {detail}; {expected} use another "
                          f"{{workdir}}, or move {folder} away to start over",
                          refs=UNET_PARAMETERS + ("workdir",))

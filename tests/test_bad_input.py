@@ -295,7 +295,7 @@ def tree(tmp_path_factory):
   tf.train.CheckpointManager(ckpt, os.path.join(run, "pretrain", "checkpoints"),
                              max_to_keep=1).save(checkpoint_number=4)
   _write(os.path.join(run, "finetune_k5", "unet.weights.h5"), weights)
-  _write(os.path.join(run, "finetune_k5", "flags_finetune_20260101-000000.cfg"), b"--ch=32\n")
+  _write(os.path.join(run, "finetune_k5", "flags.cfg"), b"--ch=32\n")
   _write(os.path.join(run, "export", "mmd_ddm", "1", "saved_model.pb"), b"an earlier export")
   _write(os.path.join(run, "export", "mmd_ddm", "1", "variables", "variables.index"), b"index")
   _write(os.path.join(run, "export", "mmd_ddm_k5.tflite"), b"an earlier tflite")

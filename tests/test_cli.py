@@ -19,6 +19,8 @@ from mmd_keras import evaluation as evaluate
 from mmd_keras import provenance
 from mmd_keras import unet as unet_lib
 from mmd_keras.app import quickstart as quickstart_app
+from mmd_keras.app import runs
+from mmd_keras.errors import ParameterError
 
 
 @pytest.mark.slow
@@ -61,17 +63,24 @@ def test_pretrain_then_sample(tmp_path):
   assert first.returncode == 0, first.stderr
   assert glob.glob(os.path.join(workdir, "pretrain", "checkpoints", "ckpt-4.index"))
   assert glob.glob(os.path.join(workdir, "pretrain", "samples", "step_0000004.png"))
-  flag_files = glob.glob(os.path.join(workdir, "pretrain", "flags_pretrain_*.cfg"))
-  assert len(flag_files) == 1
-  with open(flag_files[0]) as f:
+  with open(os.path.join(workdir, "pretrain", "flags.cfg")) as f:
     saved = f.read().splitlines()
   assert "--ch=32" in saved and "--train_steps=4" in saved
+  with open(os.path.join(workdir, "pretrain", "settings.json")) as f:
+    record = json.load(f)
+  assert record["mode"] == "pretrain" and record["settings"]["pretrain.steps"] == 4
 
-  # A second run with more steps resumes from the checkpoint instead of starting over.
+  # A second run with more steps resumes from the checkpoint instead of starting over; its
+  # record keeps the first run's under "before".
   resumed = run_main(*common, *pretrain, "--train_steps=6")
   assert resumed.returncode == 0, resumed.stderr
   assert "resumed from" in resumed.stderr and "at step 4" in resumed.stderr
   assert glob.glob(os.path.join(workdir, "pretrain", "checkpoints", "ckpt-6.index"))
+  with open(os.path.join(workdir, "pretrain", "settings.json")) as f:
+    again = json.load(f)
+  assert again["settings"]["pretrain.steps"] == 6 and again["before"] == record
+  assert [n for n in os.listdir(os.path.join(workdir, "pretrain")) if n.endswith(".cfg")] == [
+      "flags.cfg"]
 
   sample = run_main(*common, "--mode=sample", "--num_images=5", "--num_steps=3",
                     "--sample_batch_size=4")
@@ -81,7 +90,8 @@ def test_pretrain_then_sample(tmp_path):
   images = np.load(npz)["images"]
   assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
   assert tf.io.decode_png(tf.io.read_file(png)).shape[-1] == 1
-  assert glob.glob(os.path.join(workdir, "sample", "flags_sample_*.cfg"))
+  assert os.path.isfile(os.path.join(workdir, "sample", "flags.cfg"))
+  assert os.path.isfile(os.path.join(workdir, "sample", "settings.json"))
 
 
 # The evaluation's checks, run through main.py's parser and error handler in this process. The
@@ -126,17 +136,44 @@ def test_evaluation_flags_checked_before_any_work(main_module, capsys, monkeypat
   assert os.listdir(tmp_path) == []  # Refused before the finetune (or sweep) wrote anything.
 
 
-def test_quickstart_refuses_a_finetune_it_did_not_record(main_module, capsys, monkeypatch,
-                                                         tmp_path):
+def test_quickstart_refuses_a_finetune_whose_settings_were_not_recorded(main_module, capsys,
+                                                                      monkeypatch, tmp_path):
   monkeypatch.chdir(REPO_ROOT)
   (tmp_path / "finetune_k5").mkdir()
   (tmp_path / "finetune_k5" / "unet.weights.h5").write_bytes(b"written by --mode=finetune")
   line = _error_in_process(main_module, capsys, [
       *QUICKSTART_CFG, f"--workdir={tmp_path}", f"--export_dir={tmp_path}/export",
       "--mode=quickstart"])
-  assert f"--workdir={tmp_path}" in line and "did not record" in line
+  assert f"--workdir={tmp_path}" in line and "settings were not recorded" in line
   assert os.listdir(tmp_path) == ["finetune_k5"]
   assert os.listdir(tmp_path / "finetune_k5") == ["unet.weights.h5"]
+
+
+def test_quickstart_reuses_a_finetune_only_if_every_run_of_it_had_its_settings(
+    main_module, monkeypatch, tmp_path):
+  monkeypatch.chdir(REPO_ROOT)
+
+  def configured(*flags):
+    main_module._parse_flags(["main.py", *QUICKSTART_CFG, f"--workdir={tmp_path}", *flags])
+    cfg = main_module.configuration()
+    return cfg, provenance.finetune_settings(cfg, init_checkpoint=cfg.run.init_checkpoint)
+
+  cfg, settings = configured("--mode=finetune")
+  run_dir = tmp_path / "finetune_k5"
+  (run_dir / "checkpoints").mkdir(parents=True)
+  runs.write_record(cfg, str(run_dir), decides_weights=settings)
+  # Started by --mode=finetune with the quickstart's settings: the quickstart may resume it.
+  quickstart_cfg, _ = configured("--mode=quickstart")
+  quickstart_app.check_reuse(quickstart_cfg, settings)
+  # Resumed with another learning rate: the record keeps the first run's, which differs.
+  cfg, faster = configured("--mode=finetune", "--learning_rate=1e-3")
+  runs.write_record(cfg, str(run_dir), decides_weights=faster)
+  with open(run_dir / "settings.json") as f:
+    assert json.load(f)["before"]["decides_weights"] == settings
+  for wanted in (settings, faster):
+    with pytest.raises(ParameterError) as caught:
+      quickstart_app.check_reuse(quickstart_cfg, wanted)
+    assert "--learning_rate" in caught.value.message(main_module.flag_of)
 
 
 # The end-to-end runs: a tiny UNet at 28 px (the bundled classifiers' size, feature dimension
@@ -227,7 +264,7 @@ def test_evaluate_end_to_end(tmp_path):
       [dict(path=base, sha256=_fingerprint(base))] * 4
       + [dict(path=finetuned, sha256=_fingerprint(finetuned))])
   assert len(glob.glob(os.path.join(workdir, "reference", "*.npz"))) == 2
-  assert glob.glob(os.path.join(workdir, "evaluate", "flags_evaluate_*.cfg"))
+  assert os.path.isfile(os.path.join(workdir, "evaluate", "flags.cfg"))
 
 
 @pytest.mark.slow
@@ -287,9 +324,18 @@ def test_quickstart_end_to_end(quickstart):
   assert "\n- best training-free at K=2: " in result.stdout
   weights = os.path.join(workdir, "finetune_k2", "unet.weights.h5")
   assert report["rows"][3]["weights"] == dict(path=weights, sha256=_fingerprint(weights))
-  # The finetune's deciding settings, beside its weights and in its row: what merges seeds.
-  with open(os.path.join(workdir, "finetune_k2", "finetune_settings.json")) as f:
-    settings = json.load(f)
+  # The run's one record beside its weights: its flags as a flagfile, every setting, and those
+  # deciding the weights, which its report row carries (what merges seeds).
+  run_dir = os.path.join(workdir, "finetune_k2")
+  assert sorted(n for n in os.listdir(run_dir) if n.endswith((".cfg", ".json"))) == [
+      "flags.cfg", "settings.json"]
+  with open(os.path.join(run_dir, "settings.json")) as f:
+    record = json.load(f)
+  assert record["mode"] == "quickstart" and record["flagfile"] == "flags.cfg"
+  assert record["settings"]["finetune.learning_rate"] == 1e-4
+  with open(os.path.join(run_dir, "flags.cfg")) as f:
+    assert "--learning_rate=0.0001" in f.read().split("\n")
+  settings = record["decides_weights"]
   assert (settings["run.seed"], settings["finetune.learning_rate"]) == (0, 1e-4)
   assert report["rows"][3]["finetune"] == settings
   assert not any("finetune" in row for row in report["rows"][:3])

@@ -85,7 +85,7 @@ def sweep(cfg, *, ddim_steps, sampler_steps, finetuned, spaces, num_images, out_
                                          timesteps=finetuned_timesteps(cfg, k, path),
                                          finetune=finetune_app.recorded_settings(path)))
   real_set, real_batches = inputs.real_set(cfg)
-  runs.write_flags(cfg.run, out_dir)
+  runs.write_record(cfg, out_dir)
   s = cfg.sampler
   report = evaluate_lib.run(
       models=models, feature_spaces=spaces, real_images=real_batches,

@@ -1,13 +1,13 @@
 """--mode=finetune: MMD finetuning of the base model at K = sampler.num_steps in
-<workdir>/finetune_k<K> (finetune_<sampler>_k<K> through another sampler than DDIM), with the
-settings that decide its weights in finetune_settings.json beside them (evaluation reports carry
-them, so `merge_reports` can tell seeds of one setting from different settings)."""
+<workdir>/finetune_k<K> (finetune_<sampler>_k<K> through another sampler than DDIM). The run's
+record (`runs.write_record`, settings.json beside the weights) holds, under DECIDING, the settings
+that decide its weights: evaluation reports carry them, so `merge_reports` can tell seeds of one
+setting from different settings, and the quickstart reuses a finetune only if they are its own."""
 
 import dataclasses
 import json
 import os
 
-from mmd_keras import atomic
 from mmd_keras import checkpoints
 from mmd_keras import distribute
 from mmd_keras import errors
@@ -19,7 +19,8 @@ from mmd_keras.app import runs
 from mmd_keras.app import runtime
 from mmd_keras.errors import ParameterError
 
-SETTINGS = "finetune_settings.json"
+DECIDING = "decides_weights"  # The record's key of `provenance.finetune_settings`.
+OLD_RECORD = "finetune_settings.json"  # What older code wrote beside the weights instead.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +73,7 @@ def _check_resumed_timesteps(cfg, prefix):
     raise ParameterError("finetune.learn_timesteps", f"is {'off' if learned else 'on'}, but "
                          f"{prefix}, which this rerun resumes from, was finetuned "
                          f"{'with' if learned else 'without'} learned timesteps; rerun with the "
-                         f"flags of the run that wrote it (its flags_*.cfg) or use another "
+                         f"flags of the run that wrote it (its flags.cfg) or use another "
                          f"{{run.workdir}}", refs=("run.workdir",))
 
 
@@ -84,8 +85,11 @@ def run(cfg, plan=None):
   dataset_fn = inputs.training_data(cfg, batch_size=f.real_batch_size,
                                     batch_field="finetune.real_batch_size")
   validation = inputs.validation(cfg) if f.validate else None
-  if distribute.is_chief(plan.strategy):  # Workers of a cluster share the workdir: one flags file.
-    runs.write_flags(cfg.run, run_dir)
+  weights = os.path.join(run_dir, "unet.weights.h5")
+  # Workers of a cluster share the workdir: one record. A finished run's record stays as it is.
+  if distribute.is_chief(plan.strategy) and not os.path.exists(weights):
+    runs.write_record(cfg, run_dir, **{DECIDING: provenance.finetune_settings(
+        cfg, init_checkpoint=checkpoints.latest(plan.init_checkpoint))})
   with errors.renamed(global_batch_size="finetune.batch_size", workdir="run.workdir",
                       real_batch_size="finetune.real_batch_size",
                       micro_batches="finetune.micro_batches",
@@ -102,13 +106,9 @@ def run(cfg, plan=None):
         use_ema=cfg.run.use_ema, recompute=f.recompute, dropout=f.dropout,
         learn_timesteps=f.learn_timesteps, timesteps_lr=f.timesteps_lr, validation=validation,
         real_batch_size=f.real_batch_size, micro_batches=f.micro_batches)
-  weights = os.path.join(run_dir, "unet.weights.h5")
   if not distribute.is_chief(plan.strategy):
     # The chief writes `weights`, maybe after this worker is done: a worker must not read them.
     return weights
-  # Written once the weights are: a refused or failed run leaves the record as it was.
-  atomic.write_json(os.path.join(run_dir, SETTINGS), provenance.finetune_settings(
-      cfg, init_checkpoint=checkpoints.latest(plan.init_checkpoint)))
   print(f"finetuned weights: {weights}")
   learned = checkpoints.learned_timesteps(weights, num_timesteps=cfg.diffusion.num_timesteps)
   if learned is not None:
@@ -118,10 +118,13 @@ def run(cfg, plan=None):
 
 
 def recorded_settings(weights):
-  """The finetune_settings.json of the finetune that wrote `weights` (the file beside them), or
-  None for weights without one (copied elsewhere, or made by older code)."""
-  path = os.path.join(os.path.dirname(weights), SETTINGS)
-  if not os.path.isfile(path):
+  """The settings that decided `weights`, from the record of the finetune that wrote them (beside
+  them), or None for weights without one (copied elsewhere)."""
+  record = runs.read_record(os.path.dirname(weights))
+  if record is not None:
+    return record.get(DECIDING)
+  old = os.path.join(os.path.dirname(weights), OLD_RECORD)
+  if not os.path.isfile(old):
     return None
-  with open(path) as f:
+  with open(old) as f:
     return json.load(f)

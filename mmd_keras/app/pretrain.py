@@ -21,8 +21,8 @@ def run(cfg):
   run_dir = runs.mode_dir(cfg.run, "pretrain")
   dataset_fn = inputs.training_data(cfg, batch_size=cfg.data.batch_size,
                                     batch_field="data.batch_size")
-  if distribute.is_chief(strategy):  # Workers of a cluster share the workdir: one flags file.
-    runs.write_flags(cfg.run, run_dir)
+  if distribute.is_chief(strategy):  # Workers of a cluster share the workdir: one record.
+    runs.write_record(cfg, run_dir)
   pretrain_lib.train(
       unet_factory=cfg.unet.factory(), dataset_fn=dataset_fn, schedule=cfg.diffusion.schedule(),
       global_batch_size=cfg.data.batch_size, workdir=run_dir, train_steps=cfg.pretrain.steps,

@@ -1,15 +1,11 @@
 """--mode=quickstart: finetune at K from the base model, compare DDIM-K (and the training-free
 samplers of --eval_samplers at K) / MMD-DDM-K / DDIM-100 on a small evaluation, export the
-finetuned sampler. A rerun reuses the finetune only if the settings it was made with (recorded
-beside it) are the same."""
+finetuned sampler. A rerun reuses a finetune (of this mode or --mode=finetune) only if the settings
+it was made with (its record beside it) are the same."""
 
-import glob
-import json
 import os
 
-from mmd_keras import atomic
 from mmd_keras import checkpoints
-from mmd_keras import distribute
 from mmd_keras import errors
 from mmd_keras import provenance
 from mmd_keras import samplers
@@ -21,7 +17,6 @@ from mmd_keras.app import runs
 from mmd_keras.errors import ParameterError
 
 REFERENCE_STEPS = 100  # The many-step DDIM row.
-RECORD = "quickstart_settings.json"
 
 
 def reference_steps(cfg):
@@ -30,28 +25,30 @@ def reference_steps(cfg):
 
 
 def check_reuse(cfg, settings):
-  """The path of the record of the finetune's settings; a ParameterError if the workdir holds a
-  finetune at this K that other (or unrecorded) settings made, since it would be reused."""
+  """A ParameterError if the workdir holds a finetune at this K that other (or unrecorded)
+  settings made, in any of its runs, since this run would reuse it."""
   run_dir = os.path.join(cfg.run.workdir, finetune.run_dir_name(cfg))
-  record = os.path.join(run_dir, RECORD)
   if not any(os.path.exists(os.path.join(run_dir, name))
              for name in ("unet.weights.h5", "checkpoints")):
-    return record
+    return
   k = cfg.sampler.num_steps
   retry = f"pass another {{run.workdir}} (or delete {run_dir})"
-  if glob.glob(os.path.join(run_dir, "flags_finetune_*.cfg")) or not os.path.exists(record):
-    raise ParameterError("run.workdir", f"holds a finetune at K={k} whose settings the quickstart "
-                         f"did not record (made or resumed by {{run.mode}}=finetune or older "
-                         f"code); {retry}", value=cfg.run.workdir,
-                         refs=("run.workdir", "run.mode"))
-  with open(record) as f:
-    saved = dict(provenance.FINETUNE_DEFAULTS, **json.load(f))
-  for name, value in settings.items():
-    if saved.get(name) != value:
-      raise ParameterError("run.workdir", f"holds a finetune at K={k} made with another {{{name}}} "
-                           f"({saved.get(name)} then, {value} now), which this run would reuse; "
-                           f"{retry}", value=cfg.run.workdir, refs=(name, "run.workdir"))
-  return record
+  records, record = [], runs.read_record(run_dir)
+  while record is not None:  # This run's record, then those of the runs it resumed.
+    records.append(record)
+    record = record.get("before")
+  if not records or any(finetune.DECIDING not in r for r in records):
+    raise ParameterError("run.workdir", f"holds a finetune at K={k} whose settings were not "
+                         f"recorded (made by older code); {retry}", value=cfg.run.workdir,
+                         refs=("run.workdir",))
+  for record in records:
+    saved = dict(provenance.FINETUNE_DEFAULTS, **record[finetune.DECIDING])
+    for name, value in settings.items():
+      if saved.get(name) != value:
+        raise ParameterError("run.workdir", f"holds a finetune at K={k} made with another "
+                             f"{{{name}}} ({saved.get(name)} then, {value} now), which this run "
+                             f"would reuse; {retry}", value=cfg.run.workdir,
+                             refs=(name, "run.workdir"))
 
 
 def run(cfg):
@@ -70,11 +67,8 @@ def run(cfg):
   # A directory stands for its latest checkpoint: that one is what the finetune starts from.
   settings = provenance.finetune_settings(
       cfg, init_checkpoint=checkpoints.latest(plan.init_checkpoint))
-  record = check_reuse(cfg, settings)
+  check_reuse(cfg, settings)
   print(f"[1/3] MMD finetuning at K={k} ({cfg.finetune.steps} steps)")
-  if distribute.is_chief(plan.strategy):  # Workers of a cluster share the workdir: one record.
-    runs.mode_dir(cfg.run, finetune.run_dir_name(cfg))
-    atomic.write_json(record, settings)
   finetuned = finetune.run(cfg, plan)
   base = samplers.LABELS[cfg.sampler.sampler]
   others = "".join(f", {evaluate.sampler_label(*pair)} K={k}"

@@ -1,11 +1,14 @@
 """Run directories, flags records and the weights a mode starts from."""
 
-import datetime
+import dataclasses
+import json
 import os
 
 from absl import logging
 
+from mmd_keras import atomic
 from mmd_keras import checkpoints
+from mmd_keras import config as config_lib
 from mmd_keras import errors
 from mmd_keras import schedule as schedule_lib
 from mmd_keras.errors import ParameterError
@@ -17,17 +20,48 @@ def mode_dir(run, name):
                              value=run.workdir)
 
 
-def write_flags(run, run_dir):
-  """Writes the run's flags to <run_dir>/flags_<mode>_<time>.cfg; returns its path."""
-  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-  path = os.path.join(run_dir, f"flags_{run.mode}_{stamp}.cfg")
+# A run directory's one record: its flags as a flagfile that reproduces it, and the settings JSON.
+FLAGS = "flags.cfg"
+RECORD = "settings.json"
+
+
+def config_values(cfg):
+  """{"<section>.<field>": JSON value} of every setting of the config.Config `cfg`."""
+  values = {f"{section}.{field}": value
+            for section in config_lib.SECTIONS
+            for field, value in dataclasses.asdict(getattr(cfg, section)).items()}
+  values.pop("run.flags_text")  # In the flagfile beside.
+  return json.loads(json.dumps(values))  # Tuples as lists, as read back.
+
+
+def write_record(cfg, run_dir, **facts):
+  """The run's record in `run_dir`: its flags (FLAGS, a flagfile: `--flagfile=<run_dir>/flags.cfg`
+  reruns it) and RECORD, JSON of {mode, flagfile, settings: every setting, **facts} (e.g. what
+  decides a finetune's weights). A rerun in the same directory whose record differs keeps the
+  earlier record in it, under "before"."""
+  record = dict(mode=cfg.run.mode, flagfile=FLAGS, settings=config_values(cfg), **facts)
+  before = read_record(run_dir)
+  if before is not None:
+    earlier = {k: v for k, v in before.items() if k != "before"}
+    if earlier != record:
+      record["before"] = before
+    elif "before" in before:
+      record["before"] = before["before"]
   try:
-    with open(path, "w") as f:
-      f.write(run.flags_text)
+    atomic.write_text(os.path.join(run_dir, FLAGS), cfg.run.flags_text)
+    atomic.write_json(os.path.join(run_dir, RECORD), record)
   except OSError as e:
-    raise ParameterError("run.workdir", f"is not writable: {path}: {e.strerror}",
-                         value=run.workdir) from None
-  return path
+    raise ParameterError("run.workdir", f"is not writable: {run_dir}: {e.strerror}",
+                         value=cfg.run.workdir) from None
+
+
+def read_record(run_dir):
+  """The record `write_record` left in `run_dir`, or None."""
+  path = os.path.join(run_dir, RECORD)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def init_checkpoint(cfg):

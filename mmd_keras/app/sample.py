@@ -17,7 +17,7 @@ def run(cfg):
   learned = runs.learned_timesteps(cfg, init_checkpoint, num_steps=s.num_steps)
   run_dir = runs.mode_dir(cfg.run, "sample")
   unet = runs.restored_unet(cfg, init_checkpoint)
-  runs.write_flags(cfg.run, run_dir)
+  runs.write_record(cfg, run_dir)
   images = sampling.generate(unet, num_images=s.num_images, num_steps=s.num_steps,
                              schedule=cfg.diffusion.schedule(), sampler=s.sampler,
                              timestep_kind=s.timesteps if learned is None else learned, eta=s.eta,
