@@ -493,6 +493,10 @@ def test_main_export_writes_the_serving_layout(unet, repo_root, tmp_path):
   from mmd_keras import checkpoints  # pylint: disable=g-import-not-at-top
   weights = str(tmp_path / "unet.weights.h5")
   checkpoints.save_weights_h5(unet, weights)
+  # The record of a finetune beside the weights says what it was made for: another sampler and K.
+  with open(tmp_path / "settings.json", "w") as f:
+    json.dump(dict(mode="finetune", decides_weights={"sampler.num_steps": 5,
+                                                     "sampler.sampler": "dpm_solver_pp"}), f)
   command = [sys.executable, "main.py", "--mode=export", f"--init_checkpoint={weights}",
              "--image_size=8", "--ch=32", "--ch_mult=1,2", "--num_res_blocks=1",
              "--attn_resolutions=4", "--num_steps=1", f"--export_dir={tmp_path / 'out'}",
@@ -501,6 +505,8 @@ def test_main_export_writes_the_serving_layout(unet, repo_root, tmp_path):
                                       text=True, timeout=600)
   first = run()
   assert first.returncode == 0, first.stderr[-2000:]
+  assert (f"note: {weights} was finetuned for K=5 through dpm_solver_pp; this export samples it at "
+          f"K=1 through ddim") in first.stdout
   assert os.path.isdir(tmp_path / "out" / "mmd_ddm" / "1" / "variables")
   assert os.path.isfile(tmp_path / "out" / "mmd_ddm_k1.tflite")
   record = writers.read_tflite_record(str(tmp_path / "out" / "mmd_ddm_k1.tflite"))

@@ -8,6 +8,7 @@ from mmd_keras.export import sampler_module as export_sampler
 from mmd_keras.export import writers as export_writers
 from mmd_keras import errors
 from mmd_keras import schedule as schedule_lib
+from mmd_keras.app import finetune as finetune_app
 from mmd_keras.app import runs
 from mmd_keras.errors import ParameterError
 
@@ -77,6 +78,7 @@ def _run(cfg, *, init_checkpoint, next_free_version):
   if learned is not None:
     print(f"sampling at the timesteps learned with {init_checkpoint}: "
           f"{schedule_lib.format_timesteps(learned)}")
+  _note_finetune(cfg, init_checkpoint)
   metadata = sampler.metadata()
   version, reused = e.model_version, False
   if next_free_version:
@@ -98,6 +100,18 @@ def _run(cfg, *, init_checkpoint, next_free_version):
   for float16 in variants:
     _write_tflite(cfg, sampler, metadata, version=version, float16=float16, reused=reused,
                   next_free_version=next_free_version)
+
+
+def _note_finetune(cfg, weights):
+  """A note if the record of the finetune that made `weights` says it was made for another K or
+  sampler than this export samples with (what MMD-DDM finetunes for is one K-step sampler)."""
+  made = finetune_app.recorded_settings(weights)
+  if made is None:
+    return
+  k, sampler = made.get("sampler.num_steps"), made.get("sampler.sampler", "ddim")
+  if (k, sampler) != (cfg.sampler.num_steps, cfg.sampler.sampler):
+    print(f"note: {weights} was finetuned for K={k} through {sampler}; this export samples it at "
+          f"K={cfg.sampler.num_steps} through {cfg.sampler.sampler}")
 
 
 def _write_tflite(cfg, sampler, metadata, *, version, float16, reused, next_free_version):
