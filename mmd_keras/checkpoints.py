@@ -58,7 +58,7 @@ def _list_keys(name, count):
 
 def training_checkpoint(*, unet, ema=None, optimizer=None, learned_timesteps=None):
   """The tf.train.Checkpoint written by `pretrain` and `finetune` (with `learned_timesteps`, a
-  `finetune.LearnedTimesteps`: its logits and optimizer)."""
+  `learned_timesteps.LearnedTimesteps`: its logits and optimizer)."""
   objects = dict(unet=unet, unet_weights=WeightList(unet.weights, "unet_weights"))
   if ema is not None:
     objects["ema"] = WeightList(ema, "ema")

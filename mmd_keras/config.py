@@ -143,7 +143,7 @@ class FinetuneConfig:
   dropout: bool
   kernel: str
   rbf_bandwidths: tuple
-  learn_timesteps: bool  # The K timesteps trained too (finetune.LearnedTimesteps).
+  learn_timesteps: bool  # The K timesteps trained too (learned_timesteps.LearnedTimesteps).
   timesteps_lr: float
   validate: bool
   validate_every: int

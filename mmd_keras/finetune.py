@@ -6,11 +6,8 @@ and θ ← Adam(∇_θ L) through all K UNet calls. With `recompute` (the defaul
 `replay.value_and_gradients`: the backward pass replays one sampler step at a time in a
 `tf.while_loop`, so activation memory is that of one UNet call and the graph does not grow with K.
 
-With learned timesteps (DDSS, Watson et al. 2022) the K timesteps are continuous and trained too:
-t = schedule.learned_timesteps(ψ) of K + 1 logits ψ, ψ ← Adam(∇_ψ L) with its own learning rate and
-no clip (Adam moves each logit by about its learning rate per step whatever the gradient's scale;
-a non-finite gradient stops the run as one of θ does). The sampler steps from the tensor t, so
-∂L/∂t comes out of the same backward pass as ∇_θ L, and ∇_ψ L = (∂t/∂ψ)ᵀ ∂L/∂t.
+With learned timesteps (`learned_timesteps`) the K timesteps are trained too, by the same backward
+pass.
 
 Under a tf.distribute strategy the features of all replicas are gathered, so every replica computes
 the MMD² of the *global* batch (the estimator is not a mean over examples: a per-replica MMD² would
@@ -29,6 +26,7 @@ from mmd_keras import checkpoints
 from mmd_keras import console
 from mmd_keras import distribute
 from mmd_keras import errors
+from mmd_keras import learned_timesteps as learned_lib
 from mmd_keras import mmd
 from mmd_keras import replay
 from mmd_keras import samplers
@@ -40,49 +38,10 @@ from mmd_keras import validation as validation_lib
 from mmd_keras.errors import ParameterError
 
 
-def example_noise(shape, *, seed, step):
-  """x_T of this replica's examples: z_g ~ N(0, I) seeded by (seed, step, g), g the global index.
-
-  Replica r holds global examples r·b … r·b + b − 1 (how `experimental_distribute_dataset` splits a
-  batch), so the global batch's noise is the same however many replicas share it.
-  """
-  replica = tf.distribute.get_replica_context()
-  replica_id = replica.replica_id_in_sync_group if replica is not None else 0
-  batch = shape[0]
-  first = tf.cast(replica_id, tf.int32) * batch
-  base = streams.fold_in(seed, streams.FINETUNE_EXAMPLES, step)
-  # The stateless random ops have no vectorised form; pfor's while_loop fallback is what we want,
-  # without its warning at every trace.
-  seeds = tf.vectorized_map(lambda g: tf.random.experimental.stateless_fold_in(base, g),
-                            first + tf.range(batch), warn=False)
-  return tf.vectorized_map(lambda s: tf.random.stateless_normal(shape[1:], s), seeds, warn=False)
-
-
-class LearnedTimesteps(tf.Module):
-  """K trainable timesteps t = schedule.learned_timesteps(ψ) (increasing in (0, T − 1)) of K + 1
-  logits ψ, starting at `initial` (see `schedule.timestep_logits`), with their own Adam."""
-
-  def __init__(self, initial, *, num_timesteps, learning_rate):
-    super().__init__(name="learned_timesteps")
-    self.num_timesteps = num_timesteps
-    self.logits = keras.Variable(
-        schedule_lib.timestep_logits(initial, num_timesteps=num_timesteps), name="timestep_logits")
-    self.optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
-    self.optimizer.build([self.logits])
-
-  def __call__(self):
-    """t [K] float32, differentiable in ψ."""
-    return schedule_lib.learned_timesteps(self.logits, num_timesteps=self.num_timesteps)
-
-  def values(self):
-    """t as a NumPy float32 array."""
-    return self().numpy()
-
-
 class MMDFinetuner(keras.Model):
   """Minimises MMD²_u(φ(S_K(ε_θ, z)), φ(x_real)) over all UNet weights θ, S_K the K-step
   sampler of `samplers` named `sampler`; with `learn_timesteps` over S_K's timesteps too
-  (`LearnedTimesteps`, learning rate `timesteps_lr`).
+  (`learned_timesteps.LearnedTimesteps`, learning rate `timesteps_lr`).
 
   `generated_batch_size`: the global number of generated images per step (default: as many as the
   real batch), so the real batch may be larger (a lower-variance MMD² for a few more feature
@@ -118,9 +77,9 @@ class MMDFinetuner(keras.Model):
         raise ParameterError("learn_timesteps", "needs {eta}=0 (deterministic DDIM)", value=True,
                              refs=("eta",))
       _check_positive("timesteps_lr", timesteps_lr)
-      self.learned_timesteps = LearnedTimesteps(self.timesteps,
-                                                num_timesteps=schedule.num_timesteps,
-                                                learning_rate=timesteps_lr)
+      self.learned_timesteps = learned_lib.LearnedTimesteps(self.timesteps,
+                                                            num_timesteps=schedule.num_timesteps,
+                                                            learning_rate=timesteps_lr)
       self.timesteps_grad_norm_tracker = keras.metrics.Mean(name="timesteps_grad_norm")
     self.alphas_cumprod = schedule.alphas_cumprod_tf()
     # Continuous timesteps interpolate the float64 ᾱ, as evaluation and export do.
@@ -191,7 +150,7 @@ class MMDFinetuner(keras.Model):
       shape = tf.shape(x_real)
       if self.generated_batch_size is not None:
         shape = tf.concat([[self.generated_batch_size // num_replicas], shape[1:]], axis=0)
-      z = example_noise(shape, seed=self.seed, step=step)
+      z = streams.example_noise(shape, seed=self.seed, step=step)
     real_features = replica.all_gather(tf.stop_gradient(self.feature_net(x_real)), axis=0)
     weights = self.unet.trainable_weights
 
@@ -357,7 +316,7 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
                            checkpoint_every=checkpoint_every, log_every=log_every,
                            global_batch_size=global_batch_size, image_tag="samples",
                            describe=None if learned is None else (
-                               lambda: describe_timesteps(learned.values())),
+                               lambda: learned_lib.describe(learned.values())),
                            validator=validator)
   else:
     console.note(f"already finetuned for {run.start_step} >= {finetune_steps} steps")
@@ -387,7 +346,7 @@ def _save(grid, trainer, path, *, schedule, sampler):
     # Before the weights: finished weights always have their timesteps beside.
     checkpoints.save_timesteps(path, timesteps, num_timesteps=schedule.num_timesteps,
                                sampler=sampler)
-    logging.info("finetuned at %s", describe_timesteps(timesteps)[0])
+    logging.info("finetuned at %s", learned_lib.describe(timesteps)[0])
   checkpoints.save_weights_h5(grid.synced_unet(), path, overwrite=True)
 
 
@@ -407,9 +366,3 @@ def _rewind(trainer, path, *, learning_rate, num_timesteps):
     for momentum in optimizer._momentums:  # Keras' Adam keeps its first moments here.
       momentum.assign(tf.zeros_like(momentum))
   trainer.optimizer.learning_rate.assign(learning_rate)
-
-
-def describe_timesteps(timesteps):
-  """(a progress-line text, TensorBoard scalars) of the learned timesteps."""
-  return (f"timesteps {schedule_lib.format_timesteps(timesteps)}",
-          {f"timestep_{i}": float(t) for i, t in enumerate(timesteps)})

@@ -49,3 +49,21 @@ def step_seed(seed, step, *, replica_id=None):
     replica_id = replica.replica_id_in_sync_group if replica is not None else 0
   return tf.random.experimental.stateless_fold_in(fold_in(seed, TRAIN_STEP, step),
                                                   tf.cast(replica_id, tf.int32))
+
+
+def example_noise(shape, *, seed, step):
+  """x_T of this replica's examples: z_g ~ N(0, I) seeded by (seed, step, g), g the global index.
+
+  Replica r holds global examples r·b … r·b + b − 1 (how `experimental_distribute_dataset` splits a
+  batch), so the global batch's noise is the same however many replicas share it.
+  """
+  replica = tf.distribute.get_replica_context()
+  replica_id = replica.replica_id_in_sync_group if replica is not None else 0
+  batch = shape[0]
+  first = tf.cast(replica_id, tf.int32) * batch
+  base = fold_in(seed, FINETUNE_EXAMPLES, step)
+  # The stateless random ops have no vectorised form; pfor's while_loop fallback is what we want,
+  # without its warning at every trace.
+  seeds = tf.vectorized_map(lambda g: tf.random.experimental.stateless_fold_in(base, g),
+                            first + tf.range(batch), warn=False)
+  return tf.vectorized_map(lambda s: tf.random.stateless_normal(shape[1:], s), seeds, warn=False)

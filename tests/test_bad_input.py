@@ -22,7 +22,7 @@ from helpers import REPO_ROOT
 from helpers import run_main
 from helpers import tiny_unet
 from mmd_keras import checkpoints
-from mmd_keras import finetune
+from mmd_keras import learned_timesteps
 
 # The tiny UNet of the tree's checkpoints (helpers.tiny_unet at 28 px: the bundled classifiers'
 # size), and the flags that describe it.
@@ -301,7 +301,7 @@ def tree(tmp_path_factory):
   _write(os.path.join(run, "export", "mmd_ddm_k5.tflite"), b"an earlier tflite")
   _write(os.path.join(run, "evaluate", "report.md"), b"| model | K |\n")
   # A finetune checkpoint with learned timesteps, which a rerun would resume.
-  learned = finetune.LearnedTimesteps([0, 4, 8, 12, 16], num_timesteps=20, learning_rate=1e-2)
+  learned = learned_timesteps.LearnedTimesteps([0, 4, 8, 12, 16], num_timesteps=20, learning_rate=1e-2)
   tf.train.CheckpointManager(
       checkpoints.training_checkpoint(unet=unet, learned_timesteps=learned),
       os.path.join(root, "learned_resume", "finetune_k5", "checkpoints"),

@@ -23,6 +23,7 @@ from mmd_keras import distribute
 from mmd_keras import dpm_solver
 from mmd_keras import finetune
 from mmd_keras import mmd
+from mmd_keras import streams
 from mmd_keras.errors import UserError
 
 
@@ -135,9 +136,9 @@ def test_dpm_solver_pp_gradient_reaches_each_of_the_k_calls():
 
 
 def test_noise_is_a_function_of_seed_step_and_example():
-  z = finetune.example_noise(tf.constant([4, 3, 3, 1]), seed=5, step=7)
-  again = finetune.example_noise(tf.constant([4, 3, 3, 1]), seed=5, step=7)
-  next_step = finetune.example_noise(tf.constant([4, 3, 3, 1]), seed=5, step=8)
+  z = streams.example_noise(tf.constant([4, 3, 3, 1]), seed=5, step=7)
+  again = streams.example_noise(tf.constant([4, 3, 3, 1]), seed=5, step=7)
+  next_step = streams.example_noise(tf.constant([4, 3, 3, 1]), seed=5, step=8)
   np.testing.assert_array_equal(z, again)
   assert not np.allclose(z, next_step)
   assert abs(float(tf.reduce_mean(z))) < 1.0 and z.shape == (4, 3, 3, 1)
