@@ -68,15 +68,17 @@ def test_finetune_benchmark_smoke(repo_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_finetune_benchmark_compare_ref_smoke(repo_root, tmp_path):
+def test_another_revision_is_measured_beside_this_one(repo_root, tmp_path):
   head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_root,
                         capture_output=True, text=True, check=True).stdout.strip()
   # The ref worktree goes under TMPDIR: here, so the test sees that it is removed.
-  result = _run(repo_root, "--configs=tiny", "--ks=1", "--steps=1", "--compare_ref=HEAD",
-                env=dict(os.environ, TMPDIR=str(tmp_path)))
+  result = subprocess.run(
+      [sys.executable, "scripts/compare_finetune_step.py", "HEAD", "--configs=tiny", "--ks=1",
+       "--steps=1"], cwd=repo_root, capture_output=True, text=True, timeout=900,
+      env=dict(os.environ, TMPDIR=str(tmp_path)))
   assert result.returncode == 0, result.stderr[-2000:]
   lines = result.stdout.splitlines()
-  assert lines[0].endswith(f"| compare_ref: HEAD ({head})")
+  assert f"| tree ref: {tmp_path}" in lines[0] and lines[0].endswith(f"({head})")
   assert "| K | step s ref | step s current | speed-up ref/current |" in result.stdout
   report = json.loads(lines[-1])
   assert [(row["k"], row["tree"]) for row in report["rows"]] == [(1, "ref"), (1, "current")]
@@ -88,6 +90,13 @@ def test_finetune_benchmark_compare_ref_smoke(repo_root, tmp_path):
   worktrees = subprocess.run(["git", "worktree", "list"], cwd=repo_root, capture_output=True,
                              text=True, check=True).stdout
   assert str(tmp_path) not in worktrees
+
+
+def test_an_unknown_revision_is_refused(repo_root):
+  result = subprocess.run([sys.executable, "scripts/compare_finetune_step.py", "no-such-rev"],
+                          cwd=repo_root, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 1 and result.stdout == ""
+  assert result.stderr.startswith("error: no-such-rev: expected a git revision")
 
 
 @pytest.mark.slow
@@ -114,26 +123,27 @@ def test_variant_names_keep_the_tree_names_for_one_gradient():
 @pytest.mark.parametrize("args, names", [
     (["--ks=0"], ["--ks=0", "comma-separated integers >= 1"]),
     (["--ks=5,x"], ["--ks=5,x", "comma-separated integers >= 1"]),
-    (["--batch_size=0"], ["--batch_size=0", "an integer >= 1"]),
-    (["--batch_size=8,16"], ["--batch_size=8,16", "an integer >= 1"]),
-    (["--steps=0"], ["--steps=0", "an integer >= 1"]),
+    (["--batch_size=0"], ["--batch_size=0", "positive integer"]),
+    (["--batch_size=8,16"], ["--batch_size=8,16"]),
+    (["--steps=0"], ["--steps=0", "positive integer"]),
     (["--configs=fashion,huge"], ["--configs=fashion,huge", "'huge'", "fashion, small, tiny"]),
-    (["--compare_ref=no-such-rev"], ["--compare_ref=no-such-rev", "git revision"]),
+    (["--trees=ref:/no/such/tree"], ["--trees=ref:/no/such/tree", "checkout"]),
     (["--gradients=replay,keep"], ["--gradients=replay,keep", "'keep'", "replay, tape"]),
-    (["--dropout=1"], ["'--dropout=1'",
-                       "configs, ks, batch_size, steps, gradients, compare_ref, json_out"]),
-    (["--steps"], ["--steps", "--steps=<value>"]),
+    (["--dropout=1"], ["'dropout'"]),
+    (["--steps"], ["--steps"]),
     (["--json_out=/no/such/dir/out.json"], ["--json_out=/no/such/dir/out.json",
                                             "existing directory"]),
+    (["fashion"], ["'fashion'", "--name=value"]),
 ], ids=["k_zero", "k_not_int", "batch_zero", "batch_list", "steps_zero", "unknown_config",
-        "unknown_ref", "unknown_gradient", "unknown_option", "option_without_value",
-        "json_out_dir_missing"])
+        "unknown_tree", "unknown_gradient", "unknown_option", "option_without_value",
+        "json_out_dir_missing", "positional"])
 def test_finetune_benchmark_refuses_bad_input(monkeypatch, capsys, args, names):
   def no_child(**kwargs):
     raise AssertionError(f"a child started despite the bad input: {kwargs}")
 
   monkeypatch.setattr(sys, "argv", ["finetune", *args])
   monkeypatch.setattr(finetune_benchmark, "_run_child", no_child)
+  finetune_benchmark.FLAGS.unparse_flags()
   _assert_refused(finetune_benchmark.main, names)
   assert capsys.readouterr().out == ""  # Refused before the header, let alone a child.
 
@@ -142,7 +152,7 @@ def test_finetune_benchmark_refuses_bad_input(monkeypatch, capsys, args, names):
 def test_finetune_benchmark_bad_input_exit_code(repo_root):
   result = _run(repo_root, "--configs=tiny", "--ks=0")
   assert result.returncode != 0
-  assert result.stderr == "error: --ks=0: expected comma-separated integers >= 1\n"
+  assert result.stderr == "error: flag --ks=0: expected comma-separated integers >= 1\n"
   assert result.stdout == ""
 
 
@@ -166,12 +176,13 @@ def test_unet_pass_benchmark_smoke(repo_root):
 
 
 @pytest.mark.parametrize("args, names", [
-    (["--config=huge"], ["--config=huge", "fashion, small, tiny"]),
-    (["--batch_size=0"], ["--batch_size=0", "an integer >= 1"]),
-    (["--repeats=x"], ["--repeats=x", "an integer >= 1"]),
-    (["--ks=5"], ["--ks=5", "--config=..."]),
+    (["--config=huge"], ["--config=huge", "fashion|small|tiny"]),
+    (["--batch_size=0"], ["--batch_size=0", "positive integer"]),
+    (["--repeats=x"], ["--repeats=x"]),
+    (["--ks=5"], ["'ks'"]),
 ], ids=["unknown_config", "batch_zero", "repeats_not_int", "unknown_option"])
 def test_unet_pass_benchmark_refuses_bad_input(monkeypatch, args, names):
   from mmd_keras.benchmarks import unet_pass  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(sys, "argv", ["unet_pass", *args])
+  unet_pass.FLAGS.unparse_flags()
   _assert_refused(unet_pass.main, names)

@@ -27,28 +27,18 @@ import time
 
 import numpy as np
 
-from mmd_keras.benchmarks import finetune as finetune_benchmark
+from absl import flags
+
+from mmd_keras.benchmarks import cli
 from mmd_keras.benchmarks import presets
 
-OPTIONS = dict(config="fashion", batch_size="", repeats="5")
-
-
-def _parse(argv):
-  options = dict(OPTIONS)
-  for arg in argv:
-    name, equals, value = arg.lstrip("-").partition("=")
-    if name not in options or not equals:
-      sys.exit(f"error: {arg}: expected one of {', '.join(f'--{o}=...' for o in options)}")
-    options[name] = value
-  if options["config"] not in presets.PRESETS:
-    sys.exit(f"error: --config={options['config']}: expected one of "
-             f"{', '.join(presets.PRESETS)}")
-  config = presets.PRESETS[options["config"]]
-  batch_size = options["batch_size"] or str(config.batch_size)
-  for name, text in (("batch_size", batch_size), ("repeats", options["repeats"])):
-    if not text.isdigit() or int(text) < 1:
-      sys.exit(f"error: --{name}={text}: expected an integer >= 1")
-  return options["config"], int(batch_size), int(options["repeats"])
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum("config", "fashion", list(presets.PRESETS),
+                  "UNet preset (benchmarks/presets.py).", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", None, "Images per call (default: the preset's finetuning batch).",
+                     lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 5, "Timed calls per pass (the median is shown).", lower_bound=1,
+                     flag_values=FLAGS)
 
 
 def _median_seconds(fn, repeats):
@@ -116,12 +106,14 @@ def _op_breakdown(fn):
 
 
 def main():
-  config, batch_size, repeats = _parse(sys.argv[1:])
+  cli.parse(FLAGS, sys.argv[1:])
+  config, repeats = FLAGS.config, FLAGS.repeats
+  batch_size = FLAGS.batch_size or presets.PRESETS[config].batch_size
   import tensorflow as tf
 
   command = " ".join(["python -m mmd_keras.benchmarks unet_pass", *sys.argv[1:]])
   header = dict(command=command, date=datetime.datetime.now().isoformat(timespec="seconds"),
-                commit=finetune_benchmark.current_commit(), tensorflow=tf.__version__,
+                commit=cli.commit(), tensorflow=tf.__version__,
                 cpus=os.cpu_count(), config=config, batch_size=batch_size)
   print("# " + " | ".join(f"{k}: {v}" for k, v in header.items()))
   variants = collections.OrderedDict()
