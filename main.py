@@ -9,14 +9,15 @@ error handler. What each mode does lives in `mmd_keras.app`.
 import gc
 import sys
 
-from mmd_keras import console
+from mmd_keras import quiet
 
-console.quiet_tensorflow()  # Before anything imports TF (its start-up lines).
+quiet.quiet_tensorflow()  # Before anything imports TF (its start-up lines).
 
 from absl import app
 from absl import flags
 
 from mmd_keras import config as config_lib
+from mmd_keras import console
 from mmd_keras import errors
 from mmd_keras import settings
 from mmd_keras.app import evaluate

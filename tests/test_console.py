@@ -10,6 +10,7 @@ import pytest
 
 from helpers import REPO_ROOT
 from mmd_keras import console
+from mmd_keras import quiet
 
 
 class _Terminal(io.StringIO):
@@ -33,10 +34,10 @@ def test_cpp_lines_below_the_level_are_dropped(capfd):
       "E0000 00:00:1796092725.057629    3722 cuda_platform.cc:52] failed call to cuInit\n",
       "text of another kind\n",
   ]
-  with console._stderr_filtered(2):
+  with quiet._stderr_filtered(2):
     os.write(2, "".join(lines).encode())
   assert capfd.readouterr().err == lines[4] + lines[5]
-  with console._stderr_filtered(0):
+  with quiet._stderr_filtered(0):
     os.write(2, lines[1].encode())
   assert capfd.readouterr().err == lines[1]
 
@@ -95,9 +96,9 @@ def test_notes_are_plain_lines_when_quiet(capsys):
 def test_a_quiet_tensorflow_prints_nothing_but_real_warnings():
   script = "\n".join([
       "import sys",
-      "from mmd_keras import console",
+      "from mmd_keras import quiet",
       "assert 'tensorflow' not in sys.modules",
-      "console.quiet_tensorflow()",
+      "quiet.quiet_tensorflow()",
       "import tensorflow as tf",
       "from absl import logging",
       "logging.use_absl_handler()  # What absl's app.run does.",
