@@ -70,6 +70,11 @@ def training_checkpoint(*, unet, ema=None, optimizer=None, learned_timesteps=Non
   return tf.train.Checkpoint(**objects)
 
 
+def has_ema(prefix):
+  """Whether the training checkpoint `prefix` holds EMA weights."""
+  return _list_keys("ema", 1)[0] in {name for name, _ in tf.train.list_variables(prefix)}
+
+
 def latest(path):
   """The newest checkpoint prefix in a directory, or `path` itself if it is a prefix."""
   if path and os.path.isdir(path):

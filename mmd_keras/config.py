@@ -139,6 +139,7 @@ class FinetuneConfig:
   micro_batches: int
   learning_rate: float
   grad_clip: float
+  ema_decay: float
   recompute: bool
   dropout: bool
   kernel: str

@@ -43,6 +43,8 @@ class MMDFinetuner(keras.Model):
   sampler of `samplers` named `sampler`; with `learn_timesteps` over S_K's timesteps too
   (`learned_timesteps.LearnedTimesteps`, learning rate `timesteps_lr`).
 
+  `ema_decay` > 0 keeps an EMA of the finetuned weights (`ema`), which the run validates and saves.
+
   `generated_batch_size`: the global number of generated images per step (default: as many as the
   real batch), so the real batch may be larger (a lower-variance MMD² for a few more feature
   passes). `micro_batches` > 1 samples them in that many parts one after another, for the memory
@@ -50,12 +52,12 @@ class MMDFinetuner(keras.Model):
   of the whole batch's MMD² (∂L/∂φ of its rows through φ and the sampler): the same gradient.
   """
 
-  ema = None  # Finetuning keeps no EMA: its checkpoints hold the raw weights.
+  ema = None  # Without `ema_decay`: the checkpoints hold the raw weights alone.
 
   def __init__(self, unet, *, feature_net, schedule, num_steps, kernel, sampler="ddim",
                timestep_kind="uniform", eta=0.0, grad_clip=None, recompute=True, dropout=False,
                clip_x0=False, seed=0, learn_timesteps=False, timesteps_lr=None,
-               generated_batch_size=None, micro_batches=1, **kwargs):
+               generated_batch_size=None, micro_batches=1, ema_decay=0.0, **kwargs):
     super().__init__(**kwargs)
     if generated_batch_size is not None and generated_batch_size < 2:
       raise ParameterError("generated_batch_size", "must be >= 2 (the unbiased MMD² compares at "
@@ -65,6 +67,9 @@ class MMDFinetuner(keras.Model):
                            f"({generated_batch_size})", value=micro_batches)
     self.generated_batch_size = generated_batch_size
     self.micro_batches = micro_batches
+    self.ema_decay = ema_decay
+    if ema_decay:
+      self.ema = training_loop.make_ema(unet.weights)
     samplers.check(sampler, eta=eta)
     self.sampler = sampler
     self.unet = unet
@@ -221,6 +226,8 @@ class MMDFinetuner(keras.Model):
     grad_norm = training_loop.apply_global_gradients(self.optimizer, grads[:num_weights],
                                                      self.unet.trainable_weights,
                                                      grad_clip=self.grad_clip)
+    if self.ema is not None:
+      training_loop.update_ema(self.ema, self.unet.weights, self.ema_decay)
     self.mmd2_tracker.update_state(loss)
     self.grad_norm_tracker.update_state(grad_norm)
     also_finite = []
@@ -243,10 +250,13 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
              log_every, seed, strategy, init_checkpoint, use_ema=True, sampler="ddim",
              timestep_kind="uniform", eta=0.0, clip_x0=False, recompute=True, dropout=False,
              learn_timesteps=False, timesteps_lr=None, num_sample_images=64, validation=None,
-             real_batch_size=None, micro_batches=1):
+             real_batch_size=None, micro_batches=1, ema_decay=0.0):
   """MMD-finetunes (or resumes) the UNet in `workdir`; writes `<workdir>/unet.weights.h5` at the end
   and, for continuous timesteps (`learn_timesteps`, or a `timestep_kind` of float values), the
   timesteps beside it (`checkpoints.save_timesteps`).
+
+  With `ema_decay` > 0 an EMA of the weights is kept from the start, and it is what the run
+  validates and saves (its grids and `unet.weights.h5`).
 
   With `validation` (a `validation.Settings`) the run is guarded: validated at the start and every
   `validation.every` steps, stopped after `validation.patience` validations without improvement,
@@ -271,6 +281,8 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
 
   def initialize(trainer):
     source = checkpoints.restore_unet(trainer.unet, init_checkpoint, use_ema=use_ema)
+    for e, w in zip(trainer.ema or [], trainer.unet.weights):
+      e.assign(w)
     logging.info("finetuning %s (%s weights), %s K=%d", init_checkpoint, source, sampler,
                  num_steps)
 
@@ -284,19 +296,21 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
           kernel=kernel, sampler=sampler, timestep_kind=timestep_kind, eta=eta, grad_clip=grad_clip,
           recompute=recompute, dropout=dropout, clip_x0=clip_x0, seed=seed,
           learn_timesteps=learn_timesteps, timesteps_lr=timesteps_lr,
-          generated_batch_size=global_batch_size, micro_batches=micro_batches),
+          generated_batch_size=global_batch_size, micro_batches=micro_batches,
+          ema_decay=ema_decay),
       learning_rate=rate, initialize=initialize)
   trainer = run.trainer
   learned = trainer.learned_timesteps
+  shipped = trainer.ema or trainer.unet.weights  # What grids, validations and saves see.
   grid = training_loop.GridSampler(
-      unet_factory, weights=trainer.unet.weights,
+      unet_factory, weights=shipped,
       noise_seed=streams.key(seed, streams.FINETUNE_GRID), num_images=num_sample_images,
       sampler=sampler, timesteps=trainer.current_timesteps,
       alphas_cumprod=schedule.alphas_cumprod, clip_x0=clip_x0)
   validator = None if validation is None else validation_lib.Validator(
       settings=validation, out_dir=run.out_dir,
       sample_fn=training_loop.GridSampler(
-          unet_factory, weights=trainer.unet.weights,
+          unet_factory, weights=shipped,
           noise_seed=streams.key(seed, streams.FINETUNE_VALIDATION),
           num_images=validation.num_images, sampler=sampler, timesteps=trainer.current_timesteps,
           alphas_cumprod=schedule.alphas_cumprod, clip_x0=clip_x0,
@@ -355,6 +369,8 @@ def _rewind(trainer, path, *, learning_rate, num_timesteps):
   `learning_rate` with Adam's momentum zeroed: it points the way that did not improve (its second
   moments, the gradients' scale, are kept)."""
   checkpoints.restore_unet(trainer.unet, path, parameter="workdir")
+  for e, w in zip(trainer.ema or [], trainer.unet.weights):  # The best weights were the EMA's.
+    e.assign(w)
   optimizers = [trainer.optimizer]
   if trainer.learned_timesteps is not None:
     learned = trainer.learned_timesteps

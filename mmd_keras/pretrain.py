@@ -17,18 +17,6 @@ from mmd_keras import streams
 from mmd_keras import training_loop
 
 
-def make_ema(weights):
-  """EMA copies of `weights`: every replica computes the same value, the first one's is kept."""
-  return [keras.Variable(w, trainable=False, name=w.name + "_ema",
-                         aggregation="only_first_replica") for w in weights]
-
-
-def update_ema(ema, weights, decay):
-  """ema ← decay·ema + (1 − decay)·w."""
-  for e, w in zip(ema, weights):
-    e.assign(decay * e + (1.0 - decay) * w)
-
-
 class DDPMTrainer(keras.Model):
   """Trains `unet` on L = E_{t, ε} ‖ε − ε_θ(sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε, t)‖²."""
 
@@ -42,7 +30,7 @@ class DDPMTrainer(keras.Model):
     self.num_timesteps = schedule.num_timesteps
     self.ema_decay = ema_decay
     self.seed = seed
-    self.ema = make_ema(unet.weights)
+    self.ema = training_loop.make_ema(unet.weights)
     self.loss_tracker = keras.metrics.Mean(name="loss")
     # Nothing to build: the UNet comes built, and under a strategy fit() would otherwise try to
     # trace a forward `call` this trainer does not have.
@@ -82,7 +70,7 @@ class DDPMTrainer(keras.Model):
     grads = replica.all_reduce(tf.distribute.ReduceOp.SUM, tape.gradient(loss, weights))
     grad_norm = training_loop.apply_global_gradients(self.optimizer, grads, weights,
                                                      grad_clip=self.grad_clip)
-    update_ema(self.ema, self.unet.weights, self.ema_decay)
+    training_loop.update_ema(self.ema, self.unet.weights, self.ema_decay)
     self.loss_tracker.update_state(tf.reduce_mean(per_example))
     return training_loop.step_logs(self, loss=tf.reduce_mean(per_example), grad_norm=grad_norm)
 

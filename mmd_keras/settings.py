@@ -188,6 +188,10 @@ SETTINGS = (
       "Adam learning rate of MMD finetuning.", check=rules.positive),
     S("grad_clip", "finetune.grad_clip", "float", 0.5,
       "Global-norm clip of the finetuning gradient (0: off).", check=rules.non_negative_clip),
+    S("finetune_ema_decay", "finetune.ema_decay", "float", 0.0,
+      "Keep an EMA of the finetuned weights with this decay (0: none); the EMA is then what is "
+      "validated, saved and exported.", check=rules.fraction(include_one=False),
+      library=("ema_decay",)),
     S("recompute", "finetune.recompute", "bool", True,
       "Replay one sampler step at a time in the backward pass (activation memory of one UNet call "
       "instead of K; a graph that does not grow with K)."),

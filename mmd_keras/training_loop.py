@@ -53,6 +53,18 @@ def apply_global_gradients(optimizer, grads, weights, *, grad_clip):
   return grad_norm
 
 
+def make_ema(weights):
+  """EMA copies of `weights`: every replica computes the same value, the first one's is kept."""
+  return [keras.Variable(w, trainable=False, name=w.name + "_ema",
+                         aggregation="only_first_replica") for w in weights]
+
+
+def update_ema(ema, weights, decay):
+  """ema ← decay·ema + (1 − decay)·w."""
+  for e, w in zip(ema, weights):
+    e.assign(decay * e + (1.0 - decay) * w)
+
+
 def step_logs(trainer, *, loss, grad_norm, also_finite=()):
   """What a `train_step` returns: the trainer's metrics and the step's loss, gradient norm and
   non-finite count (of those and of `also_finite`, e.g. other gradient norms), which `Progress`

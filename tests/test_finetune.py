@@ -194,6 +194,35 @@ def _base_and_real(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_ema_of_the_finetuned_weights_is_what_the_run_saves_and_resumes(tmp_path):
+  init, real = _base_and_real(tmp_path)
+  raw = [[w.numpy() for w in _driver(tmp_path / f"raw{n}", init, steps=n, real=real).unet.weights]
+         for n in (1, 2)]
+  start = [w.numpy() for w in _unet_weights(init)]
+  decay = 0.5
+  # The EMA does not change training: the same raw weights, and w̄ = d(d·w0 + (1−d)·w1) + (1−d)·w2.
+  trainer = _driver(tmp_path / "ema", init, steps=2, real=real, ema_decay=decay)
+  expected = [decay * (decay * w0 + (1 - decay) * w1) + (1 - decay) * w2
+              for w0, w1, w2 in zip(start, *raw)]
+  for w, r in zip(trainer.unet.weights, raw[1]):
+    np.testing.assert_allclose(w.numpy(), r, rtol=1e-5, atol=1e-7)
+  for saved, e in zip(_unet_weights(tmp_path / "ema" / "unet.weights.h5"), expected):
+    np.testing.assert_allclose(saved.numpy(), e, rtol=1e-5, atol=1e-7)
+  # Resumed from its checkpoint at step 1 (the EMA in it), it ends at the same EMA.
+  _driver(tmp_path / "resumed", init, steps=1, real=real, ema_decay=decay)
+  os.remove(tmp_path / "resumed" / "unet.weights.h5")
+  _driver(tmp_path / "resumed", init, steps=2, real=real, ema_decay=decay)
+  for saved, e in zip(_unet_weights(tmp_path / "resumed" / "unet.weights.h5"), expected):
+    np.testing.assert_allclose(saved.numpy(), e, rtol=1e-5, atol=1e-7)
+
+
+def _unet_weights(path):
+  unet = tiny_unet(image_size=IMAGE_SIZE).build_for_inference()
+  checkpoints.restore_unet(unet, str(path), use_ema=False)
+  return unet.weights
+
+
+@pytest.mark.slow
 def test_driver_checkpoints_resumes_and_never_overwrites(tmp_path):
   init, real = _base_and_real(tmp_path)
   straight = _driver(tmp_path / "straight", init, steps=3, real=real)

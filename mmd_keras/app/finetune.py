@@ -58,9 +58,22 @@ def check(cfg):
                          refs=("finetune.batch_size",))
   init_checkpoint = runs.init_checkpoint(cfg)
   learned = runs.learned_timesteps(cfg, init_checkpoint, num_steps=cfg.sampler.num_steps)
-  _check_resumed_timesteps(cfg, runs.check_resume(cfg, run_dir_name(cfg)))
+  resumed = runs.check_resume(cfg, run_dir_name(cfg))
+  _check_resumed_timesteps(cfg, resumed)
+  _check_resumed_ema(cfg, resumed)
   return Plan(strategy=strategy, init_checkpoint=init_checkpoint,
               timesteps=cfg.sampler.timesteps if learned is None else learned)
+
+
+def _check_resumed_ema(cfg, prefix):
+  """A rerun keeps an EMA exactly if the run it resumes did (the checkpoint holds it or not)."""
+  if prefix is None or checkpoints.has_ema(prefix) == bool(cfg.finetune.ema_decay):
+    return
+  raise ParameterError("finetune.ema_decay", f"is {'set' if cfg.finetune.ema_decay else '0'}, but "
+                       f"{prefix}, which this rerun resumes from, was finetuned "
+                       f"{'without' if cfg.finetune.ema_decay else 'with'} an EMA; rerun with the "
+                       f"flags of the run that wrote it (its flags.cfg) or use another "
+                       f"{{run.workdir}}", value=cfg.finetune.ema_decay, refs=("run.workdir",))
 
 
 def _check_resumed_timesteps(cfg, prefix):
@@ -105,7 +118,8 @@ def run(cfg, plan=None):
         seed=cfg.run.seed, strategy=plan.strategy, init_checkpoint=plan.init_checkpoint,
         use_ema=cfg.run.use_ema, recompute=f.recompute, dropout=f.dropout,
         learn_timesteps=f.learn_timesteps, timesteps_lr=f.timesteps_lr, validation=validation,
-        real_batch_size=f.real_batch_size, micro_batches=f.micro_batches)
+        real_batch_size=f.real_batch_size, micro_batches=f.micro_batches,
+        ema_decay=f.ema_decay)
   if not distribute.is_chief(plan.strategy):
     # The chief writes `weights`, maybe after this worker is done: a worker must not read them.
     return weights
