@@ -241,8 +241,8 @@ def start(*, strategy, workdir, unet_factory, make_trainer, learning_rate, initi
   checkpoint in `<workdir>/checkpoints` or, for a new run, calls `initialize(trainer)`.
 
   The trainer has the attributes `unet`, `ema` (its EMA weights, None if it keeps none) and
-  `learned_timesteps` (a `learned_timesteps.LearnedTimesteps`, or None): the checkpoint holds them and the
-  optimizer (`checkpoints.training_checkpoint`).
+  `learned_timesteps` (a `learned_timesteps.LearnedTimesteps`, or None): the checkpoint holds them
+  and the optimizer (`checkpoints.training_checkpoint`).
   """
   with strategy.scope():
     unet = unet_factory().build_for_inference()

@@ -308,7 +308,8 @@ def tree(tmp_path_factory):
   _write(os.path.join(run, "export", "mmd_ddm_k5.tflite"), b"an earlier tflite")
   _write(os.path.join(run, "evaluate", "report.md"), b"| model | K |\n")
   # A finetune checkpoint with learned timesteps, which a rerun would resume.
-  learned = learned_timesteps.LearnedTimesteps([0, 4, 8, 12, 16], num_timesteps=20, learning_rate=1e-2)
+  learned = learned_timesteps.LearnedTimesteps([0, 4, 8, 12, 16], num_timesteps=20,
+                                               learning_rate=1e-2)
   tf.train.CheckpointManager(
       checkpoints.training_checkpoint(unet=unet, learned_timesteps=learned),
       os.path.join(root, "learned_resume", "finetune_k5", "checkpoints"),

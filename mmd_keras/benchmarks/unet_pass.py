@@ -35,8 +35,9 @@ from mmd_keras.benchmarks import presets
 FLAGS = flags.FlagValues()
 flags.DEFINE_enum("config", "fashion", list(presets.PRESETS),
                   "UNet preset (benchmarks/presets.py).", flag_values=FLAGS)
-flags.DEFINE_integer("batch_size", None, "Images per call (default: the preset's finetuning batch).",
-                     lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", None,
+                     "Images per call (default: the preset's finetuning batch).", lower_bound=1,
+                     flag_values=FLAGS)
 flags.DEFINE_integer("repeats", 5, "Timed calls per pass (the median is shown).", lower_bound=1,
                      flag_values=FLAGS)
 
