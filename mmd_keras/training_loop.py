@@ -100,9 +100,10 @@ class Progress(keras.callbacks.Callback):
   """
 
   def __init__(self, *, manager, trainer, weights, sample_fn, workdir, every, log_every,
-               global_batch, image_tag, describe=None, validator=None):
+               global_batch, image_tag, describe=None, validator=None, max_steps=None):
     super().__init__()
     self.validator = validator
+    self.max_steps = max_steps
     self.describe = describe
     self.manager = manager
     self.trainer = trainer
@@ -157,7 +158,9 @@ class Progress(keras.callbacks.Callback):
       console.note(f"stopping: {self.validator.patience} validations without improvement on step "
                    f"{best['step']}")
       self.trainer.stop_training = True
-    elif self.validator.rewind_if_worse(step):
+    # Not at the last step: nothing trains after it, and the last weights stay what they were (a
+    # longer rerun makes the rewind when it resumes from this step).
+    elif step != self.max_steps and self.validator.rewind_if_worse(step):
       console.note(f"rewound to step {best['step']}'s weights; the learning rate is now "
                    f"{self.validator.learning_rate_factor():g} times the flag's")
 
@@ -312,7 +315,7 @@ def train_to(run, *, max_steps, dataset_fn, sample_fn, checkpoint_every, log_eve
                                + ([learned.logits] if learned is not None else [])),
                       sample_fn=sample_fn, workdir=run.out_dir, every=checkpoint_every,
                       log_every=log_every, global_batch=global_batch_size, image_tag=image_tag,
-                      describe=describe, validator=validator)
+                      describe=describe, validator=validator, max_steps=max_steps)
   start_step = step_of(trainer)
   progress.bar = console.progress(max_steps, desc=os.path.basename(run.out_dir), unit="steps",
                                   initial=start_step)

@@ -141,14 +141,15 @@ def test_a_validation_without_improvement_rewinds_at_a_lower_rate_and_a_resume_d
     assert all(not np.any(m.numpy()) for m in trainer.optimizer._momentums)
     rewound.append((os.path.basename(path), kwargs["learning_rate"]))
 
-  def expected_rewinds(record):
+  def expected_rewinds(record, last_step=6):
     """(best weights' file, rate) after each validation no better than every one before it, but
-    the one that runs out of patience (the third since the best: it stops the run); from the
-    scores alone."""
+    one that runs out of patience (the third since the best: it stops the run) or is the last
+    step's (nothing trains after it); from the scores alone."""
     scores, out = [r["score"] for r in record["validations"]], []
     for i in range(1, len(scores)):
       best = int(np.argmin(scores[:i]))
-      if scores[i] >= scores[best] and i - best < 3:
+      last = record["validations"][i]["step"] == last_step
+      if scores[i] >= scores[best] and i - best < 3 and not last:
         out.append((f"unet_step{record['validations'][best]['step']:07d}.weights.h5",
                     0.5 ** (len(out) + 1)))
     return out
