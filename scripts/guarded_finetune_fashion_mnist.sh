@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# A guarded finetune beside what the same run would have shipped unguarded: the flagfile's recipe
-# (validation on, 60 steps, lr 2e-5) at K and seed given, then the base model's DDIM K, the guarded
-# weights (unet.weights.h5, the best validated step) and the last weights (unet_last.weights.h5,
-# what an unguarded run ships) scored on the same noise at N images in the report spaces.
+# A guarded finetune beside its last weights: the flagfile's recipe (validation on, rewinds, 60
+# steps, lr 2e-5) at K and seed given, then the base model's sampler at K, the guarded weights
+# (unet.weights.h5, the best validated step) and the last trained weights (unet_last.weights.h5;
+# with --lr_backoff=1, what an unguarded run ships) scored on the same noise at N images in the
+# report spaces.
 #
 #   bash scripts/guarded_finetune_fashion_mnist.sh WORKDIR [K=10] [SEED=2] [N=1000] [FLAG ...]
 #
