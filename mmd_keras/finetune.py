@@ -27,6 +27,7 @@ from mmd_keras import console
 from mmd_keras import distribute
 from mmd_keras import errors
 from mmd_keras import learned_timesteps as learned_lib
+from mmd_keras import micro_batches
 from mmd_keras import mmd
 from mmd_keras import replay
 from mmd_keras import samplers
@@ -47,9 +48,8 @@ class MMDFinetuner(keras.Model):
 
   `generated_batch_size`: the global number of generated images per step (default: as many as the
   real batch), so the real batch may be larger (a lower-variance MMD² for a few more feature
-  passes). `micro_batches` > 1 samples them in that many parts one after another, for the memory
-  of one part: features of every part first (no gradient), then each part's share of the gradient
-  of the whole batch's MMD² (∂L/∂φ of its rows through φ and the sampler): the same gradient.
+  passes). `micro_batches` > 1 samples them in that many parts one after another: the gradient of
+  the whole batch in the memory of one part (module `micro_batches`).
   """
 
   ema = None  # Without `ema_decay`: the checkpoints hold the raw weights alone.
@@ -173,7 +173,10 @@ class MMDFinetuner(keras.Model):
     # all_gather's gradient sums the (identical) upstream gradients of all N replicas, so the
     # local gradient of L/N is exactly this replica's examples' share of ∇L.
     if self.micro_batches > 1:
-      loss, grads = self._micro_batch_gradients(steps, eps, z, real_features, weights)
+      loss, grads = micro_batches.value_and_gradients(
+          steps, eps, z, parts=self.micro_batches, feature_net=self.feature_net,
+          loss_fn=lambda fake: mmd.mmd2_unbiased(fake, real_features, kernel=self.kernel),
+          weights=weights, recompute=self.recompute)
     elif self.recompute:
       loss, grads = replay.value_and_gradients(steps, eps, z, loss_fn=loss_fn, weights=weights,
                                                gradient_scale=1.0 / num_replicas)
@@ -188,37 +191,6 @@ class MMDFinetuner(keras.Model):
       grads[-1] = timesteps_tape.gradient(timesteps, self.learned_timesteps.logits,
                                           output_gradients=tf.convert_to_tensor(grads[-1]))
     return loss, replica.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-
-  def _micro_batch_gradients(self, steps, eps, z, real_features, weights):
-    """(L, this replica's share of ∂L/∂weights) with the generated batch `z` sampled in
-    `micro_batches` parts: L's gradient with respect to every generated feature first, then each
-    part's through φ and the sampler (a linear surrogate Σ φ(x̂)·∂L/∂φ, by replay or one tape)."""
-    replica = tf.distribute.get_replica_context()
-    parts = tf.split(z, self.micro_batches, axis=0)
-    features = tf.concat([tf.stop_gradient(self.feature_net(steps_lib.run(steps, eps, part)))
-                          for part in parts], axis=0)
-    everyone = replica.all_gather(features, axis=0)
-    with tf.GradientTape() as tape:
-      tape.watch(everyone)
-      loss = mmd.mmd2_unbiased(everyone, real_features, kernel=self.kernel)
-    feature_grads = tape.gradient(loss, everyone)
-    # This replica's rows of the gathered batch (all_gather orders replicas by id).
-    mine = tf.shape(features)[0]
-    feature_grads = feature_grads[replica.replica_id_in_sync_group * mine:][:mine]
-    grads = [tf.zeros_like(w) for w in weights]
-    for part, part_grads in zip(parts, tf.split(feature_grads, self.micro_batches, axis=0)):
-      surrogate = lambda x, g=part_grads: tf.reduce_sum(self.feature_net(x) * g)
-      if self.recompute:
-        _, more = replay.value_and_gradients(steps, eps, part, loss_fn=surrogate,
-                                             weights=weights)
-      else:
-        with tf.GradientTape() as part_tape:
-          part_tape.watch([w for w in weights if isinstance(w, tf.Tensor)])
-          value = surrogate(steps_lib.run(steps, eps, part))
-        more = part_tape.gradient(value, weights,
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
-      grads = [g + tf.convert_to_tensor(m) for g, m in zip(grads, more)]
-    return loss, grads
 
   def train_step(self, x_real):
     loss, grads = self.compute_gradients(x_real)
