@@ -1,0 +1,123 @@
+"""Low-rank adapters (LoRA) on the UNet, with Keras' own `enable_lora`: a layer's kernel becomes
+W + (α/r)·A·B with W frozen, A [.., in, r] random and B [r, out] zero, so the adapted UNet starts
+as the base model exactly. Every other weight of the UNet (biases, norms) is frozen too: only A and
+B train. An adapters file holds A and B of every adapted layer, by the layer's path, with the
+fingerprint of the base weights (`provenance.weights_sha256`) and the rank and targets, so it is
+only ever loaded onto the base model and architecture it was trained on. `merged_into` folds
+them into a plain UNet: an export of it has no extra ops.
+"""
+
+import json
+
+import keras
+import numpy as np
+
+from mmd_keras import atomic
+from mmd_keras import provenance
+from mmd_keras.errors import ParameterError
+
+# Which layers take adapters: every convolution and dense layer, or those of the attention blocks,
+# or those of the up-sampling half.
+TARGETS = {"all": lambda path: True, "attention": lambda path: "/attn" in path,
+           "up": lambda path: "/up_" in path}
+_LORA = ("lora_kernel_a", "lora_kernel_b")
+_META = "__adapters__"
+
+
+def target_layers(unet, targets="all"):
+  """{path: layer} of the convolution and dense layers of `unet` that `targets` (a key of
+  TARGETS) adapts."""
+  if targets not in TARGETS:
+    raise ParameterError("lora_targets", f"must be one of {', '.join(TARGETS)}", value=targets)
+  return {layer.path: layer for layer in _layers(unet)
+          if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))
+          and TARGETS[targets](layer.path)}
+
+
+def _layers(unet):
+  """Every layer inside `unet`, nested ones too (Keras' own walk of them)."""
+  return unet._flatten_layers(include_self=False)  # pylint: disable=protected-access
+
+
+def enable(unet, rank, targets="all"):
+  """Adapts `unet` (built, holding the base weights) in place at rank `rank`; returns the base
+  weights' fingerprint. Only the adapters stay trainable."""
+  layers = target_layers(unet, targets)
+  base = provenance.weights_sha256(unet.weights)
+  # A kernel [..., in, out] is adapted as a matrix [(...)·in, out]: its rank is at most the
+  # smaller side. A layer narrower than `rank` (e.g. the output convolution to 1 channel) gets its
+  # full rank; a rank no layer can take is refused.
+  limits = {path: min(int(np.prod(layer.kernel.shape[:-1])), layer.kernel.shape[-1])
+            for path, layer in layers.items()}
+  widest = max(limits.values(), default=0)
+  if not 1 <= rank <= widest:
+    raise ParameterError("lora_rank", f"must be between 1 and {widest}, the largest rank of an "
+                         f"adapted kernel", value=rank)
+  for path, layer in layers.items():
+    layer.enable_lora(min(rank, limits[path]))
+  for weight in unet.weights:
+    if not weight.path.endswith(_LORA):
+      weight.trainable = False
+  return base
+
+
+def adapter_weights(unet):
+  """{path: variable} of the adapters' A and B."""
+  return {w.path: w for w in unet.weights if w.path.endswith(_LORA)}
+
+
+def save(unet, path, *, base_sha256, rank, targets):
+  """The adapters of `unet` to `path` (.npz), with what they were trained on."""
+  meta = dict(base_sha256=base_sha256, rank=rank, targets=targets)
+  arrays = {name: np.asarray(w) for name, w in adapter_weights(unet).items()}
+  with atomic.staged(path) as staging, open(staging, "wb") as f:
+    np.savez(f, **arrays, **{_META: np.frombuffer(json.dumps(meta).encode(), np.uint8)})
+
+
+def read(path):
+  """(settings {base_sha256, rank, targets}, {path: array}) of an adapters file."""
+  try:
+    with np.load(path) as data:
+      arrays = {name: data[name] for name in data.files}
+    meta = json.loads(arrays.pop(_META).tobytes().decode())
+  except (OSError, ValueError, KeyError) as e:
+    raise ParameterError("adapters", f"is not an adapters file ({type(e).__name__})",
+                         value=path) from None
+  return meta, arrays
+
+
+def load(unet, path):
+  """Adapts `unet` (built, holding the base weights) as the adapters file `path` says and loads
+  them; a ParameterError if they were trained on other base weights or another UNet."""
+  meta, arrays = read(path)
+  base = provenance.weights_sha256(unet.weights)
+  if base != meta["base_sha256"]:
+    raise ParameterError("adapters", f"were trained on other base weights (sha256 "
+                         f"{meta['base_sha256'][:12]}), not these ({base[:12]})", value=path)
+  enable(unet, meta["rank"], meta["targets"])
+  weights = adapter_weights(unet)
+  shapes = {name: tuple(w.shape) for name, w in weights.items()}
+  if shapes != {name: a.shape for name, a in arrays.items()}:
+    raise ParameterError("adapters", "were trained on another UNet architecture (their layers "
+                         "or shapes differ from the configured UNet's)", value=path)
+  for name, weight in weights.items():
+    weight.assign(arrays[name])
+  return meta
+
+
+def merged_into(adapted, plain):
+  """`plain` (a built UNet of the same architecture, no adapters) holding the adapted UNet's
+  weights with every adapter folded into its kernel (W + (α/r)·A·B); returns it."""
+  layers = {layer.path: layer for layer in _layers(adapted)}
+  values = {}
+  for weight in adapted.weights:
+    if weight.path.endswith(_LORA):
+      continue
+    layer_path, name = weight.path.rsplit("/", 1)
+    layer = layers.get(layer_path)
+    # A layer with adapters reports its merged kernel as `kernel`.
+    merged = layer.kernel if name == "kernel" and getattr(layer, "lora_enabled", False) else weight
+    values[weight.path] = np.asarray(merged)
+  for weight in plain.weights:
+    weight.assign(values[weight.path])
+  return plain
