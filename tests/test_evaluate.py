@@ -282,12 +282,8 @@ def test_merged_reports_equal_one_run_over_all_models(setup, tmp_path, main_modu
   older = {k: v for k, v in later.items() if k != "clip_x0"}  # Written before clip_x0 was kept.
   with pytest.raises(UserError, match="clip_x0"):
     evaluate.merge_reports([sweep, older], str(tmp_path / "bad"))
-  # Written before --sampler: DDIM's, so it merges with DDIM reports and with no other.
-  before_sampler = {k: v for k, v in later.items() if k != "sampler"}
-  assert evaluate.merge_reports([sweep, before_sampler], str(tmp_path / "older")) == merged
   with pytest.raises(UserError, match="sampler: 'dpm_solver_pp' vs 'ddim'"):
-    evaluate.merge_reports([dict(sweep, sampler="dpm_solver_pp"), before_sampler],
-                           str(tmp_path / "bad"))
+    evaluate.merge_reports([dict(sweep, sampler="dpm_solver_pp"), later], str(tmp_path / "bad"))
   with pytest.raises(UserError, match="not the same samples"):
     evaluate.merge_reports([sweep, run([evaluate.ModelSpec("DDIM", finetuned, (2,))], "other")],
                            str(tmp_path / "bad"))
@@ -580,10 +576,12 @@ def test_a_row_is_found_by_its_key_under_another_label(setup, tmp_path, monkeypa
 
 
 def _row(model, k, fids, **settings):
-  """A report row with the FID `fids[space]` in each space (its other figures fixed)."""
+  """A report row with the FID `fids[space]` in each space (its other figures fixed), sampled by
+  DDIM at uniform timesteps unless `settings` say otherwise."""
   spaces = {name: dict(fid=fid, kid=1e-3, kid_std=1e-4, recall=0.5, coverage=0.5)
             for name, fid in fids.items()}
-  return dict(model=model, num_steps=k, num_images=16, spaces=spaces, **settings)
+  return dict(dict(sampler="ddim", timesteps="uniform"), model=model, num_steps=k, num_images=16,
+              spaces=spaces, **settings)
 
 
 def _report(rows):
@@ -611,17 +609,15 @@ def test_table_names_the_best_training_free_row_at_each_finetuned_k():
     assert evaluate.markdown_table(other).endswith(" |\n")
 
 
-def test_merge_keeps_the_rows_of_other_samplers_and_completes_older_rows(tmp_path):
+def test_merge_keeps_the_rows_of_other_samplers(tmp_path):
   fids = dict(tr=50.0, heldout=10.0)
-  # Written before rows said how they were sampled (and before reports named a sampler).
-  older = {k: v for k, v in _report([_row("DDIM", 5, fids), _row("DDIM", 10, fids)]).items()
-           if k != "sampler"}
+  sweep = _report([_row("DDIM", 5, fids), _row("DDIM", 10, fids)])
   newer = _report([_row("DDIM", 5, fids, sampler="ddim", timesteps="uniform"),
                    _row("DPM-Solver++ (trailing)", 5, dict(tr=30.0, heldout=9.0),
                         sampler="dpm_solver_pp", timesteps="trailing"),
                    _row("MMD-DDM", 5, dict(tr=20.0, heldout=8.0), sampler="ddim",
                         timesteps="uniform")])
-  merged = evaluate.merge_reports([older, newer], str(tmp_path))
+  merged = evaluate.merge_reports([sweep, newer], str(tmp_path))
   assert [(r["model"], r["num_steps"], r["sampler"], r["timesteps"]) for r in merged["rows"]] == [
       ("DDIM", 5, "ddim", "uniform"), ("DDIM", 10, "ddim", "uniform"),
       ("DPM-Solver++ (trailing)", 5, "dpm_solver_pp", "trailing"),
@@ -644,7 +640,7 @@ def test_merge_averages_the_seeds_of_one_finetune_setting(tmp_path):
   reports = [_report([ddim, _seed_row(seed, fids[seed], f"w{seed}")]) for seed in (2, 0, 1)]
   merged = evaluate.merge_reports(reports, str(tmp_path))
   ddim_row, seeds_row = merged["rows"]
-  assert ddim_row == dict(ddim, sampler="ddim", timesteps="uniform")
+  assert ddim_row == ddim
   for space in ("tr", "heldout"):
     values = np.array([fids[seed][space] for seed in (0, 1, 2)])
     assert seeds_row["spaces"][space]["fid"] == pytest.approx(values.mean())

@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 
-from mmd_keras import provenance
 from mmd_keras.errors import ParameterError
 from mmd_keras.errors import UserError
 from mmd_keras.evaluation import report as report_lib
@@ -19,24 +18,18 @@ def merge_reports(reports, out_dir):
   Rows present in several reports must agree: with the same seed and N they are the same samples.
   MMD-DDM rows of one K from different weights are seeds when their finetunes' recorded settings
   (`ModelSpec.finetune`) differ in run.seed alone: they become one row of means over the seeds
-  (`_seeds_row`). Everything of a report but its rows is a setting they share; a report without
-  `sampler` is one of DDIM, made before there was a choice. Rows without `sampler` and
-  `timesteps` (older code) were sampled with the report's.
+  (`_seeds_row`). Everything of a report but its rows is a setting they share.
   """
-  reports = [dict(provenance.SAMPLER_DEFAULTS, **report) for report in reports]
   first = reports[0]
   settings = [key for key in first if key != "rows"]
   for other in reports[1:]:
     for key in dict.fromkeys(settings + [key for key in other if key != "rows"]):
-      # A report of older code lacks some keys: it cannot show it used the same settings.
       if other.get(key) != first.get(key):
         raise UserError(f"reports differ in {key}: {first.get(key)!r} vs {other.get(key)!r}; "
                         f"only runs with the same samples and feature spaces can be merged")
   groups = {}
   for report in reports:
     for row in report["rows"]:
-      row = dict(row, sampler=row.get("sampler", report["sampler"]),
-                 timesteps=row.get("timesteps", report["timesteps"]))
       groups.setdefault((row["model"], row["num_steps"]), []).append(row)
   trained = report_lib.trained_space(first)
   rows = {key: _merged_row(key, group, trained=trained) for key, group in groups.items()}
