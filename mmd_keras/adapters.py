@@ -42,8 +42,13 @@ def _layers(unet):
 def enable(unet, rank, targets="all"):
   """Adapts `unet` (built, holding the base weights) in place at rank `rank`; returns the base
   weights' fingerprint. Only the adapters stay trainable."""
-  layers = target_layers(unet, targets)
   base = provenance.weights_sha256(unet.weights)
+  _enable(unet, rank, targets)
+  return base
+
+
+def _enable(unet, rank, targets):
+  layers = target_layers(unet, targets)
   # A kernel [..., in, out] is adapted as a matrix [(...)·in, out]: its rank is at most the
   # smaller side. A layer narrower than `rank` (e.g. the output convolution to 1 channel) gets its
   # full rank; a rank no layer can take is refused.
@@ -58,7 +63,6 @@ def enable(unet, rank, targets="all"):
   for weight in unet.weights:
     if not weight.path.endswith(_LORA):
       weight.trainable = False
-  return base
 
 
 def adapter_weights(unet):
@@ -94,7 +98,7 @@ def load(unet, path):
   if base != meta["base_sha256"]:
     raise ParameterError("adapters", f"were trained on other base weights (sha256 "
                          f"{meta['base_sha256'][:12]}), not these ({base[:12]})", value=path)
-  enable(unet, meta["rank"], meta["targets"])
+  _enable(unet, meta["rank"], meta["targets"])
   weights = adapter_weights(unet)
   shapes = {name: tuple(w.shape) for name, w in weights.items()}
   if shapes != {name: a.shape for name, a in arrays.items()}:
