@@ -196,24 +196,23 @@ def _base_and_real(tmp_path):
 @pytest.mark.slow
 def test_the_ema_of_the_finetuned_weights_is_what_the_run_saves_and_resumes(tmp_path):
   init, real = _base_and_real(tmp_path)
-  raw = [[w.numpy() for w in _driver(tmp_path / f"raw{n}", init, steps=n, real=real).unet.weights]
-         for n in (1, 2)]
   start = [w.numpy() for w in _unet_weights(init)]
+  one = [w.numpy() for w in _driver(tmp_path / "raw", init, steps=1, real=real).unet.weights]
   decay = 0.5
-  # The EMA does not change training: the same raw weights, and w̄ = d(d·w0 + (1−d)·w1) + (1−d)·w2.
-  trainer = _driver(tmp_path / "ema", init, steps=2, real=real, ema_decay=decay)
-  expected = [decay * (decay * w0 + (1 - decay) * w1) + (1 - decay) * w2
-              for w0, w1, w2 in zip(start, *raw)]
-  for w, r in zip(trainer.unet.weights, raw[1]):
+  # The EMA does not change training (the same raw weights), and w̄1 = d·w0 + (1 − d)·w1 is saved.
+  run = tmp_path / "ema"
+  trainer = _driver(run, init, steps=1, real=real, ema_decay=decay)
+  for w, r in zip(trainer.unet.weights, one):
     np.testing.assert_allclose(w.numpy(), r, rtol=1e-5, atol=1e-7)
-  for saved, e in zip(_unet_weights(tmp_path / "ema" / "unet.weights.h5"), expected):
+  ema_one = [decay * w0 + (1 - decay) * w1 for w0, w1 in zip(start, one)]
+  for saved, e in zip(_unet_weights(run / "unet.weights.h5"), ema_one):
     np.testing.assert_allclose(saved.numpy(), e, rtol=1e-5, atol=1e-7)
-  # Resumed from its checkpoint at step 1 (the EMA in it), it ends at the same EMA.
-  _driver(tmp_path / "resumed", init, steps=1, real=real, ema_decay=decay)
-  os.remove(tmp_path / "resumed" / "unet.weights.h5")
-  _driver(tmp_path / "resumed", init, steps=2, real=real, ema_decay=decay)
-  for saved, e in zip(_unet_weights(tmp_path / "resumed" / "unet.weights.h5"), expected):
-    np.testing.assert_allclose(saved.numpy(), e, rtol=1e-5, atol=1e-7)
+  # Resumed from its checkpoint at step 1 (the EMA in it): w̄2 = d·w̄1 + (1 − d)·w2.
+  os.remove(run / "unet.weights.h5")
+  trainer = _driver(run, init, steps=2, real=real, ema_decay=decay)
+  two = [w.numpy() for w in trainer.unet.weights]
+  for saved, e1, w2 in zip(_unet_weights(run / "unet.weights.h5"), ema_one, two):
+    np.testing.assert_allclose(saved.numpy(), decay * e1 + (1 - decay) * w2, rtol=1e-5, atol=1e-7)
 
 
 def _unet_weights(path):
