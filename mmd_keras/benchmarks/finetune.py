@@ -57,7 +57,6 @@ from mmd_keras.benchmarks import presets
 REPO = cli.REPO
 CHILD = pathlib.Path(__file__).with_name("finetune_child.py")
 
-
 # --gradients names -> MMDFinetuner's `recompute`.
 GRADIENTS = dict(replay=True, tape=False)
 
@@ -85,12 +84,13 @@ def _trees(text):
   trees = {}
   for entry in filter(None, text.split(",")):
     name, colon, path = entry.partition(":")
-    if not (colon and name and name != "current" and os.path.isdir(os.path.join(path,
-                                                                                 "mmd_keras"))):
+    checkout = os.path.isdir(os.path.join(path, "mmd_keras"))
+    if not (colon and name and name != "current" and checkout):
       sys.exit(f"error: flag --trees={text}: expected <name>:<dir> entries, each dir a checkout "
                f"of this repository (with mmd_keras/) and no name 'current'; got {entry!r}")
     trees[name] = pathlib.Path(path)
   return {**trees, "current": REPO}
+
 
 # (row key, column title, format) of the tables.
 COLUMNS = (("step_s", "step s", ".2f"), ("peak_rss_mib", "peak RSS MiB", ".0f"),
