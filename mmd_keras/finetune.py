@@ -253,14 +253,13 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
 
   def initialize(trainer):
     source = checkpoints.restore_unet(trainer.unet, init_checkpoint, use_ema=use_ema)
-    for e, w in zip(trainer.ema or [], trainer.unet.weights):
-      e.assign(w)
+    training_loop.reset_ema(trainer.ema, trainer.unet.weights)
     logging.info("finetuning %s (%s weights), %s K=%d", init_checkpoint, source, sampler,
                  num_steps)
 
   # A resumed guarded run goes on at the rate its rewinds so far left (see `validation`).
-  rate = learning_rate * (1.0 if validation is None else validation.lr_backoff ** validation_lib
-                          .backoffs(validation_lib.read_history(workdir)))
+  rate = learning_rate * (1.0 if validation is None else validation_lib.learning_rate_factor(
+      validation_lib.read_history(workdir), validation.lr_backoff))
   run = training_loop.start(
       strategy=strategy, workdir=workdir, unet_factory=unet_factory,
       make_trainer=lambda unet: MMDFinetuner(
@@ -341,8 +340,7 @@ def _rewind(trainer, path, *, learning_rate, num_timesteps):
   `learning_rate` with Adam's momentum zeroed: it points the way that did not improve (its second
   moments, the gradients' scale, are kept)."""
   checkpoints.restore_unet(trainer.unet, path, parameter="workdir")
-  for e, w in zip(trainer.ema or [], trainer.unet.weights):  # The best weights were the EMA's.
-    e.assign(w)
+  training_loop.reset_ema(trainer.ema, trainer.unet.weights)  # The best weights were the EMA's.
   optimizers = [trainer.optimizer]
   if trainer.learned_timesteps is not None:
     learned = trainer.learned_timesteps

@@ -85,8 +85,7 @@ def train(*, unet_factory, dataset_fn, schedule, workdir, train_steps, learning_
   def initialize(trainer):
     if init_checkpoint:
       source = checkpoints.restore_unet(trainer.unet, init_checkpoint, use_ema=True)
-      for e, w in zip(trainer.ema, trainer.unet.weights):
-        e.assign(w)
+      training_loop.reset_ema(trainer.ema, trainer.unet.weights)
       logging.info("initialised from %s (%s weights)", init_checkpoint, source)
 
   run = training_loop.start(

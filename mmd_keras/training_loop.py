@@ -59,6 +59,12 @@ def make_ema(weights):
                          aggregation="only_first_replica") for w in weights]
 
 
+def reset_ema(ema, weights):
+  """ema ← w (nothing for `ema` None: a trainer that keeps no EMA)."""
+  for e, w in zip(ema or [], weights):
+    e.assign(w)
+
+
 def update_ema(ema, weights, decay):
   """ema ← decay·ema + (1 − decay)·w."""
   for e, w in zip(ema, weights):

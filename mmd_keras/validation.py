@@ -48,13 +48,19 @@ class Settings:
   lr_backoff: float = 1.0
 
 
-def read_history(out_dir):
-  """The validations recorded in `out_dir` (oldest first), [] for a run not validated yet."""
+def _read_record(out_dir):
+  """The validation record in `out_dir`, or None for a run not validated yet."""
   path = os.path.join(out_dir, RECORD)
   if not os.path.exists(path):
-    return []
+    return None
   with open(path) as f:
-    return json.load(f)["validations"]
+    return json.load(f)
+
+
+def read_history(out_dir):
+  """The validations recorded in `out_dir` (oldest first), [] for a run not validated yet."""
+  record = _read_record(out_dir)
+  return [] if record is None else record["validations"]
 
 
 def worse(history, step):
@@ -68,6 +74,11 @@ def backoffs(history):
   """How many validations of `history` scored no better than the best before them: the rewinds
   of the run, each one a factor `lr_backoff` on its learning rate."""
   return sum(worse(history, r["step"]) for r in history)
+
+
+def learning_rate_factor(history, lr_backoff):
+  """The factor on a run's learning rate after the rewinds of `history`."""
+  return lr_backoff ** backoffs(history)
 
 
 class Validator:
@@ -91,10 +102,9 @@ class Validator:
     self.lr_backoff = settings.lr_backoff
     self.writer = writer
     self.history = []
-    path = os.path.join(out_dir, RECORD)
-    if os.path.exists(path):
-      with open(path) as f:
-        record = json.load(f)
+    record = _read_record(out_dir)
+    if record is not None:
+      path = os.path.join(out_dir, RECORD)
       # A resumed run must score as the one it resumes: its best is in those spaces' terms.
       recorded = (tuple(record["select"]), sorted(record["validations"][0]["spaces"]))
       if recorded != (self.select, sorted(self.spaces)):
@@ -123,7 +133,7 @@ class Validator:
 
   def learning_rate_factor(self):
     """The factor on the run's learning rate after the rewinds so far."""
-    return self.lr_backoff ** backoffs(self.history)
+    return learning_rate_factor(self.history, self.lr_backoff)
 
   def rewind_if_worse(self, step):
     """After the validation of `step`: back to the best weights at a lower learning rate if it
