@@ -220,6 +220,11 @@ class TimestepEmbed(keras.layers.Layer):
     self.dense0 = _dense(ch * 4, "dense0")
     self.dense1 = _dense(ch * 4, "dense1")
 
+  def build(self, *shapes):
+    # Sublayers build on the first call. Keras' default build would first trace `call`
+    # symbolically, once per nesting level: most of the time of building a small UNet.
+    del shapes
+
   def call(self, t):
     return self.dense1(tf.nn.silu(self.dense0(timestep_embedding(t, self.ch))))
 
@@ -237,6 +242,11 @@ class Level(keras.layers.Layer):
       self.resample = Downsample(name="downsample")
     elif resample == "up":
       self.resample = Upsample(name="upsample")
+
+  def build(self, *shapes):
+    # Sublayers build on the first call. Keras' default build would first trace `call`
+    # symbolically, once per nesting level: most of the time of building a small UNet.
+    del shapes
 
   def call(self, h, temb, skips=None, training=False, dropout_seed=None):
     """Encoder: returns every block output (the skips). Decoder: consumes `skips`, returns h."""
@@ -261,6 +271,11 @@ class Middle(keras.layers.Layer):
     self.block_1 = ResnetBlock(out_ch, dropout=dropout, name="block_1")
     self.attn_1 = AttnBlock(name="attn_1")
     self.block_2 = ResnetBlock(out_ch, dropout=dropout, name="block_2")
+
+  def build(self, *shapes):
+    # Sublayers build on the first call. Keras' default build would first trace `call`
+    # symbolically, once per nesting level: most of the time of building a small UNet.
+    del shapes
 
   def call(self, h, temb, training=False, dropout_seed=None):
     h = self.block_1(h, temb, training=training, dropout_seed=_fold_seed(dropout_seed, 1))
