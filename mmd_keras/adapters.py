@@ -22,6 +22,7 @@ TARGETS = {"all": lambda path: True, "attention": lambda path: "/attn" in path,
            "up": lambda path: "/up_" in path}
 _LORA = ("lora_kernel_a", "lora_kernel_b")
 _META = "__adapters__"
+SUFFIX = ".adapters.npz"
 
 
 def target_layers(unet, targets="all"):
@@ -39,30 +40,42 @@ def _layers(unet):
   return unet._flatten_layers(include_self=False)  # pylint: disable=protected-access
 
 
-def enable(unet, rank, targets="all"):
-  """Adapts `unet` (built, holding the base weights) in place at rank `rank`; returns the base
-  weights' fingerprint. Only the adapters stay trainable."""
+def enable(unet, rank, targets="all", *, seed=0):
+  """Adapts `unet` (built, holding the base weights) in place at rank `rank`, A drawn from
+  `seed`; returns the base weights' fingerprint. Only the adapters stay trainable."""
   base = provenance.weights_sha256(unet.weights)
-  _enable(unet, rank, targets)
+  _enable(unet, rank, targets, seed=seed)
   return base
 
 
-def _enable(unet, rank, targets):
+def _enable(unet, rank, targets, *, seed=0):
   layers = target_layers(unet, targets)
+  limits = rank_limits(unet, targets)
+  check_rank(rank, limits)
+  for index, (path, layer) in enumerate(layers.items()):
+    # Keras' default for A (he_uniform), seeded per layer: a rerun starts from the same adapters.
+    initializer = keras.initializers.HeUniform(seed=(seed * 7919 + index) % 2**31)
+    layer.enable_lora(min(rank, limits[path]), a_initializer=initializer)
+  for weight in unet.weights:
+    if not weight.path.endswith(_LORA):
+      weight.trainable = False
+
+
+def rank_limits(unet, targets="all"):
+  """{path: the largest rank its kernel can take} of the layers `targets` adapts."""
   # A kernel [..., in, out] is adapted as a matrix [(...)·in, out]: its rank is at most the
-  # smaller side. A layer narrower than `rank` (e.g. the output convolution to 1 channel) gets its
-  # full rank; a rank no layer can take is refused.
-  limits = {path: min(int(np.prod(layer.kernel.shape[:-1])), layer.kernel.shape[-1])
-            for path, layer in layers.items()}
+  # smaller side. A layer narrower than the rank asked for (e.g. the output convolution to 1
+  # channel) gets its full rank; a rank no layer can take is refused.
+  return {path: min(int(np.prod(layer.kernel.shape[:-1])), layer.kernel.shape[-1])
+          for path, layer in target_layers(unet, targets).items()}
+
+
+def check_rank(rank, limits):
+  """A ParameterError unless 1 <= `rank` <= the largest of `limits` (`rank_limits`)."""
   widest = max(limits.values(), default=0)
   if not 1 <= rank <= widest:
     raise ParameterError("lora_rank", f"must be between 1 and {widest}, the largest rank of an "
                          f"adapted kernel", value=rank)
-  for path, layer in layers.items():
-    layer.enable_lora(min(rank, limits[path]))
-  for weight in unet.weights:
-    if not weight.path.endswith(_LORA):
-      weight.trainable = False
 
 
 def adapter_weights(unet):
@@ -99,6 +112,17 @@ def load(unet, path):
     raise ParameterError("adapters", f"were trained on other base weights (sha256 "
                          f"{meta['base_sha256'][:12]}), not these ({base[:12]})", value=path)
   _enable(unet, meta["rank"], meta["targets"])
+  _assign(unet, arrays, path)
+  return meta
+
+
+def restore(unet, path):
+  """The adapters of `unet` (adapted already) set to those of the file `path` (written by `save`
+  from the same adapted UNet: a finetune going back to its best adapters)."""
+  _assign(unet, read(path)[1], path)
+
+
+def _assign(unet, arrays, path):
   weights = adapter_weights(unet)
   shapes = {name: tuple(w.shape) for name, w in weights.items()}
   if shapes != {name: a.shape for name, a in arrays.items()}:
@@ -106,22 +130,30 @@ def load(unet, path):
                          "or shapes differ from the configured UNet's)", value=path)
   for name, weight in weights.items():
     weight.assign(arrays[name])
-  return meta
+
+
+def is_file(path):
+  """Whether `path` names an adapters file (by its suffix, as `beside` names them)."""
+  return str(path).endswith(SUFFIX)
+
+
+def beside(weights_path):
+  """<name>.adapters.npz for <name>.weights.h5: where a finetune with adapters saves what a full
+  finetune saves as weights."""
+  return weights_path[:-len(".weights.h5")] + SUFFIX
+
+
+def merged_weights(adapted):
+  """The weights of the adapted UNet in a plain UNet's order (its `weights` without the adapters),
+  each adapted kernel merged, W + (α/r)·A·B: what a plain UNet of the same architecture takes."""
+  merged = {id(layer._kernel): layer.kernel  # pylint: disable=protected-access
+            for layer in _layers(adapted) if getattr(layer, "lora_enabled", False)}
+  return [merged.get(id(w), w) for w in adapted.weights if not w.path.endswith(_LORA)]
 
 
 def merged_into(adapted, plain):
   """`plain` (a built UNet of the same architecture, no adapters) holding the adapted UNet's
-  weights with every adapter folded into its kernel (W + (α/r)·A·B); returns it."""
-  layers = {layer.path: layer for layer in _layers(adapted)}
-  values = {}
-  for weight in adapted.weights:
-    if weight.path.endswith(_LORA):
-      continue
-    layer_path, name = weight.path.rsplit("/", 1)
-    layer = layers.get(layer_path)
-    # A layer with adapters reports its merged kernel as `kernel`.
-    merged = layer.kernel if name == "kernel" and getattr(layer, "lora_enabled", False) else weight
-    values[weight.path] = np.asarray(merged)
-  for weight in plain.weights:
-    weight.assign(values[weight.path])
+  weights with every adapter folded into its kernel; returns it."""
+  for weight, value in zip(plain.weights, merged_weights(adapted), strict=True):
+    weight.assign(value)
   return plain

@@ -31,6 +31,7 @@ class RunConfig:
   seed: int
   init_checkpoint: Optional[str]
   use_ema: bool
+  adapters: Optional[str]  # Applied to init_checkpoint by sample and export.
   deterministic: bool
   checkpoint_every: int
   log_every: int
@@ -142,6 +143,8 @@ class FinetuneConfig:
   ema_decay: float
   recompute: bool
   dropout: bool
+  lora_rank: int  # 0: every weight is finetuned; else adapters of this rank.
+  lora_targets: str
   kernel: str
   rbf_bandwidths: tuple
   learn_timesteps: bool  # The K timesteps trained too (learned_timesteps.LearnedTimesteps).
@@ -157,6 +160,13 @@ class FinetuneConfig:
   def __post_init__(self):
     with renamed(name="finetune.kernel", bandwidths="finetune.rbf_bandwidths"):
       self.make_kernel()
+    # An adapters file holds adapters alone: no EMA copy of them, no timesteps beside.
+    for field, on in (("finetune.ema_decay", self.ema_decay),
+                      ("finetune.learn_timesteps", self.learn_timesteps)):
+      if self.lora_rank and on:
+        raise ParameterError(field, "cannot be combined with {finetune.lora_rank} > 0 (adapters "
+                             "finetune without an EMA and at fixed timesteps)", value=on,
+                             refs=("finetune.lora_rank",))
 
   def make_kernel(self):
     return mmd.make_kernel(self.kernel, bandwidths=self.rbf_bandwidths)

@@ -21,6 +21,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from mmd_keras import adapters as adapters_lib
 from mmd_keras import atomic
 from mmd_keras import checkpoints
 from mmd_keras import console
@@ -222,10 +223,15 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
              log_every, seed, strategy, init_checkpoint, use_ema=True, sampler="ddim",
              timestep_kind="uniform", eta=0.0, clip_x0=False, recompute=True, dropout=False,
              learn_timesteps=False, timesteps_lr=None, num_sample_images=64, validation=None,
-             real_batch_size=None, micro_batches=1, ema_decay=0.0):
+             real_batch_size=None, micro_batches=1, ema_decay=0.0, lora_rank=0,
+             lora_targets="all"):
   """MMD-finetunes (or resumes) the UNet in `workdir`; writes `<workdir>/unet.weights.h5` at the end
   and, for continuous timesteps (`learn_timesteps`, or a `timestep_kind` of float values), the
   timesteps beside it (`checkpoints.save_timesteps`).
+
+  With `lora_rank` > 0 only low-rank adapters of that rank (on the layers `lora_targets` names,
+  module `adapters`) train, on the frozen weights of `init_checkpoint`, and the run writes them
+  alone wherever a full finetune writes weights: `<workdir>/unet.adapters.npz` at the end.
 
   With `ema_decay` > 0 an EMA of the weights is kept from the start, and it is what the run
   validates and saves (its grids and `unet.weights.h5`).
@@ -249,10 +255,28 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
     distribute.check_global_batch(global_batch_size, strategy)
   with errors.renamed(global_batch="real_batch_size"):
     distribute.check_global_batch(real_batch_size or global_batch_size, strategy)
-  final_weights = os.path.join(workdir, "unet.weights.h5")
+  if lora_rank and (ema_decay or learn_timesteps):
+    raise ParameterError("lora_rank", "cannot be combined with ema_decay or learn_timesteps "
+                         "(an adapters file holds adapters alone)", value=lora_rank)
+  final_weights = os.path.join(workdir, "unet.adapters.npz" if lora_rank else "unet.weights.h5")
+  base_sha256 = []  # Of the weights the adapters go onto.
+
+  def make_trainer(unet):
+    if lora_rank:
+      # The adapters go onto the base weights, loaded first in a new run and a resumed one alike
+      # (the checkpoint then restores the same values, and the adapters).
+      checkpoints.restore_unet(unet, init_checkpoint, use_ema=use_ema)
+      base_sha256.append(adapters_lib.enable(unet, lora_rank, lora_targets, seed=seed))
+    return MMDFinetuner(
+        unet, feature_net=feature_net_factory(), schedule=schedule, num_steps=num_steps,
+        kernel=kernel, sampler=sampler, timestep_kind=timestep_kind, eta=eta, grad_clip=grad_clip,
+        recompute=recompute, dropout=dropout, clip_x0=clip_x0, seed=seed,
+        learn_timesteps=learn_timesteps, timesteps_lr=timesteps_lr,
+        generated_batch_size=global_batch_size, micro_batches=micro_batches, ema_decay=ema_decay)
 
   def initialize(trainer):
-    source = checkpoints.restore_unet(trainer.unet, init_checkpoint, use_ema=use_ema)
+    source = (f"rank-{lora_rank} adapters on the" if lora_rank else
+              checkpoints.restore_unet(trainer.unet, init_checkpoint, use_ema=use_ema))
     training_loop.reset_ema(trainer.ema, trainer.unet.weights)
     logging.info("finetuning %s (%s weights), %s K=%d", init_checkpoint, source, sampler,
                  num_steps)
@@ -262,17 +286,12 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
       validation_lib.read_history(workdir), validation.lr_backoff))
   run = training_loop.start(
       strategy=strategy, workdir=workdir, unet_factory=unet_factory,
-      make_trainer=lambda unet: MMDFinetuner(
-          unet, feature_net=feature_net_factory(), schedule=schedule, num_steps=num_steps,
-          kernel=kernel, sampler=sampler, timestep_kind=timestep_kind, eta=eta, grad_clip=grad_clip,
-          recompute=recompute, dropout=dropout, clip_x0=clip_x0, seed=seed,
-          learn_timesteps=learn_timesteps, timesteps_lr=timesteps_lr,
-          generated_batch_size=global_batch_size, micro_batches=micro_batches,
-          ema_decay=ema_decay),
-      learning_rate=rate, initialize=initialize)
+      make_trainer=make_trainer, learning_rate=rate, initialize=initialize)
   trainer = run.trainer
   learned = trainer.learned_timesteps
-  shipped = trainer.ema or trainer.unet.weights  # What grids, validations and saves see.
+  # What grids, validations and saves see: the EMA, or the weights (the adapters merged in).
+  shipped = trainer.ema or (
+      (lambda: adapters_lib.merged_weights(trainer.unet)) if lora_rank else trainer.unet.weights)
   grid = training_loop.GridSampler(
       unet_factory, weights=shipped,
       noise_seed=streams.key(seed, streams.FINETUNE_GRID), num_images=num_sample_images,
@@ -286,9 +305,17 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
           num_images=validation.num_images, sampler=sampler, timesteps=trainer.current_timesteps,
           alphas_cumprod=schedule.alphas_cumprod, clip_x0=clip_x0,
           batch_size=validation.batch_size),
-      save_best=lambda path: _save(grid, trainer, path, schedule=schedule, sampler=sampler),
+      save_best=lambda path: save(path),
       rewind=lambda path, factor: _rewind(trainer, path, learning_rate=learning_rate * factor,
                                           num_timesteps=schedule.num_timesteps))
+
+  def save(weights_path):
+    """What the run ships, at `weights_path` (its adapters `beside` it with adapters)."""
+    if lora_rank:
+      adapters_lib.save(trainer.unet, adapters_lib.beside(weights_path),
+                        base_sha256=base_sha256[0], rank=lora_rank, targets=lora_targets)
+    else:
+      _save(grid, trainer, weights_path, schedule=schedule, sampler=sampler)
   if validator is not None and validator.exhausted():
     console.note(f"already stopped early: {validation.patience} validations without improvement "
                  f"on step {validator.best['step']}")
@@ -308,13 +335,14 @@ def finetune(*, unet_factory, feature_net_factory, kernel, dataset_fn, schedule,
   if not os.path.exists(final_weights):
     weights_path = os.path.join(run.out_dir, "unet.weights.h5")
     if validator is None:
-      _save(grid, trainer, weights_path, schedule=schedule, sampler=sampler)
+      save(weights_path)
     else:
-      _save(grid, trainer, os.path.join(run.out_dir, "unet_last.weights.h5"), schedule=schedule,
-            sampler=sampler)
+      save(os.path.join(run.out_dir, "unet_last.weights.h5"))
       best = validator.best_weights()
       if os.path.exists(checkpoints.timesteps_path(best)):
         shutil.copyfile(checkpoints.timesteps_path(best), checkpoints.timesteps_path(weights_path))
+      if lora_rank:
+        best, weights_path = adapters_lib.beside(best), adapters_lib.beside(weights_path)
       with atomic.staged(weights_path) as staging:  # The weights last: they mark a finished run.
         shutil.copyfile(best, staging)
       console.note(f"finetuned weights: the best validated, step {validator.best['step']} "
@@ -338,8 +366,11 @@ def _save(grid, trainer, path, *, schedule, sampler):
 def _rewind(trainer, path, *, learning_rate, num_timesteps):
   """The trainer back at the weights (and learned timesteps) of `path`, going on at
   `learning_rate` with Adam's momentum zeroed: it points the way that did not improve (its second
-  moments, the gradients' scale, are kept)."""
-  checkpoints.restore_unet(trainer.unet, path, parameter="workdir")
+  moments, the gradients' scale, are kept). With adapters, they alone go back (those `beside`)."""
+  if adapters_lib.adapter_weights(trainer.unet):
+    adapters_lib.restore(trainer.unet, adapters_lib.beside(path))
+  else:
+    checkpoints.restore_unet(trainer.unet, path, parameter="workdir")
   training_loop.reset_ema(trainer.ema, trainer.unet.weights)  # The best weights were the EMA's.
   optimizers = [trainer.optimizer]
   if trainer.learned_timesteps is not None:

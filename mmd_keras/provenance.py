@@ -42,7 +42,8 @@ SAMPLES_KEYS = SAMPLER_KEYS + ("seed", "batch_size", "num_images")
 # Settings that records written before they existed leave out, at the value they then had.
 SAMPLER_DEFAULTS = {"sampler": "ddim"}
 FINETUNE_DEFAULTS = {"sampler.sampler": "ddim", "finetune.learn_timesteps": False,
-                     "finetune.timesteps_lr": 1e-2}
+                     "finetune.timesteps_lr": 1e-2, "finetune.lora_rank": 0,
+                     "finetune.lora_targets": "all"}
 
 
 def sampler_settings(*, sampler, weights_sha256, alphas_cumprod, timesteps, eta, clip_x0,

@@ -73,6 +73,11 @@ SETTINGS = (
       library=("init_checkpoint",)),
     S("use_ema", "run.use_ema", "bool", True,
       "Take the EMA weights of --init_checkpoint when it has them."),
+    S("adapters", "run.adapters", "string", None,
+      "An adapters file (unet.adapters.npz of a --lora_rank finetune) that --mode=sample and "
+      "--mode=export apply to the weights of --init_checkpoint, merged into the UNet. "
+      "--mode=evaluate takes them as K:file entries of --finetuned_checkpoints.",
+      library=("adapters",)),
     S("deterministic", "run.deterministic", "bool", False,
       "Seed Keras' initializers with --seed and enable TF op determinism: a rerun, or a run killed "
       "and resumed, ends with the same weights (slower)."),
@@ -197,6 +202,15 @@ SETTINGS = (
       "instead of K; a graph that does not grow with K)."),
     S("finetune_dropout", "finetune.dropout", "bool",
       False, "Dropout on in the UNet while finetuning."),
+    S("lora_rank", "finetune.lora_rank", "integer", 0,
+      "Finetune low-rank adapters of this rank (LoRA, Keras' enable_lora) on the base weights, "
+      "which stay frozen, instead of every weight (0). The run saves the adapters alone "
+      "(unet.adapters.npz, with the base weights' fingerprint); --adapters applies them.",
+      check=rules.at_least(0), library=("lora_rank",)),
+    S("lora_targets", "finetune.lora_targets", "enum", "all",
+      "Layers that take adapters with --lora_rank: every convolution and dense layer, those of the "
+      "attention blocks, or those of the up-sampling half.", choices=("all", "attention", "up"),
+      library=("lora_targets",)),
     S("kernel", "finetune.kernel", "enum", "polynomial",
       "MMD kernel: polynomial (γxᵀy + 1)³, γ = 1/dim (KID's), or rbf.", choices=mmd.KERNELS),
     S("rbf_bandwidths", "finetune.rbf_bandwidths", "list", "1.0",
@@ -238,8 +252,9 @@ SETTINGS = (
     S("num_eval_images", "eval.num_images", "integer", 5000,
       "Samples per (model, K); the reference is as many real images.", check=rules.positive),
     S("finetuned_checkpoints", "eval.finetuned_checkpoints", "list", "",
-      "MMD-DDM models as K:path entries (default: <workdir>/finetune_k<K>/unet.weights.h5 for "
-      "every K of --eval_steps that has one).", parse=rules.finetuned_entries,
+      "MMD-DDM models as K:path entries, a path a .weights.h5 file, a checkpoint or an adapters "
+      "file (applied to --init_checkpoint); default: <workdir>/finetune_k<K>/unet.weights.h5 (or "
+      "unet.adapters.npz) for every K of --eval_steps that has one.", parse=rules.finetuned_entries,
       library=("finetuned_checkpoints",)),
     S("eval_feature_nets", "eval.feature_nets", "list", "classifier,classifier_heldout",
       "Feature spaces of the report, each a --feature_net value (an image model file too); "

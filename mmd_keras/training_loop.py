@@ -275,12 +275,13 @@ class GridSampler:
   """Draws the progress grid: fixed noise sampled in K steps of `sampler` (η = 0) with the current
   values of `weights`, copied into a UNet of `unet_factory` outside the strategy, at `timesteps`
   (or at `timesteps()`, the current ones, when it is a function), `batch_size` images at a time
-  (default: all at once)."""
+  (default: all at once). `weights` may be a function returning them (values computed from the
+  trainer's, e.g. adapters merged into their kernels)."""
 
   def __init__(self, unet_factory, *, weights, noise_seed, num_images, timesteps, alphas_cumprod,
                clip_x0, sampler="ddim", batch_size=None):
     self.unet = unet_factory().build_for_inference()
-    self.weights = list(weights)
+    self.weights = weights if callable(weights) else list(weights)
     self.noise = tf.random.stateless_normal(
         [num_images, self.unet.image_size, self.unet.image_size, self.unet.channels],
         seed=noise_seed)
@@ -294,7 +295,8 @@ class GridSampler:
 
   def synced_unet(self):
     """The grid's UNet, holding the current values of `weights`."""
-    for target, source in zip(self.unet.weights, self.weights):
+    sources = self.weights() if callable(self.weights) else self.weights
+    for target, source in zip(self.unet.weights, sources, strict=True):
       target.assign(source)
     return self.unet
 

@@ -2,14 +2,25 @@
 train, merging them into the kernels gives the same model, and a file of them loads only onto the
 base weights and architecture it was trained on."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers import FINETUNER_IMAGE_SIZE
+from helpers import FINETUNER_SCHEDULE
+from helpers import RandomConvFeatures
 from helpers import randomize_weights
+from helpers import real_images
 from helpers import tiny_unet
 from mmd_keras import adapters
+from mmd_keras import checkpoints
+from mmd_keras import finetune
+from mmd_keras import mmd
 from mmd_keras import provenance
+from mmd_keras import validation
 from mmd_keras import unet as unet_lib
 from mmd_keras.errors import ParameterError
 
@@ -100,3 +111,103 @@ def test_bad_adapters_and_ranks_are_one_line_errors(tmp_path):
       adapters.enable(_base(), rank=rank)
   with pytest.raises(ParameterError, match="must be one of all, attention, up"):
     adapters.enable(_base(), rank=2, targets="down")
+
+
+def _lora_finetune(workdir, init, *, steps, learning_rate=1e-2, validation=None, rank=2,
+                   checkpoint_every=100):
+  real = real_images(4, seed=0)
+  return finetune.finetune(
+      unet_factory=lambda: tiny_unet(image_size=FINETUNER_IMAGE_SIZE),
+      feature_net_factory=RandomConvFeatures, kernel=mmd.make_kernel("polynomial"),
+      dataset_fn=lambda start_batch: tf.data.Dataset.from_tensors(real).repeat(),
+      schedule=FINETUNER_SCHEDULE, workdir=str(workdir), num_steps=2, finetune_steps=steps,
+      learning_rate=learning_rate, grad_clip=0.5, global_batch_size=4,
+      checkpoint_every=checkpoint_every, log_every=1, seed=0,
+      strategy=tf.distribute.get_strategy(), init_checkpoint=str(init), num_sample_images=4,
+      validation=validation, lora_rank=rank)
+
+
+@pytest.fixture
+def base_file(tmp_path):
+  path = tmp_path / "base.weights.h5"
+  checkpoints.save_weights_h5(
+      randomize_weights(tiny_unet(image_size=FINETUNER_IMAGE_SIZE), scale=0.05), str(path))
+  return path
+
+
+def _plain(path):
+  unet = tiny_unet(image_size=FINETUNER_IMAGE_SIZE).build_for_inference()
+  checkpoints.restore_unet(unet, str(path), use_ema=False)
+  return unet
+
+
+@pytest.mark.slow
+def test_a_finetune_with_adapters_trains_them_alone_saves_them_alone_and_resumes(tmp_path,
+                                                                                 base_file):
+  trainer = _lora_finetune(tmp_path / "straight", base_file, steps=3)
+  assert sorted(p.name for p in (tmp_path / "straight").glob("unet*")) == ["unet.adapters.npz"]
+  base = _plain(base_file)
+  plain = [w for w in trainer.unet.weights if not w.path.endswith(("lora_kernel_a",
+                                                                    "lora_kernel_b"))]
+  for frozen, start in zip(plain, base.weights, strict=True):  # The base weights did not move.
+    np.testing.assert_array_equal(frozen.numpy(), start.numpy())
+  assert any(np.any(w.numpy()) for name, w in adapters.adapter_weights(trainer.unet).items()
+             if name.endswith("lora_kernel_b"))
+  # The file, loaded onto the base weights and merged, is the trained model.
+  adapted = _plain(base_file)
+  meta = adapters.load(adapted, str(tmp_path / "straight" / "unet.adapters.npz"))
+  assert meta["rank"] == 2 and meta["base_sha256"] == provenance.weights_sha256(base.weights)
+  for a, b in zip(adapters.merged_weights(adapted), adapters.merged_weights(trainer.unet)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Killed after step 2's checkpoint, resumed: the same adapters as the straight run.
+  _lora_finetune(tmp_path / "resumed", base_file, steps=2, checkpoint_every=1)
+  os.remove(tmp_path / "resumed" / "unet.adapters.npz")  # As if killed before the end.
+  _lora_finetune(tmp_path / "resumed", base_file, steps=3, checkpoint_every=1)
+  _, straight = adapters.read(str(tmp_path / "straight" / "unet.adapters.npz"))
+  _, resumed = adapters.read(str(tmp_path / "resumed" / "unet.adapters.npz"))
+  for name, value in straight.items():
+    np.testing.assert_allclose(resumed[name], value, rtol=1e-4, atol=1e-6)
+
+
+class _BlindFeatures:
+  """Features that do not depend on the images: every validation scores the same, so none is
+  better than the start (a tie is no improvement) and each one rewinds."""
+
+  def __init__(self, seed):
+    self.seed = seed
+
+  def __call__(self, images):
+    return tf.random.stateless_normal([tf.shape(images)[0], 16], seed=[4, self.seed])
+
+
+@pytest.mark.slow
+def test_a_guarded_finetune_with_adapters_rewinds_them_and_ships_the_best(tmp_path, base_file,
+                                                                          monkeypatch):
+  rewound = []
+  rewind = finetune._rewind
+
+  def watched(trainer, path, **kwargs):
+    rewind(trainer, path, **kwargs)
+    rewound.append({n: w.numpy() for n, w in adapters.adapter_weights(trainer.unet).items()})
+
+  monkeypatch.setattr(finetune, "_rewind", watched)
+  spaces = {"val": _BlindFeatures(seed=2)}
+  settings = validation.Settings(
+      every=2, patience=2, num_images=24, batch_size=24, spaces=spaces,
+      real_features={"val": np.asarray(_BlindFeatures(seed=3)(real_images(24, seed=5)),
+                                       np.float64)},
+      select=("val",), lr_backoff=0.5)
+  trainer = _lora_finetune(tmp_path, base_file, steps=8, learning_rate=1e-2, validation=settings)
+  with open(tmp_path / validation.RECORD) as f:
+    record = json.load(f)
+  assert record["best_step"] == 0 and [r["step"] for r in record["validations"]] == [0, 2, 4]
+  # One rewind, then stopped.
+  assert float(trainer.optimizer.learning_rate.numpy()) == pytest.approx(0.5e-2)
+  _, best = adapters.read(str(tmp_path / "unet.adapters.npz"))
+  # The start's adapters, which the rewind went back to: every B zero (the base model).
+  assert all(not np.any(v) for name, v in best.items() if name.endswith("lora_kernel_b"))
+  assert len(rewound) == 1
+  for name, value in best.items():
+    np.testing.assert_array_equal(rewound[0][name], value)
+  _, last = adapters.read(str(tmp_path / "unet_last.adapters.npz"))
+  assert any(np.any(v) for name, v in last.items() if name.endswith("lora_kernel_b"))

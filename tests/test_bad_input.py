@@ -19,10 +19,13 @@ import pytest
 import tensorflow as tf
 
 from helpers import REPO_ROOT
+from helpers import randomize_weights
 from helpers import run_main
 from helpers import tiny_unet
+from mmd_keras import adapters
 from mmd_keras import checkpoints
 from mmd_keras import learned_timesteps
+from mmd_keras import provenance
 
 # The tiny UNet of the tree's checkpoints (helpers.tiny_unet at 28 px: the bundled classifiers'
 # size), and the flags that describe it.
@@ -132,6 +135,20 @@ IN_PROCESS_CASES = [
     Case("grad_clip_negative", ["--mode=finetune", "--grad_clip=-1"], ["--grad_clip", ">= 0"]),
     Case("finetune_ema_decay_one", ["--mode=finetune", "--finetune_ema_decay=1"],
          ["--finetune_ema_decay=1.0", "must be in [0, 1)"]),
+    # Adapters: a rank a layer can take, on the base weights and UNet they were trained on.
+    Case("lora_rank_negative", ["--mode=finetune", "--lora_rank=-1"], ["--lora_rank", ">= 0"]),
+    Case("lora_rank_above_every_layer", ["--mode=finetune", "--lora_rank=100000"],
+         ["--lora_rank=100000", "between 1 and 128"]),
+    Case("lora_with_an_ema", ["--mode=finetune", "--lora_rank=2", "--finetune_ema_decay=0.9"],
+         ["--finetune_ema_decay", "--lora_rank"]),
+    Case("adapters_of_another_base", ["--mode=sample", "--adapters={root}/other.adapters.npz"],
+         ["--adapters", "other base weights"]),
+    Case("adapters_not_an_adapters_file", ["--mode=export", "--adapters={root}/base.weights.h5"],
+         ["--adapters", "not an adapters file"]),
+    Case("adapters_of_another_architecture",
+         ["--mode=evaluate", "--eval_steps=5",
+          "--finetuned_checkpoints=5:{root}/other_unet.adapters.npz"],
+         ["--finetuned_checkpoints", "another UNet architecture"]),
     Case("rbf_bandwidths_not_numbers", ["--mode=finetune", "--kernel=rbf", "--rbf_bandwidths=wide"],
          ["--rbf_bandwidths", "numbers"]),
     Case("rbf_bandwidth_zero", ["--mode=finetune", "--kernel=rbf", "--rbf_bandwidths=1,0"],
@@ -289,6 +306,16 @@ def tree(tmp_path_factory):
   _write(os.path.join(root, "garbage_ckpt", "ckpt-1.index"), b"not a checkpoint index\n" * 64)
   _write(os.path.join(root, "garbage_ckpt", "ckpt-1.data-00000-of-00001"), b"\0" * 256)
   _write(os.path.join(root, "a_file"), b"a regular file: no directory can be made under it\n")
+  # Adapters trained on other weights of this UNet, and on these weights of another UNet (with
+  # the fingerprint of these, so only the shapes differ).
+  other = randomize_weights(tiny_unet(image_size=28), seed=1)
+  adapters.save(other, os.path.join(root, "other.adapters.npz"),
+                base_sha256=adapters.enable(other, 2), rank=2, targets="all")
+  wider = tiny_unet(image_size=28, attn_resolutions=(14,)).build_for_inference()
+  adapters.enable(wider, 2)
+  adapters.save(wider, os.path.join(root, "other_unet.adapters.npz"),
+                base_sha256=provenance.weights_sha256(unet.build_for_inference().weights),
+                rank=2, targets="all")
   # A feature model without the value range it takes (its check reads no model).
   _write(os.path.join(root, "feature_model", "saved_model.pb"), b"a SavedModel")
   # Weights finetuned with learned timesteps (K=5 of T=20), the timesteps beside them.

@@ -4,10 +4,11 @@ timesteps are exported at those (`runs.learned_timesteps`), as graph constants."
 
 import os
 
-from mmd_keras.export import sampler_module as export_sampler
-from mmd_keras.export import writers as export_writers
+from mmd_keras import adapters as adapters_lib
 from mmd_keras import errors
 from mmd_keras import schedule as schedule_lib
+from mmd_keras.export import sampler_module as export_sampler
+from mmd_keras.export import writers as export_writers
 from mmd_keras.app import finetune as finetune_app
 from mmd_keras.app import runs
 from mmd_keras.errors import ParameterError
@@ -21,6 +22,9 @@ _FIELDS = dict(export_dir="export.export_dir", model_name="export.model_name",
 def check(cfg):
   with errors.renamed(**_FIELDS):
     export_writers.check_model_name(cfg.export.model_name)
+  if cfg.run.adapters:
+    with errors.renamed(adapters="run.adapters"):
+      adapters_lib.read(cfg.run.adapters)
 
 
 def _tflite_variants(cfg):
@@ -50,18 +54,22 @@ def _check_free(cfg):
                          f"{{export.overwrite}} to replace it", refs=("export.overwrite",))
 
 
-def run(cfg, *, init_checkpoint=None, next_free_version=False):
+def run(cfg, *, init_checkpoint=None, adapters=None, next_free_version=False):
   """Writes the sampler to export.model_version.
+
+  `adapters` (default: run.adapters), an adapters file, is merged into the weights: the graph has
+  no op more than a full finetune's.
 
   `next_free_version` (the quickstart, which re-exports on every run): reuse the latest version if
   it holds the same weights and settings, else write the next free version, with TFLite files named
   after it (<name>_k<K>_v<version>.tflite); nothing existing is replaced.
   """
   with errors.renamed(**_FIELDS):
-    _run(cfg, init_checkpoint=init_checkpoint, next_free_version=next_free_version)
+    _run(cfg, init_checkpoint=init_checkpoint, adapters=adapters or cfg.run.adapters,
+         next_free_version=next_free_version)
 
 
-def _run(cfg, *, init_checkpoint, next_free_version):
+def _run(cfg, *, init_checkpoint, adapters, next_free_version):
   check(cfg)
   e, s = cfg.export, cfg.sampler
   variants = _tflite_variants(cfg)
@@ -71,14 +79,15 @@ def _run(cfg, *, init_checkpoint, next_free_version):
   learned = runs.learned_timesteps(cfg, init_checkpoint, num_steps=s.num_steps)
   export_writers.make_model_dir(export_dir=e.export_dir, model_name=e.model_name)
   sampler = export_sampler.Sampler.from_schedule(
-      runs.restored_unet(cfg, init_checkpoint), schedule=cfg.diffusion.schedule(),
+      runs.restored_unet(cfg, init_checkpoint, adapters=adapters),
+      schedule=cfg.diffusion.schedule(),
       num_steps=s.num_steps, sampler=s.sampler,
       timestep_kind=s.timesteps if learned is None else learned, eta=s.eta, clip_x0=s.clip_x0,
       max_images=e.max_images)
   if learned is not None:
     print(f"sampling at the timesteps learned with {init_checkpoint}: "
           f"{schedule_lib.format_timesteps(learned)}")
-  _note_finetune(cfg, init_checkpoint)
+  _note_finetune(cfg, adapters or init_checkpoint)
   metadata = sampler.metadata()
   version, reused = e.model_version, False
   if next_free_version:

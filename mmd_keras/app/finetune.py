@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 
+from mmd_keras import adapters as adapters_lib
 from mmd_keras import checkpoints
 from mmd_keras import distribute
 from mmd_keras import errors
@@ -56,6 +57,10 @@ def check(cfg):
                          f"({{finetune.batch_size}}={f.batch_size} over "
                          f"{strategy.num_replicas_in_sync} replica(s))", value=f.micro_batches,
                          refs=("finetune.batch_size",))
+  if f.lora_rank:
+    with errors.renamed(lora_rank="finetune.lora_rank", lora_targets="finetune.lora_targets"):
+      unet = cfg.unet.factory()().build_for_inference()
+      adapters_lib.check_rank(f.lora_rank, adapters_lib.rank_limits(unet, f.lora_targets))
   init_checkpoint = runs.init_checkpoint(cfg)
   learned = runs.learned_timesteps(cfg, init_checkpoint, num_steps=cfg.sampler.num_steps)
   resumed = runs.check_resume(cfg, run_dir_name(cfg))
@@ -91,14 +96,15 @@ def _check_resumed_timesteps(cfg, prefix):
 
 
 def run(cfg, plan=None):
-  """Finetunes; `plan` is what `check` returned, if it ran. Returns the finetuned weights' path."""
+  """Finetunes; `plan` is what `check` returned, if it ran. Returns the path of the finetuned
+  weights (of the adapters alone with finetune.lora_rank)."""
   plan = plan or check(cfg)
   run_dir = runs.mode_dir(cfg.run, run_dir_name(cfg))
   f, s = cfg.finetune, cfg.sampler
   dataset_fn = inputs.training_data(cfg, batch_size=f.real_batch_size,
                                     batch_field="finetune.real_batch_size")
   validation = inputs.validation(cfg) if f.validate else None
-  weights = os.path.join(run_dir, "unet.weights.h5")
+  weights = os.path.join(run_dir, runs.product_name(cfg))
   # Workers of a cluster share the workdir: one record. A finished run's record stays as it is.
   if distribute.is_chief(plan.strategy) and not os.path.exists(weights):
     runs.write_record(cfg, run_dir, **{DECIDING: provenance.finetune_settings(
@@ -119,9 +125,13 @@ def run(cfg, plan=None):
         use_ema=cfg.run.use_ema, recompute=f.recompute, dropout=f.dropout,
         learn_timesteps=f.learn_timesteps, timesteps_lr=f.timesteps_lr, validation=validation,
         real_batch_size=f.real_batch_size, micro_batches=f.micro_batches,
-        ema_decay=f.ema_decay)
+        ema_decay=f.ema_decay, lora_rank=f.lora_rank, lora_targets=f.lora_targets)
   if not distribute.is_chief(plan.strategy):
     # The chief writes `weights`, maybe after this worker is done: a worker must not read them.
+    return weights
+  if adapters_lib.is_file(weights):
+    print(f"finetuned adapters: {weights} (--adapters={weights} applies them to "
+          f"{plan.init_checkpoint})")
     return weights
   print(f"finetuned weights: {weights}")
   learned = checkpoints.learned_timesteps(weights, num_timesteps=cfg.diffusion.num_timesteps)

@@ -6,6 +6,7 @@ import os
 
 from absl import logging
 
+from mmd_keras import adapters as adapters_lib
 from mmd_keras import atomic
 from mmd_keras import checkpoints
 from mmd_keras import config as config_lib
@@ -117,20 +118,47 @@ def learned_timesteps(cfg, path, *, num_steps, parameter="run.init_checkpoint",
   return learned
 
 
-def restored_unet(cfg, path):
-  """The UNet of the configuration with the weights of `path`."""
+def restored_unet(cfg, path, *, adapters=None, parameter="run.adapters"):
+  """The UNet of the configuration with the weights of `path`, and the adapters file `adapters`
+  (trained on those weights; `parameter` gave it) merged into them."""
   unet = cfg.unet.factory()().build_for_inference()
   source = checkpoints.restore_unet(unet, path, use_ema=cfg.run.use_ema)
   logging.info("loaded %s (%s)", path, source)
+  if adapters is None:
+    return unet
+  plain = cfg.unet.factory()().build_for_inference()
+  with errors.renamed(adapters=parameter):
+    meta = adapters_lib.load(unet, adapters)
+  logging.info("merged the rank-%d adapters of %s", meta["rank"], adapters)
+  return adapters_lib.merged_into(unet, plain)
+
+
+def finetuned_unet(cfg, path, *, parameter="eval.finetuned_checkpoints"):
+  """The UNet of finetuned weights `path`: weights of their own, or an adapters file applied to
+  the base model of `run.init_checkpoint`."""
+  if adapters_lib.is_file(path):
+    return restored_unet(cfg, init_checkpoint(cfg), adapters=path, parameter=parameter)
+  unet = cfg.unet.factory()().build_for_inference()
+  checkpoints.restore_unet(unet, path, use_ema=False, parameter=parameter.split(".")[-1])
   return unet
+
+
+def product_name(cfg):
+  """The file a finetune of `cfg` ends with: its weights, or with adapters, those alone."""
+  return "unet.adapters.npz" if cfg.finetune.lora_rank else "unet.weights.h5"
 
 
 def finetune_dir_name(cfg, num_steps):
   """The workdir's directory of a finetune at K = `num_steps` through the configured sampler:
   finetune_k<K> for DDIM (the name it had before there was a choice), else finetune_<sampler>_k<K>,
-  so a finetune never resumes one through another sampler."""
+  so a finetune never resumes one through another sampler; with adapters _lora<rank> follows (and
+  _<targets> unless all layers take them), so it never resumes a full finetune either."""
   sampler = cfg.sampler.sampler
-  return f"finetune_k{num_steps}" if sampler == "ddim" else f"finetune_{sampler}_k{num_steps}"
+  name = f"finetune_k{num_steps}" if sampler == "ddim" else f"finetune_{sampler}_k{num_steps}"
+  f = cfg.finetune
+  if f.lora_rank:
+    name += f"_lora{f.lora_rank}" + ("" if f.lora_targets == "all" else f"_{f.lora_targets}")
+  return name
 
 
 def finetuned_checkpoints(cfg, steps):
@@ -143,12 +171,16 @@ def finetuned_checkpoints(cfg, steps):
     if k in found:
       raise ParameterError("eval.finetuned_checkpoints", f"gives K={k} twice ({found[k]} and "
                            f"{path}); expected one model per K")
-    checkpoints.check_readable(path, parameter="finetuned_checkpoints")
+    if adapters_lib.is_file(path):
+      with errors.renamed(adapters="eval.finetuned_checkpoints"):
+        adapters_lib.read(path)
+    else:
+      checkpoints.check_readable(path, parameter="finetuned_checkpoints")
     found[k] = path
   if cfg.eval.finetuned_checkpoints:
     return found
   for k in steps:
-    path = os.path.join(cfg.run.workdir, finetune_dir_name(cfg, k), "unet.weights.h5")
+    path = os.path.join(cfg.run.workdir, finetune_dir_name(cfg, k), product_name(cfg))
     if os.path.exists(path):
       found[k] = path
   return found

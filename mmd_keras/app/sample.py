@@ -1,5 +1,6 @@
 """--mode=sample: images of the K-step sampler, as a grid (.png) and an array (.npz); weights
-finetuned with learned timesteps are sampled at those (`runs.learned_timesteps`)."""
+finetuned with learned timesteps are sampled at those (`runs.learned_timesteps`), --adapters merged
+into the weights."""
 
 import os
 
@@ -16,7 +17,7 @@ def run(cfg):
   s = cfg.sampler
   learned = runs.learned_timesteps(cfg, init_checkpoint, num_steps=s.num_steps)
   run_dir = runs.mode_dir(cfg.run, "sample")
-  unet = runs.restored_unet(cfg, init_checkpoint)
+  unet = runs.restored_unet(cfg, init_checkpoint, adapters=cfg.run.adapters)
   runs.write_record(cfg, run_dir)
   images = sampling.generate(unet, num_images=s.num_images, num_steps=s.num_steps,
                              schedule=cfg.diffusion.schedule(), sampler=s.sampler,
