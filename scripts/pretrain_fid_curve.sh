@@ -19,7 +19,7 @@ while true; do
     # The checkpoint may be rotated away while we read it: copy it first.
     mkdir -p "$OUT/ckpt"; rm -f "$OUT"/ckpt/*
     cp "$PRETRAIN/checkpoints/ckpt-$ckpt".* "$OUT/ckpt/"
-    python main.py --flagfile=configs/fashion_mnist.cfg --mode=evaluate --workdir="$OUT/work" \
+    python main.py --flagfile=configs/fashion_mnist.cfg --sampler=ddim --mode=evaluate --workdir="$OUT/work" \
       --init_checkpoint="$OUT/ckpt/ckpt-$ckpt" --eval_steps=100 --num_eval_images="$N" --eval_samplers= \
       > "$OUT/reports/step_$ckpt.log" 2>&1
     cp "$OUT/work/evaluate/report.json" "$OUT/reports/step_$ckpt.json"

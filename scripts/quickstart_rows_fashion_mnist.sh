@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The quickstart's base-model rows (DDIM K=5 and K=100, and --eval_samplers at K=5, on
+# The quickstart's base-model rows (its --sampler and --eval_samplers at K=5, DDIM K=100, on
 # --quickstart_eval_images images), for bundling with the base model in pretrained/fashion_mnist/rows:
 # with --eval_reuse_rows pointing there (configs/fashion_mnist.cfg does), the quickstart samples only
 # MMD-DDM. A row is reused only under its key (base weights, sampler, timesteps, seed, N, sample

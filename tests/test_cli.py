@@ -14,9 +14,12 @@ from helpers import REPO_ROOT
 from helpers import TINY_UNET
 from helpers import assert_user_error
 from helpers import run_main
+from mmd_keras import adapters
 from mmd_keras import checkpoints
+from mmd_keras import ddim
 from mmd_keras import evaluation as evaluate
 from mmd_keras import provenance
+from mmd_keras import schedule as schedule_lib
 from mmd_keras import unet as unet_lib
 from mmd_keras.app import quickstart as quickstart_app
 from mmd_keras.app import runs
@@ -97,6 +100,7 @@ def test_pretrain_then_sample(tmp_path):
 # The evaluation's checks, run through main.py's parser and error handler in this process. The
 # flagfile's data and bundled models are real: each mistake is the only one.
 QUICKSTART_CFG = ["--flagfile=configs/fashion_mnist.cfg"]
+QUICKSTART_RUN = "finetune_dpm_solver_pp_k5"  # Where the flagfile's finetune at K=5 goes.
 
 
 def _error_in_process(main_module, capsys, args):
@@ -139,14 +143,14 @@ def test_evaluation_flags_checked_before_any_work(main_module, capsys, monkeypat
 def test_quickstart_refuses_a_finetune_whose_settings_were_not_recorded(main_module, capsys,
                                                                       monkeypatch, tmp_path):
   monkeypatch.chdir(REPO_ROOT)
-  (tmp_path / "finetune_k5").mkdir()
-  (tmp_path / "finetune_k5" / "unet.weights.h5").write_bytes(b"written by --mode=finetune")
+  (tmp_path / QUICKSTART_RUN).mkdir()
+  (tmp_path / QUICKSTART_RUN / "unet.weights.h5").write_bytes(b"written by --mode=finetune")
   line = _error_in_process(main_module, capsys, [
       *QUICKSTART_CFG, f"--workdir={tmp_path}", f"--export_dir={tmp_path}/export",
       "--mode=quickstart"])
   assert f"--workdir={tmp_path}" in line and "settings were not recorded" in line
-  assert os.listdir(tmp_path) == ["finetune_k5"]
-  assert os.listdir(tmp_path / "finetune_k5") == ["unet.weights.h5"]
+  assert os.listdir(tmp_path) == [QUICKSTART_RUN]
+  assert os.listdir(tmp_path / QUICKSTART_RUN) == ["unet.weights.h5"]
 
 
 def test_quickstart_reuses_a_finetune_only_if_every_run_of_it_had_its_settings(
@@ -159,7 +163,7 @@ def test_quickstart_reuses_a_finetune_only_if_every_run_of_it_had_its_settings(
     return cfg, provenance.finetune_settings(cfg, init_checkpoint=cfg.run.init_checkpoint)
 
   cfg, settings = configured("--mode=finetune")
-  run_dir = tmp_path / "finetune_k5"
+  run_dir = tmp_path / QUICKSTART_RUN
   (run_dir / "checkpoints").mkdir(parents=True)
   runs.write_record(cfg, str(run_dir), decides_weights=settings)
   # Started by --mode=finetune with the quickstart's settings: the quickstart may resume it.
@@ -269,8 +273,9 @@ def test_evaluate_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_the_flagfiles_quickstart_samples_only_mmd_ddm(main_module, monkeypatch, tmp_path):
-  """The base model's rows of configs/fashion_mnist.cfg's quickstart (DDIM K=5 and K=100, the
-  --eval_samplers at K=5) are all in the rows bundled with the base model (--eval_reuse_rows).
+  """The base model's rows of configs/fashion_mnist.cfg's quickstart (its sampler and the
+  --eval_samplers at K=5, DDIM K=100) are all in the rows bundled with the base model
+  (--eval_reuse_rows).
   A change of the code or the flagfile that changes their keys fails here, not as a quickstart
   that silently takes 15 minutes longer: rerun scripts/quickstart_rows_fashion_mnist.sh."""
   monkeypatch.chdir(REPO_ROOT)  # The flagfile's paths are relative to the repository.
@@ -287,8 +292,9 @@ def test_the_flagfiles_quickstart_samples_only_mmd_ddm(main_module, monkeypatch,
       skip_too_wide=True)
   report = quickstart_app.compare(cfg, finetuned={}, spaces=spaces,
                                   init_checkpoint=cfg.run.init_checkpoint)
+  # Finetuned through DPM-Solver++: its row, the other training-free samplers at K and DDIM K=100.
   assert [(row["model"], row["num_steps"]) for row in report["rows"]] == [
-      ("DDIM", 5), ("DDIM", 100), ("DDIM (trailing)", 5), ("DPM-Solver++ (uniform)", 5),
+      ("DPM-Solver++", 5), ("DDIM", 100), ("DDIM (uniform)", 5), ("DDIM (trailing)", 5),
       ("DPM-Solver++ (trailing)", 5)]
   assert set(report["feature_spaces"]) == {"classifier", "classifier_heldout"}
   assert glob.glob(os.path.join(tmp_path, "quickstart", "rows", "*")) == []
@@ -395,3 +401,43 @@ def test_quickstart_with_learned_timesteps_evaluates_and_exports_at_them(tmp_pat
   assert "- MMD-DDM K=2 samples at its learned timesteps" in result.stdout
   with open(os.path.join(export, "mmd_ddm", "1", "assets", "sampler.json")) as f:
     assert json.load(f)["timesteps"] == learned
+
+
+@pytest.mark.slow
+def test_quickstart_with_adapters_ships_them_alone_and_exports_them_merged(tmp_path):
+  """--lora_rank: the finetune writes its adapters alone, the report scores them on the base model
+  and the export (adapters merged into the kernels) samples what the adapters do at run time."""
+  base = _unet_file(tmp_path / "base.weights.h5", seed=0)
+  workdir, export = str(tmp_path / "run"), str(tmp_path / "export")
+  result = run_main(f"--workdir={workdir}", f"--export_dir={export}", "--mode=quickstart",
+                    f"--init_checkpoint={base}", *E2E_UNET, *E2E_EVAL, "--num_steps=2",
+                    "--finetune_steps=2", "--batch_size=4", "--checkpoint_every=2",
+                    "--log_every=1", "--learning_rate=1e-2", "--quickstart_eval_images=130",
+                    "--lora_rank=2", "--lora_targets=up")
+  assert result.returncode == 0, result.stderr
+  run_dir = os.path.join(workdir, "finetune_k2_lora2_up")
+  product = os.path.join(run_dir, "unet.adapters.npz")
+  assert [n for n in os.listdir(run_dir) if n.startswith("unet")] == ["unet.adapters.npz"]
+  assert f"finetuned adapters: {product}" in result.stdout
+  with open(os.path.join(workdir, "quickstart", "report.json")) as f:
+    rows = json.load(f)["rows"]
+  assert rows[-1]["model"] == "MMD-DDM" and rows[-1]["weights"]["path"] == product
+  meta, _ = adapters.read(product)
+  assert (meta["rank"], meta["targets"]) == (2, "up")
+
+  adapted = _e2e_unet()
+  checkpoints.restore_unet(adapted, base)
+  adapters.load(adapted, product)  # Adapters at run time: x W + x (α/r) A B.
+  noise = np.random.default_rng(3).standard_normal((6, 28, 28, 1)).astype(np.float32)
+  schedule = schedule_lib.NoiseSchedule.linear(num_timesteps=10)
+  want = ddim.to_uint8(ddim.sample(lambda x, t: adapted(x, t), tf.constant(noise),
+                                   timesteps=schedule.timesteps(2),
+                                   alphas_cumprod=schedule.alphas_cumprod)).numpy()
+  served = tf.saved_model.load(os.path.join(export, "mmd_ddm", "1"))
+  got = served.signatures["from_noise"](noise=tf.constant(noise))["images"].numpy()
+  assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+  plain = _e2e_unet()
+  checkpoints.restore_unet(plain, base)
+  assert not np.array_equal(want, ddim.to_uint8(ddim.sample(
+      lambda x, t: plain(x, t), tf.constant(noise), timesteps=schedule.timesteps(2),
+      alphas_cumprod=schedule.alphas_cumprod)).numpy())  # The adapters changed the model.

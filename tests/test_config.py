@@ -64,8 +64,9 @@ def test_build_resolves_defaults(monkeypatch, repo_root):
   assert cfg.finetune.batch_size == cfg.data.batch_size == 64  # --finetune_batch_size unset.
   assert cfg.eval.steps == (5, 10, 20, 50, 100)
   assert cfg.eval.feature_nets == ("classifier", "classifier_heldout", "efficientnet_lite0")
-  assert cfg.eval.samplers == (("ddim", "trailing"), ("dpm_solver_pp", "uniform"),
-                              ("dpm_solver_pp", "trailing"))
+  assert cfg.sampler.sampler == "dpm_solver_pp"
+  assert cfg.eval.samplers == (("ddim", "uniform"), ("ddim", "trailing"),
+                              ("dpm_solver_pp", "uniform"), ("dpm_solver_pp", "trailing"))
   assert cfg.features.classifier_path.endswith("pretrained/fashion_mnist/classifier.weights.h5")
   assert cfg.features.classifier_path_of("classifier_heldout").endswith(
       "pretrained/fashion_mnist/classifier_heldout.weights.h5")

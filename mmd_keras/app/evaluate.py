@@ -4,6 +4,7 @@ space; report.json/.md, fid_vs_steps.png and sample grids."""
 
 import os
 
+from mmd_keras import adapters as adapters_lib
 from mmd_keras import checkpoints
 from mmd_keras import errors
 from mmd_keras import evaluation as evaluate_lib
@@ -61,32 +62,38 @@ def check_reuse_rows(cfg):
 def finetuned_timesteps(cfg, k, path):
   """The timesteps learned with the MMD-DDM weights `path` at K = `k`, or None (see
   `runs.learned_timesteps`)."""
+  if adapters_lib.is_file(path):  # Adapters are finetuned at fixed timesteps.
+    return None
   return runs.learned_timesteps(cfg, path, num_steps=k, parameter="eval.finetuned_checkpoints",
                                 steps_field="eval.finetuned_checkpoints")
 
 
 def sweep(cfg, *, ddim_steps, sampler_steps, finetuned, spaces, num_images, out_dir,
-          init_checkpoint):
+          init_checkpoint, reference_steps=()):
   """Samples and scores every (model, K): the base model with the run's sampler at `ddim_steps` and
-  with each of `extra_samplers` at `sampler_steps`, each finetuned model at its K; prints the
-  table; returns the report."""
+  with each of `extra_samplers` at `sampler_steps`, with DDIM (uniform) at `reference_steps`, each
+  finetuned model at its K; prints the table; returns the report."""
   base = runs.restored_unet(cfg, init_checkpoint)
   # A directory stands for its latest checkpoint: the report names (and hashes) that one.
   base_path = checkpoints.latest(init_checkpoint)
-  models = [evaluate_lib.ModelSpec(samplers.LABELS[cfg.sampler.sampler], base, tuple(ddim_steps),
+  s = cfg.sampler
+  if (s.sampler, s.timesteps) == ("ddim", "uniform"):
+    ddim_steps, reference_steps = sorted({*ddim_steps, *reference_steps}), ()
+  models = [evaluate_lib.ModelSpec(samplers.LABELS[s.sampler], base, tuple(ddim_steps),
                                    path=base_path)]
+  if reference_steps:
+    models.append(evaluate_lib.ModelSpec(samplers.LABELS["ddim"], base, tuple(reference_steps),
+                                         path=base_path, sampler="ddim", timesteps="uniform"))
   models += [evaluate_lib.ModelSpec(sampler_label(name, spacing), base, tuple(sampler_steps),
                                     path=base_path, sampler=name, timesteps=spacing)
              for name, spacing in extra_samplers(cfg)]
   for k, path in sorted(finetuned.items()):
-    unet = cfg.unet.factory()().build_for_inference()
-    checkpoints.restore_unet(unet, path, use_ema=False, parameter="finetuned_checkpoints")
+    unet = runs.finetuned_unet(cfg, path)
     models.append(evaluate_lib.ModelSpec(evaluate_lib.FINETUNED, unet, (k,), path=path,
                                          timesteps=finetuned_timesteps(cfg, k, path),
                                          finetune=finetune_app.recorded_settings(path)))
   real_set, real_batches = inputs.real_set(cfg)
   runs.write_record(cfg, out_dir)
-  s = cfg.sampler
   report = evaluate_lib.run(
       models=models, feature_spaces=spaces, real_images=real_batches,
       schedule=cfg.diffusion.schedule(), num_images=num_images, seed=cfg.run.seed,

@@ -1,10 +1,11 @@
-"""--mode=quickstart: finetune at K from the base model, compare DDIM-K (and the training-free
-samplers of --eval_samplers at K) / MMD-DDM-K / DDIM-100 on a small evaluation, export the
-finetuned sampler. A rerun reuses a finetune (of this mode or --mode=finetune) only if the settings
-it was made with (its record beside it) are the same."""
+"""--mode=quickstart: finetune at K from the base model, compare the base model's sampler at K (and
+the training-free samplers of --eval_samplers at K) / MMD-DDM-K / DDIM-100 on a small evaluation,
+export the finetuned sampler. A rerun reuses a finetune (of this mode or --mode=finetune) only if
+the settings it was made with (its record beside it) are the same."""
 
 import os
 
+from mmd_keras import adapters
 from mmd_keras import checkpoints
 from mmd_keras import errors
 from mmd_keras import provenance
@@ -16,7 +17,7 @@ from mmd_keras.app import inputs
 from mmd_keras.app import runs
 from mmd_keras.errors import ParameterError
 
-REFERENCE_STEPS = 100  # The many-step DDIM row.
+REFERENCE_STEPS = 100  # The many-step DDIM row, whatever sampler the run finetunes through.
 
 
 def reference_steps(cfg):
@@ -29,7 +30,7 @@ def check_reuse(cfg, settings):
   settings made, in any of its runs, since this run would reuse it."""
   run_dir = os.path.join(cfg.run.workdir, finetune.run_dir_name(cfg))
   if not any(os.path.exists(os.path.join(run_dir, name))
-             for name in ("unet.weights.h5", "checkpoints")):
+             for name in (runs.product_name(cfg), "checkpoints")):
     return
   k = cfg.sampler.num_steps
   retry = f"pass another {{run.workdir}} (or delete {run_dir})"
@@ -73,21 +74,25 @@ def run(cfg):
   base = samplers.LABELS[cfg.sampler.sampler]
   others = "".join(f", {evaluate.sampler_label(*pair)} K={k}"
                    for pair in evaluate.extra_samplers(cfg))
-  print(f"[2/3] evaluating {base} K={k}{others}, MMD-DDM K={k} and {base} K={reference_k} on "
+  print(f"[2/3] evaluating {base} K={k}{others}, MMD-DDM K={k} and DDIM K={reference_k} on "
         f"{num_images} images")
   compare(cfg, finetuned={k: finetuned}, spaces=spaces, init_checkpoint=plan.init_checkpoint)
   print(f"[3/3] exporting the MMD-DDM K={k} sampler")
-  export.run(cfg, init_checkpoint=finetuned, next_free_version=True)
+  if adapters.is_file(finetuned):
+    export.run(cfg, init_checkpoint=plan.init_checkpoint, adapters=finetuned,
+               next_free_version=True)
+  else:
+    export.run(cfg, init_checkpoint=finetuned, next_free_version=True)
 
 
 def compare(cfg, *, finetuned, spaces, init_checkpoint):
-  """The quickstart's report in <workdir>/quickstart: the base model with the run's sampler at K
-  and at the reference K, with the training-free samplers of eval.samplers at K only (the
-  comparison MMD-DDM is made for), and the `finetuned` models ({K: path}); returns it."""
+  """The quickstart's report in <workdir>/quickstart: the base model with the run's sampler at K,
+  with the training-free samplers of eval.samplers at K (the comparison MMD-DDM is made for) and
+  with DDIM at the reference K, and the `finetuned` models ({K: path}); returns it."""
   k = cfg.sampler.num_steps
   with errors.renamed(num_images="eval.quickstart_images"):
     return evaluate.sweep(
-        cfg, ddim_steps=sorted({k, reference_steps(cfg)}),
+        cfg, ddim_steps=(k,), reference_steps=(reference_steps(cfg),),
         sampler_steps=(k,), finetuned=finetuned, spaces=spaces,
         num_images=cfg.eval.quickstart_images, out_dir=runs.mode_dir(cfg.run, "quickstart"),
         init_checkpoint=init_checkpoint)
