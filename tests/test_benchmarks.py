@@ -9,9 +9,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from mmd_keras import adapters
+from mmd_keras import unet as unet_lib
 from mmd_keras.benchmarks import finetune as finetune_benchmark
+from mmd_keras.benchmarks import presets
 
 FIGURES = ("rss_after_imports_mib", "rss_after_model_mib", "rss_after_trace_mib",
            "rss_after_first_step_mib", "peak_rss_mib", "first_step_s", "step_s")
@@ -46,23 +50,31 @@ def _assert_refused(main, names):
 def test_finetune_benchmark_smoke(repo_root, tmp_path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   json_out = tmp_path / "finetune.json"
-  result = _run(repo_root, "--configs=tiny", "--ks=1,2", "--steps=1", f"--json_out={json_out}")
+  # Rank-2 adapters: the children that finetune the full UNet run in the test below.
+  result = _run(repo_root, "--configs=tiny", "--ks=1,2", "--steps=1", "--lora_ranks=2",
+                f"--json_out={json_out}")
   assert result.returncode == 0, result.stderr[-2000:]
   lines = result.stdout.splitlines()
   assert lines[0].startswith("# command: python -m mmd_keras.benchmarks finetune --configs=tiny "
-                             "--ks=1,2 --steps=1 --json_out=")
+                             "--ks=1,2 --steps=1 --lora_ranks=2 --json_out=")
   for field in ("| date: ", "| commit: ", f"| tensorflow: {tf.__version__} |",
                 f"| cpus: {os.cpu_count()}"):
     assert field in lines[0], (field, lines[0])
-  assert "| K | step s | peak RSS MiB | first step s |" in result.stdout
+  assert "| K | step s | peak RSS MiB | trained parameters | first step s |" in result.stdout
   assert "[2/2] tiny K=2 batch 4 current" in result.stderr
   report = json.loads(lines[-1])
   assert report == json.loads(json_out.read_text())
   assert report["tensorflow"] == tf.__version__
   assert [(row["config"], row["k"], row["batch_size"], row["tree"]) for row in report["rows"]] == [
       ("tiny", 1, 4, "current"), ("tiny", 2, 4, "current")]
+  unet = unet_lib.UNet(**presets.unet_kwargs("tiny")).build_for_inference()
+  everything = sum(int(np.prod(w.shape)) for w in unet.weights)
+  adapters.enable(unet, 2)
   for row in report["rows"]:
     _check_figures(row)
+    assert row["lora_rank"] == 2
+    assert row["trained_params"] == sum(int(np.prod(w.shape)) for w in unet.trainable_weights)
+    assert 0 < row["trained_params"] < everything / 4
   [ratio] = report["ratios"]
   assert ratio["k_min"] == 1 and ratio["k_max"] == 2 and ratio["peak_rss_ratio"] > 0
 
@@ -108,16 +120,20 @@ def test_finetune_benchmark_measures_both_gradients_side_by_side(repo_root):
   report = json.loads(result.stdout.splitlines()[-1])
   assert [(row["variant"], row["tree"], row["gradient"]) for row in report["rows"]] == [
       ("current replay", "current", "replay"), ("current tape", "current", "tape")]
+  unet = unet_lib.UNet(**presets.unet_kwargs("tiny")).build_for_inference()
   for row in report["rows"]:
     _check_figures(row)
+    assert row["trained_params"] == sum(int(np.prod(w.shape)) for w in unet.weights)
 
 
 def test_variant_names_keep_the_tree_names_for_one_gradient():
   trees = {"ref": "/a", "current": "/b"}
   assert finetune_benchmark.variant_names(trees, ["tape"]) == {
-      "ref": ("ref", "tape"), "current": ("current", "tape")}
+      "ref": ("ref", "tape", 0), "current": ("current", "tape", 0)}
   assert list(finetune_benchmark.variant_names(trees, ["replay", "tape"])) == [
       "ref replay", "ref tape", "current replay", "current tape"]
+  assert finetune_benchmark.variant_names({"current": "/b"}, ["tape"], [0, 4]) == {
+      "current full": ("current", "tape", 0), "current lora4": ("current", "tape", 4)}
 
 
 @pytest.mark.parametrize("args, names", [
@@ -129,13 +145,14 @@ def test_variant_names_keep_the_tree_names_for_one_gradient():
     (["--configs=fashion,huge"], ["--configs=fashion,huge", "'huge'", "fashion, small, tiny"]),
     (["--trees=ref:/no/such/tree"], ["--trees=ref:/no/such/tree", "checkout"]),
     (["--gradients=replay,keep"], ["--gradients=replay,keep", "'keep'", "replay, tape"]),
+    (["--lora_ranks=0,-4"], ["--lora_ranks=0,-4", "comma-separated integers >= 0"]),
     (["--dropout=1"], ["'dropout'"]),
     (["--steps"], ["--steps"]),
     (["--json_out=/no/such/dir/out.json"], ["--json_out=/no/such/dir/out.json",
                                             "existing directory"]),
     (["fashion"], ["'fashion'", "--name=value"]),
 ], ids=["k_zero", "k_not_int", "batch_zero", "batch_list", "steps_zero", "unknown_config",
-        "unknown_tree", "unknown_gradient", "unknown_option", "option_without_value",
+        "unknown_tree", "unknown_gradient", "lora_rank_negative", "unknown_option", "option_without_value",
         "json_out_dir_missing", "positional"])
 def test_finetune_benchmark_refuses_bad_input(monkeypatch, capsys, args, names):
   def no_child(**kwargs):

@@ -1,7 +1,8 @@
 """Memory and time the unrolled K-step MMD finetuning step costs a user's machine.
 
   python -m mmd_keras.benchmarks finetune [--configs=fashion,small] [--ks=5,20] [--batch_size=N]
-      [--steps=2] [--gradients=replay,tape] [--trees=<name>:<dir>,...] [--json_out=<file>]
+      [--steps=2] [--gradients=replay,tape] [--lora_ranks=0,4,16] [--trees=<name>:<dir>,...]
+      [--json_out=<file>]
 
 Each (config, K) variant runs in a fresh Python process, so none inherits another's heap or
 graphs. The child builds the config's UNet, `MMDFinetuner` with Adam and a fixed random pixel
@@ -30,6 +31,11 @@ config's batch.
 `--gradients` names how the step's gradient is taken, one variant each: `replay` (the default,
 `recompute=True`: one UNet call's activations alive at a time) and `tape` (`recompute=False`,
 main.py's `--norecompute`: one tape over all K calls).
+
+`--lora_ranks` lists how many weights train, one variant each: 0 (every weight, the default) or
+the rank R of low-rank adapters on every layer (main.py's `--lora_rank`); each row also reports
+the trained parameters (what Adam keeps two more copies of, and what the run saves: the whole UNet,
+or the adapters' file).
 
 `--trees=ref:<dir>` also measures the code of another checkout of this repository: its directory
 is first on the child's PYTHONPATH, so `import mmd_keras` loads that code while the child script is
@@ -71,12 +77,25 @@ flags.DEFINE_integer("steps", 2, "Timed steps after the first.", lower_bound=1, 
 cli.define_names("gradients", "replay", tuple(GRADIENTS),
                  "How the gradient is taken (replay: --recompute, tape: --norecompute).",
                  noun="gradient", flag_values=FLAGS)
+flags.DEFINE_string("lora_ranks", "0", "Adapter ranks to measure (0: every weight trains).",
+                    flag_values=FLAGS)
+flags.register_validator("lora_ranks", lambda text: _ranks(text) is not None,
+                         message="expected comma-separated integers >= 0", flag_values=FLAGS)
 flags.DEFINE_string("trees", "", "Other checkouts of this repository to measure too, as "
                     "<name>:<dir> (e.g. from scripts/compare_finetune_step.py).", flag_values=FLAGS)
 flags.DEFINE_string("json_out", None, "Also write the report here.", flag_values=FLAGS)
 flags.register_validator(
     "json_out", lambda path: path is None or os.path.isdir(os.path.dirname(os.path.abspath(path))),
     message="expected a file in an existing directory", flag_values=FLAGS)
+
+
+def _ranks(text):
+  """The comma-separated integers >= 0 of `text`, or None if it holds anything else."""
+  try:
+    values = [int(value) for value in text.split(",")]
+  except ValueError:
+    return None
+  return values if min(values) >= 0 else None
 
 
 def _trees(text):
@@ -94,6 +113,7 @@ def _trees(text):
 
 # (row key, column title, format) of the tables.
 COLUMNS = (("step_s", "step s", ".2f"), ("peak_rss_mib", "peak RSS MiB", ".0f"),
+           ("trained_params", "trained parameters", "d"),
            ("first_step_s", "first step s", ".1f"),
            ("rss_after_imports_mib", "RSS after imports MiB", ".0f"),
            ("rss_after_model_mib", "RSS after model MiB", ".0f"),
@@ -102,13 +122,14 @@ COLUMNS = (("step_s", "step s", ".2f"), ("peak_rss_mib", "peak RSS MiB", ".0f"),
            ("tf_allocator_peak_mib", "TF allocator peak MiB", ".0f"))
 
 
-def _run_child(*, tree, config, k, batch_size, steps, recompute):
+def _run_child(*, tree, config, k, batch_size, steps, recompute, lora_rank=0):
   """One variant's figures, measured in a fresh process that imports mmd_keras from `tree`."""
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
   # The architecture is resolved here, by this tree: an older tree's child builds the same UNet.
   spec = json.dumps(dict(config=config, unet=presets.unet_kwargs(config), k=k,
-                         batch_size=batch_size, steps=steps, tree=str(tree), recompute=recompute))
+                         batch_size=batch_size, steps=steps, tree=str(tree), recompute=recompute,
+                         **({"lora_rank": lora_rank} if lora_rank else {})))
   # -P keeps this file's directory off sys.path: PYTHONPATH alone decides which mmd_keras loads.
   result = subprocess.run([sys.executable, "-P", str(CHILD), spec],
                           cwd=tree, env=env, capture_output=True, text=True)
@@ -118,29 +139,37 @@ def _run_child(*, tree, config, k, batch_size, steps, recompute):
   return json.loads(result.stdout.splitlines()[-1])
 
 
-def variant_names(trees, gradients):
-  """{variant name: (tree name, gradient)}: the tree's name alone while one gradient is measured
-  (so a run of two trees keeps their names, e.g. "ref" and "current"), else "<tree> <gradient>"."""
-  return {(tree if len(gradients) == 1 else f"{tree} {gradient}"): (tree, gradient)
-          for tree in trees for gradient in gradients}
+def variant_names(trees, gradients, lora_ranks=(0,)):
+  """{variant name: (tree name, gradient, adapter rank)}: the tree's name, then the gradient where
+  more than one is measured, then "full" or "lora<R>" where more than one rank is (so a run of two
+  trees keeps their names, e.g. "ref" and "current")."""
+  names = {}
+  for tree in trees:
+    for gradient in gradients:
+      for rank in lora_ranks:
+        parts = [tree, *([gradient] if len(gradients) > 1 else []),
+                 *([f"lora{rank}" if rank else "full"] if len(lora_ranks) > 1 else [])]
+        names[" ".join(parts)] = (tree, gradient, rank)
+  return names
 
 
-def _measure(*, configs, ks, gradients, trees, commits):
+def _measure(*, configs, ks, gradients, lora_ranks, trees, commits):
   """Every variant's row, the variants alternating for each config and K."""
-  variants = variant_names(trees, gradients)
+  variants = variant_names(trees, gradients, lora_ranks)
   runs = [(config, k, name) for config in configs for k in ks for name in variants]
   rows = []
   for index, (config, k, name) in enumerate(runs, 1):
-    tree, gradient = variants[name]
+    tree, gradient, rank = variants[name]
     batch_size = FLAGS.batch_size or presets.PRESETS[config].batch_size
     print(f"[{index}/{len(runs)}] {config} K={k} batch {batch_size} {name} "
           f"({commits[tree]}) ...", end="", file=sys.stderr, flush=True)
     figures = _run_child(tree=trees[tree], config=config, k=k, batch_size=batch_size,
-                         steps=FLAGS.steps, recompute=GRADIENTS[gradient])
+                         steps=FLAGS.steps, recompute=GRADIENTS[gradient], lora_rank=rank)
     print(f" {figures['step_s']:.2f} s/step, peak RSS {figures['peak_rss_mib']:.0f} MiB, "
           f"first step {figures['first_step_s']:.1f} s", file=sys.stderr, flush=True)
     rows.append(dict(config=config, k=k, batch_size=batch_size, steps=FLAGS.steps, tree=tree,
-                     gradient=gradient, variant=name, commit=commits[tree], **figures))
+                     gradient=gradient, lora_rank=rank, variant=name, commit=commits[tree],
+                     **figures))
   return rows
 
 
@@ -166,7 +195,7 @@ def _print_tables(rows, *, configs, ks, variants):
     for k in ks:
       cells = [str(k)]
       for key, _, spec in COLUMNS:
-        cells += [_cell(by[(config, k, name)][key], spec) for name in variants]
+        cells += [_cell(by[(config, k, name)].get(key), spec) for name in variants]
         if key == "step_s" and compare:
           base = by[(config, k, variants[0])]["step_s"]
           cells += [f"{base / by[(config, k, name)]['step_s']:.2f}" for name in variants[1:]]
@@ -188,6 +217,7 @@ def main():
   cli.parse(FLAGS, argv)
   configs, ks = cli.names(FLAGS.configs), list(dict.fromkeys(cli.positive_ints(FLAGS.ks)))
   gradients = cli.names(FLAGS.gradients)
+  lora_ranks = list(dict.fromkeys(_ranks(FLAGS.lora_ranks)))
   trees = _trees(FLAGS.trees)
   commits = {name: cli.commit(tree) for name, tree in trees.items()}
   header = dict(command=shlex.join(["python", "-m", "mmd_keras.benchmarks", "finetune", *argv]),
@@ -196,8 +226,9 @@ def main():
                 **{f"tree {name}": f"{trees[name]} ({commits[name]})" for name in trees
                    if name != "current"})
   print("# " + " | ".join(f"{key}: {value}" for key, value in header.items()), flush=True)
-  rows = _measure(configs=configs, ks=ks, gradients=gradients, trees=trees, commits=commits)
-  names = list(variant_names(trees, gradients))
+  rows = _measure(configs=configs, ks=ks, gradients=gradients, lora_ranks=lora_ranks, trees=trees,
+                  commits=commits)
+  names = list(variant_names(trees, gradients, lora_ranks))
   _print_tables(rows, configs=configs, ks=ks, variants=names)
   ratios = _ratios(rows, configs=configs, ks=ks, variants=names)
   if ratios:

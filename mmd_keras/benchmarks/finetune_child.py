@@ -18,7 +18,7 @@ def _status_mib(field):
   raise KeyError(field)
 
 
-def _child(*, config, unet, k, batch_size, steps, tree, recompute):
+def _child(*, config, unet, k, batch_size, steps, tree, recompute, lora_rank=0):
   """Measures one variant in this fresh process; prints its figures as one JSON line."""
   import mmd_keras
   if pathlib.Path(mmd_keras.__file__).resolve().parents[1] != pathlib.Path(tree).resolve():
@@ -35,6 +35,10 @@ def _child(*, config, unet, k, batch_size, steps, tree, recompute):
   rss_after_imports = _status_mib("VmRSS")
   del config  # Named in the spec for error messages; `unet` holds its architecture.
   unet = unet_lib.UNet(**unet).build_for_inference()
+  if lora_rank:
+    from mmd_keras import adapters  # Only trees that have adapters are asked for them.
+    adapters.enable(unet, lora_rank)
+  trained_params = int(sum(np.prod(w.shape) for w in unet.trainable_weights))
   image_shape = [unet.image_size, unet.image_size, unet.channels]
   dim = int(np.prod(image_shape))
   projection = tf.constant(
@@ -66,6 +70,7 @@ def _child(*, config, unet, k, batch_size, steps, tree, recompute):
   except ValueError:  # This build's CPU allocator does not track its peak.
     allocator_peak = None
   print(json.dumps(dict(rss_after_imports_mib=rss_after_imports, peak_rss_mib=peak_rss,
+                        trained_params=trained_params,
                         first_step_s=first_step_s, step_s=step_s,
                         tf_allocator_peak_mib=allocator_peak,
                         rss_after_model_mib=rss_after_model, rss_after_trace_mib=rss_after_trace,
