@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mmd_keras import checkpoints
 from mmd_keras import finetune
 from mmd_keras import mmd
 from mmd_keras import schedule as schedule_lib
@@ -88,6 +89,35 @@ def make_finetuner(unet, *, num_steps=2, recompute=True, dropout=False, seed=0, 
   # As the driver: no XLA, whatever the device.
   trainer.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate=lr), jit_compile=False)
   return trainer
+
+
+def finetuner_gradients(trainer, x_real):
+  """(MMD², [gradient arrays]) of one `compute_gradients` of `trainer` on `x_real`."""
+  loss, grads = tf.function(trainer.compute_gradients)(tf.constant(x_real))
+  return float(loss), [g.numpy() for g in grads]
+
+
+def finetune_driver(workdir, init, *, steps, real, **options):
+  """`finetune.finetune` of the tiny UNet (FINETUNER_IMAGE_SIZE, K = 2) from the weights file
+  `init` in `workdir`, `real` as every real batch; `options` override the settings below or add
+  others (validation, lora_rank, …)."""
+  settings = dict(learning_rate=1e-3, grad_clip=0.5, checkpoint_every=2, log_every=1, seed=0,
+                  num_sample_images=4, **options)
+  return finetune.finetune(
+      unet_factory=lambda: tiny_unet(image_size=FINETUNER_IMAGE_SIZE),
+      feature_net_factory=RandomConvFeatures, kernel=mmd.make_kernel("polynomial"),
+      dataset_fn=lambda start_batch: tf.data.Dataset.from_tensors(real).repeat(),
+      schedule=FINETUNER_SCHEDULE, workdir=str(workdir), num_steps=2, finetune_steps=steps,
+      global_batch_size=real.shape[0], strategy=tf.distribute.get_strategy(),
+      init_checkpoint=str(init), **settings)
+
+
+def finetune_base_and_real(tmp_path):
+  """A small random base model's weights file and 4 real images for `finetune_driver`."""
+  init = tmp_path / "base.weights.h5"
+  checkpoints.save_weights_h5(
+      randomize_weights(tiny_unet(image_size=FINETUNER_IMAGE_SIZE), scale=0.05), str(init))
+  return init, real_images(4, seed=0)
 
 
 def real_images(count, *, seed):

@@ -10,15 +10,14 @@ import pytest
 import tensorflow as tf
 
 from helpers import FINETUNER_IMAGE_SIZE
-from helpers import FINETUNER_SCHEDULE
-from helpers import RandomConvFeatures
+from helpers import finetune_base_and_real
+from helpers import finetune_driver
 from helpers import randomize_weights
 from helpers import real_images
 from helpers import tiny_unet
 from mmd_keras import adapters
 from mmd_keras import checkpoints
 from mmd_keras import finetune
-from mmd_keras import mmd
 from mmd_keras import provenance
 from mmd_keras import validation
 from mmd_keras import unet as unet_lib
@@ -115,24 +114,14 @@ def test_bad_adapters_and_ranks_are_one_line_errors(tmp_path):
 
 def _lora_finetune(workdir, init, *, steps, learning_rate=1e-2, validation=None, rank=2,
                    checkpoint_every=100):
-  real = real_images(4, seed=0)
-  return finetune.finetune(
-      unet_factory=lambda: tiny_unet(image_size=FINETUNER_IMAGE_SIZE),
-      feature_net_factory=RandomConvFeatures, kernel=mmd.make_kernel("polynomial"),
-      dataset_fn=lambda start_batch: tf.data.Dataset.from_tensors(real).repeat(),
-      schedule=FINETUNER_SCHEDULE, workdir=str(workdir), num_steps=2, finetune_steps=steps,
-      learning_rate=learning_rate, grad_clip=0.5, global_batch_size=4,
-      checkpoint_every=checkpoint_every, log_every=1, seed=0,
-      strategy=tf.distribute.get_strategy(), init_checkpoint=str(init), num_sample_images=4,
-      validation=validation, lora_rank=rank)
+  return finetune_driver(workdir, init, steps=steps, real=real_images(4, seed=0),
+                         learning_rate=learning_rate, validation=validation, lora_rank=rank,
+                         checkpoint_every=checkpoint_every)
 
 
 @pytest.fixture
 def base_file(tmp_path):
-  path = tmp_path / "base.weights.h5"
-  checkpoints.save_weights_h5(
-      randomize_weights(tiny_unet(image_size=FINETUNER_IMAGE_SIZE), scale=0.05), str(path))
-  return path
+  return finetune_base_and_real(tmp_path)[0]
 
 
 def _plain(path):

@@ -1,7 +1,7 @@
 """MMDFinetuner: the unroll is real (every weight gets a gradient), recompute changes nothing but
 memory (also with dropout), both for DDIM and DPM-Solver++, finetuning lowers a held-out MMD², the
-driver checkpoints and resumes; learned timesteps get the finite-difference gradient, move, and are
-saved and restored."""
+driver checkpoints and resumes, an EMA of the weights is what it saves. Learned timesteps:
+test_learned_timesteps.py; micro-batches: test_micro_batches.py."""
 
 import os
 
@@ -12,7 +12,9 @@ import tensorflow as tf
 
 from helpers import FINETUNER_IMAGE_SIZE as IMAGE_SIZE
 from helpers import FINETUNER_SCHEDULE as SCHEDULE
-from helpers import RandomConvFeatures
+from helpers import finetune_base_and_real
+from helpers import finetune_driver
+from helpers import finetuner_gradients
 from helpers import make_finetuner
 from helpers import randomize_weights
 from helpers import real_images
@@ -27,11 +29,6 @@ from mmd_keras import streams
 from mmd_keras.errors import UserError
 
 
-def gradients(trainer, x_real):
-  loss, grads = tf.function(trainer.compute_gradients)(tf.constant(x_real))
-  return float(loss), [g.numpy() for g in grads]
-
-
 def relative_error(a, b):
   return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
@@ -41,7 +38,7 @@ def test_every_trainable_weight_gets_a_gradient_through_the_unroll(sampler):
   # Attention at 4x4 too, so the down/up-level attention blocks are in the unroll.
   unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE, attn_resolutions=(4,)), seed=1,
                            scale=0.05)
-  loss, grads = gradients(make_finetuner(unet, num_steps=3, sampler=sampler),
+  loss, grads = finetuner_gradients(make_finetuner(unet, num_steps=3, sampler=sampler),
                           real_images(6, seed=0))
   assert np.isfinite(loss)
   assert len(grads) == len(unet.trainable_weights) > 20
@@ -55,7 +52,7 @@ def test_gradient_matches_finite_differences_of_the_whole_unroll():
   unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE), seed=1, scale=0.05)
   trainer = make_finetuner(unet, num_steps=3)
   x_real = real_images(6, seed=0)
-  _, grads = gradients(trainer, x_real)
+  _, grads = finetuner_gradients(trainer, x_real)
   loss_fn = tf.function(lambda: trainer.compute_gradients(tf.constant(x_real))[0])
   norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads))
   h = 1e-2 / norm
@@ -75,9 +72,9 @@ def test_recompute_gives_the_same_gradients(dropout, sampler):
   unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE, dropout=0.3, attn_resolutions=(4,)),
                            seed=2, scale=0.05)
   x_real = real_images(6, seed=0)
-  loss_plain, plain = gradients(make_finetuner(unet, num_steps=3, recompute=False,
+  loss_plain, plain = finetuner_gradients(make_finetuner(unet, num_steps=3, recompute=False,
                                                dropout=dropout, sampler=sampler), x_real)
-  loss_recomputed, recomputed = gradients(make_finetuner(unet, num_steps=3, recompute=True,
+  loss_recomputed, recomputed = finetuner_gradients(make_finetuner(unet, num_steps=3, recompute=True,
                                                          dropout=dropout, sampler=sampler),
                                           x_real)
   # Float32 rounding only: the replayed loop runs the same steps in another graph (constants
@@ -96,8 +93,8 @@ def test_dropout_flag_changes_the_gradients():
   # applied.
   unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE, dropout=0.3), seed=2, scale=0.05)
   x_real = real_images(6, seed=0)
-  _, off = gradients(make_finetuner(unet, num_steps=2, dropout=False), x_real)
-  _, on = gradients(make_finetuner(unet, num_steps=2, dropout=True), x_real)
+  _, off = finetuner_gradients(make_finetuner(unet, num_steps=2, dropout=False), x_real)
+  _, on = finetuner_gradients(make_finetuner(unet, num_steps=2, dropout=True), x_real)
   assert relative_error(on[0], off[0]) > 1e-3
 
 
@@ -174,34 +171,15 @@ def test_bad_input_is_a_user_error():
     mmd.make_kernel("laplace")
 
 
-def _driver(workdir, init, *, steps, real, **options):
-  return finetune.finetune(
-      unet_factory=lambda: tiny_unet(image_size=IMAGE_SIZE),
-      feature_net_factory=RandomConvFeatures, kernel=mmd.make_kernel("polynomial"),
-      dataset_fn=lambda start_batch: tf.data.Dataset.from_tensors(real).repeat(), schedule=SCHEDULE,
-      workdir=str(workdir), num_steps=2, finetune_steps=steps, learning_rate=1e-3, grad_clip=0.5,
-      global_batch_size=real.shape[0], checkpoint_every=2, log_every=1, seed=0,
-      strategy=tf.distribute.get_strategy(), init_checkpoint=str(init), num_sample_images=4,
-      **options)
-
-
-def _base_and_real(tmp_path):
-  """A small random base model's weights file and 4 real images for the driver."""
-  init = tmp_path / "base.weights.h5"
-  checkpoints.save_weights_h5(randomize_weights(tiny_unet(image_size=IMAGE_SIZE), scale=0.05),
-                              str(init))
-  return init, real_images(4, seed=0)
-
-
 @pytest.mark.slow
 def test_the_ema_of_the_finetuned_weights_is_what_the_run_saves_and_resumes(tmp_path):
-  init, real = _base_and_real(tmp_path)
+  init, real = finetune_base_and_real(tmp_path)
   start = [w.numpy() for w in _unet_weights(init)]
-  one = [w.numpy() for w in _driver(tmp_path / "raw", init, steps=1, real=real).unet.weights]
+  one = [w.numpy() for w in finetune_driver(tmp_path / "raw", init, steps=1, real=real).unet.weights]
   decay = 0.5
   # The EMA does not change training (the same raw weights), and w̄1 = d·w0 + (1 − d)·w1 is saved.
   run = tmp_path / "ema"
-  trainer = _driver(run, init, steps=1, real=real, ema_decay=decay)
+  trainer = finetune_driver(run, init, steps=1, real=real, ema_decay=decay)
   for w, r in zip(trainer.unet.weights, one):
     np.testing.assert_allclose(w.numpy(), r, rtol=1e-5, atol=1e-7)
   ema_one = [decay * w0 + (1 - decay) * w1 for w0, w1 in zip(start, one)]
@@ -209,7 +187,7 @@ def test_the_ema_of_the_finetuned_weights_is_what_the_run_saves_and_resumes(tmp_
     np.testing.assert_allclose(saved.numpy(), e, rtol=1e-5, atol=1e-7)
   # Resumed from its checkpoint at step 1 (the EMA in it): w̄2 = d·w̄1 + (1 − d)·w2.
   os.remove(run / "unet.weights.h5")
-  trainer = _driver(run, init, steps=2, real=real, ema_decay=decay)
+  trainer = finetune_driver(run, init, steps=2, real=real, ema_decay=decay)
   two = [w.numpy() for w in trainer.unet.weights]
   for saved, e1, w2 in zip(_unet_weights(run / "unet.weights.h5"), ema_one, two):
     np.testing.assert_allclose(saved.numpy(), decay * e1 + (1 - decay) * w2, rtol=1e-5, atol=1e-7)
@@ -223,8 +201,8 @@ def _unet_weights(path):
 
 @pytest.mark.slow
 def test_driver_checkpoints_resumes_and_never_overwrites(tmp_path):
-  init, real = _base_and_real(tmp_path)
-  straight = _driver(tmp_path / "straight", init, steps=3, real=real)
+  init, real = finetune_base_and_real(tmp_path)
+  straight = finetune_driver(tmp_path / "straight", init, steps=3, real=real)
   assert int(straight.optimizer.iterations.numpy()) == 3
   run = tmp_path / "straight"
   assert os.path.exists(run / "unet.weights.h5")
@@ -237,9 +215,9 @@ def test_driver_checkpoints_resumes_and_never_overwrites(tmp_path):
   assert all(shape[0] >= 16 and shape[1] >= 16 for shape in summaries["samples"].values())
 
   # Stopping at step 2 and resuming to 3 (a fixed real batch) reproduces the straight run.
-  _driver(tmp_path / "resumed", init, steps=2, real=real)
+  finetune_driver(tmp_path / "resumed", init, steps=2, real=real)
   os.remove(tmp_path / "resumed" / "unet.weights.h5")
-  resumed = _driver(tmp_path / "resumed", init, steps=3, real=real)
+  resumed = finetune_driver(tmp_path / "resumed", init, steps=3, real=real)
   for a, b in zip(resumed.unet.weights, straight.unet.weights):
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
 
@@ -247,7 +225,7 @@ def test_driver_checkpoints_resumes_and_never_overwrites(tmp_path):
   assert any(not np.allclose(a.numpy(), b.numpy()) for a, b in
              zip(straight.unet.weights, base.weights))
   with pytest.raises(UserError, match="exists"):
-    _driver(tmp_path / "straight", init, steps=5, real=real)
+    finetune_driver(tmp_path / "straight", init, steps=5, real=real)
 
 
 def test_bad_driver_input_is_a_user_error(tmp_path):
@@ -269,126 +247,3 @@ def test_driver_names_its_batch_parameter(tmp_path):
         workdir=str(tmp_path), num_steps=2, finetune_steps=3, learning_rate=1e-3, grad_clip=0.5,
         global_batch_size=0, checkpoint_every=2, log_every=1, seed=0,
         strategy=tf.distribute.get_strategy(), init_checkpoint=None)
-
-
-# Learned timesteps start here (T = 100): off the integers, so the finite differences below cross no
-# kink of ᾱ(t).
-CONTINUOUS = [10.3, 40.6, 70.4]
-
-
-def learned_finetuner(unet, **options):
-  options.setdefault("timesteps_lr", 1e-2)
-  return make_finetuner(unet, num_steps=3, timestep_kind=CONTINUOUS, learn_timesteps=True,
-                        **options)
-
-
-@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver_pp"])
-def test_learned_timesteps_get_the_finite_difference_gradient(sampler):
-  # Along g = ∇_ψ L of the logits ψ alone, the directional derivative must be ‖g‖².
-  unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE), seed=1, scale=0.05)
-  trainer = learned_finetuner(unet, sampler=sampler)
-  np.testing.assert_allclose(trainer.current_timesteps(), CONTINUOUS, rtol=1e-5)
-  x_real = real_images(6, seed=0)
-  _, grads = gradients(trainer, x_real)
-  assert len(grads) == len(unet.trainable_weights) + 1
-  g = grads[-1].astype(np.float64)
-  assert g.shape == (4,) and np.all(g != 0), g
-  logits = trainer.learned_timesteps.logits
-  start = logits.numpy()
-  loss_fn = tf.function(lambda: trainer.compute_gradients(tf.constant(x_real))[0])
-  h = 2e-3 / np.linalg.norm(g)  # Moves each timestep by < 0.2: no integer crossed.
-  values = {}
-  for sign in (1, -1):
-    logits.assign(start + sign * h * g)
-    values[sign] = float(loss_fn())
-  logits.assign(start)
-  np.testing.assert_allclose((values[1] - values[-1]) / (2 * h), np.sum(g ** 2), rtol=3e-2)
-
-
-@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver_pp"])
-def test_learned_timesteps_recompute_gives_the_same_gradients(sampler):
-  unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE), seed=2, scale=0.05)
-  x_real = real_images(6, seed=0)
-  _, plain = gradients(learned_finetuner(unet, sampler=sampler, recompute=False), x_real)
-  _, recomputed = gradients(learned_finetuner(unet, sampler=sampler, recompute=True), x_real)
-  np.testing.assert_allclose(recomputed[-1], plain[-1], rtol=1e-4)
-  total = np.sqrt(sum(np.sum(b.astype(np.float64) ** 2) for b in plain[:-1]))
-  for weight, a, b in zip(unet.trainable_weights, recomputed, plain):
-    assert np.linalg.norm(a - b) <= max(1e-5 * np.linalg.norm(b), 1e-6 * total), weight.path
-
-
-def test_fit_moves_the_learned_timesteps_and_keeps_them_increasing():
-  unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE), seed=3, scale=0.05)
-  trainer = learned_finetuner(unet, lr=1e-3, timesteps_lr=0.1)
-  before = trainer.current_timesteps()
-  dataset = tf.data.Dataset.from_tensor_slices(real_images(8 * 3, seed=0)).batch(8)
-  history = trainer.fit(dataset, epochs=1, verbose=0, shuffle=False)
-  after = trainer.current_timesteps()
-  assert np.abs(after - before).max() > 0.5, (before, after)
-  assert 0 < after[0] and np.all(np.diff(after) > 0) and after[-1] < 99, after
-  assert history.history["timesteps_grad_norm"][-1] > 0
-
-
-def test_learned_timesteps_with_eta_or_a_bad_learning_rate_are_refused():
-  unet = tiny_unet(image_size=IMAGE_SIZE)
-  with pytest.raises(UserError, match="^learn_timesteps=True needs eta=0"):
-    make_finetuner(unet, learn_timesteps=True, eta=0.5)
-  with pytest.raises(UserError, match="^timesteps_lr=0 must be > 0$"):
-    make_finetuner(unet, learn_timesteps=True, timesteps_lr=0)
-
-
-@pytest.mark.slow
-def test_driver_saves_and_resumes_the_learned_timesteps(tmp_path):
-  init, real = _base_and_real(tmp_path)
-  options = dict(learn_timesteps=True, timesteps_lr=0.1, timestep_kind=CONTINUOUS[:2])
-  run = tmp_path / "run"
-  _driver(run, init, steps=1, real=real, **options)
-  os.remove(run / "unet.weights.h5")
-  first = checkpoints.learned_timesteps(str(run / "checkpoints"),
-                                        num_timesteps=SCHEDULE.num_timesteps)
-  # The rerun resumes the logits (and their Adam) from the checkpoint of step 1.
-  trainer = _driver(run, init, steps=2, real=real, **options)
-  saved = checkpoints.learned_timesteps(str(run / "unet.weights.h5"),
-                                        num_timesteps=SCHEDULE.num_timesteps)
-  np.testing.assert_array_equal(saved, trainer.current_timesteps())
-  np.testing.assert_array_equal(
-      checkpoints.learned_timesteps(str(run / "checkpoints"), num_timesteps=SCHEDULE.num_timesteps),
-      saved)
-  assert not np.allclose(first, CONTINUOUS[:2]) and not np.allclose(saved, first)
-  assert set(tensorboard_summaries(run / "tensorboard")) >= {"timestep_0", "timestep_1",
-                                                             "timesteps_grad_norm"}
-  assert checkpoints.learned_timesteps(str(init), num_timesteps=SCHEDULE.num_timesteps) is None
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("recompute", [True, False])
-def test_micro_batches_give_the_gradient_of_the_whole_batch_against_a_larger_real_one(recompute):
-  """Two micro-batches of 3 generated images against 8 real ones: the loss and gradient of one
-  batch of 6 (to float tolerance), and the loss MMD²_u of φ(S_K(z)) and φ(x_real) itself."""
-  unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE), seed=4, scale=0.05)
-  x_real = tf.constant(real_images(8, seed=0))
-  z = tf.random.stateless_normal([6, IMAGE_SIZE, IMAGE_SIZE, 1], seed=[5, 6])
-  whole = make_finetuner(unet, recompute=recompute, generated_batch_size=6)
-  split = make_finetuner(unet, recompute=recompute, generated_batch_size=6, micro_batches=2)
-  loss, grads = tf.function(whole.compute_gradients)(x_real, z)
-  split_loss, split_grads = tf.function(split.compute_gradients)(x_real, z)
-  expected = mmd.mmd2_unbiased(whole.feature_net(whole.sample(z, seed=tf.constant([0, 0]))),
-                               whole.feature_net(x_real), kernel=whole.kernel)
-  np.testing.assert_allclose(float(loss), float(expected), rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(float(split_loss), float(loss), rtol=1e-5, atol=1e-7)
-  total = np.sqrt(sum(np.sum(np.square(g.numpy().astype(np.float64))) for g in grads))
-  assert total > 0
-  for weight, a, b in zip(unet.trainable_weights, split_grads, grads):
-    assert np.linalg.norm(a.numpy() - b.numpy()) <= max(1e-4 * np.linalg.norm(b.numpy()),
-                                                        1e-6 * total), weight.path
-
-
-def test_the_generated_batch_is_its_own_size():
-  unet = randomize_weights(tiny_unet(image_size=IMAGE_SIZE), seed=4, scale=0.05)
-  trainer = make_finetuner(unet, generated_batch_size=2)
-  loss, _ = gradients(trainer, real_images(6, seed=0))
-  assert np.isfinite(loss)
-  with pytest.raises(UserError, match="^generated_batch_size=1 must be >= 2"):
-    make_finetuner(unet, generated_batch_size=1)
-  with pytest.raises(UserError, match="^micro_batches=4 must be >= 1 and divide the generated"):
-    make_finetuner(unet, generated_batch_size=6, micro_batches=4)
