@@ -173,9 +173,9 @@ def test_bad_timesteps_name_the_flag(main_module, monkeypatch, repo_root, timest
 
 def test_sampler_flag_selects_the_sampler(monkeypatch, repo_root):
   monkeypatch.chdir(repo_root)
-  assert config_lib.build(_values()).sampler.sampler == "ddim"
-  cfg = config_lib.build(_values(**{"sampler.sampler": "dpm_solver_pp"}))
-  assert cfg.sampler.sampler == "dpm_solver_pp"
+  assert config_lib.build(_values()).sampler.sampler == "dpm_solver_pp"  # The flagfile's.
+  cfg = config_lib.build(_values(**{"sampler.sampler": "ddim"}))
+  assert cfg.sampler.sampler == "ddim"
 
 
 def test_eta_with_dpm_solver_pp_names_both_flags(main_module, monkeypatch, repo_root):
@@ -188,13 +188,13 @@ def test_eval_samplers_flag_lists_sampler_and_spacing_pairs(monkeypatch, repo_ro
   monkeypatch.chdir(repo_root)
   assert config_lib.build(_values(**{"eval.samplers": []})).eval.samplers == ()
   cfg = config_lib.build(_values(**{"eval.samplers": ["ddim:uniform", " dpm_solver_pp : trailing",
-                                                      ""]}))
+                                                      ""], "sampler.sampler": "ddim"}))
   assert cfg.eval.samplers == (("ddim", "uniform"), ("dpm_solver_pp", "trailing"))
   # --sampler=ddim --timesteps=uniform: the base model's own rows are already those of ddim:uniform.
   assert evaluate_app.extra_samplers(cfg) == (("dpm_solver_pp", "trailing"),)
   assert evaluate_app.sampler_label("dpm_solver_pp", "trailing") == "DPM-Solver++ (trailing)"
   # Modes that run no evaluation take any η: the evaluating modes check the entries against it.
-  cfg = config_lib.build(_values(**{"sampler.eta": 0.5,
+  cfg = config_lib.build(_values(**{"sampler.eta": 0.5, "sampler.sampler": "ddim",
                                     "eval.samplers": ["dpm_solver_pp:trailing"]}))
   assert (cfg.sampler.eta, cfg.eval.samplers) == (0.5, (("dpm_solver_pp", "trailing"),))
 
