@@ -23,13 +23,17 @@ def parse(flag_values, argv):
     sys.exit(f"error: unexpected argument {rest[1]!r}; expected --name=value flags")
 
 
-def positive_ints(text):
-  """The comma-separated integers >= 1 of `text`, or None if it holds anything else."""
+def ints_at_least(text, bound):
+  """The comma-separated integers >= `bound` of `text`, or None if it holds anything else."""
   try:
     values = [int(value) for value in text.split(",")]
   except ValueError:
     return None
-  return values if min(values) >= 1 else None
+  return values if min(values) >= bound else None
+
+
+def positive_ints(text):
+  return ints_at_least(text, 1)
 
 
 def define_names(name, default, known, help_text, *, noun, flag_values):

@@ -79,7 +79,7 @@ cli.define_names("gradients", "replay", tuple(GRADIENTS),
                  noun="gradient", flag_values=FLAGS)
 flags.DEFINE_string("lora_ranks", "0", "Adapter ranks to measure (0: every weight trains).",
                     flag_values=FLAGS)
-flags.register_validator("lora_ranks", lambda text: _ranks(text) is not None,
+flags.register_validator("lora_ranks", lambda text: cli.ints_at_least(text, 0) is not None,
                          message="expected comma-separated integers >= 0", flag_values=FLAGS)
 flags.DEFINE_string("trees", "", "Other checkouts of this repository to measure too, as "
                     "<name>:<dir> (e.g. from scripts/compare_finetune_step.py).", flag_values=FLAGS)
@@ -87,15 +87,6 @@ flags.DEFINE_string("json_out", None, "Also write the report here.", flag_values
 flags.register_validator(
     "json_out", lambda path: path is None or os.path.isdir(os.path.dirname(os.path.abspath(path))),
     message="expected a file in an existing directory", flag_values=FLAGS)
-
-
-def _ranks(text):
-  """The comma-separated integers >= 0 of `text`, or None if it holds anything else."""
-  try:
-    values = [int(value) for value in text.split(",")]
-  except ValueError:
-    return None
-  return values if min(values) >= 0 else None
 
 
 def _trees(text):
@@ -217,7 +208,7 @@ def main():
   cli.parse(FLAGS, argv)
   configs, ks = cli.names(FLAGS.configs), list(dict.fromkeys(cli.positive_ints(FLAGS.ks)))
   gradients = cli.names(FLAGS.gradients)
-  lora_ranks = list(dict.fromkeys(_ranks(FLAGS.lora_ranks)))
+  lora_ranks = list(dict.fromkeys(cli.ints_at_least(FLAGS.lora_ranks, 0)))
   trees = _trees(FLAGS.trees)
   commits = {name: cli.commit(tree) for name, tree in trees.items()}
   header = dict(command=shlex.join(["python", "-m", "mmd_keras.benchmarks", "finetune", *argv]),
