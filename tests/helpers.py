@@ -101,8 +101,8 @@ def finetune_driver(workdir, init, *, steps, real, **options):
   """`finetune.finetune` of the tiny UNet (FINETUNER_IMAGE_SIZE, K = 2) from the weights file
   `init` in `workdir`, `real` as every real batch; `options` override the settings below or add
   others (validation, lora_rank, …)."""
-  settings = dict(learning_rate=1e-3, grad_clip=0.5, checkpoint_every=2, log_every=1, seed=0,
-                  num_sample_images=4, **options)
+  settings = {**dict(learning_rate=1e-3, grad_clip=0.5, checkpoint_every=2, log_every=1, seed=0,
+                     num_sample_images=4), **options}
   return finetune.finetune(
       unet_factory=lambda: tiny_unet(image_size=FINETUNER_IMAGE_SIZE),
       feature_net_factory=RandomConvFeatures, kernel=mmd.make_kernel("polynomial"),
