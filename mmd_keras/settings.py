@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 from absl import flags
 
+from mmd_keras import adapters
 from mmd_keras import features as features_lib
 from mmd_keras import mmd
 from mmd_keras import samplers
@@ -209,7 +210,7 @@ SETTINGS = (
       check=rules.at_least(0), library=("lora_rank",)),
     S("lora_targets", "finetune.lora_targets", "enum", "all",
       "Layers that take adapters with --lora_rank: every convolution and dense layer, those of the "
-      "attention blocks, or those of the up-sampling half.", choices=("all", "attention", "up"),
+      "attention blocks, or those of the up-sampling half.", choices=tuple(adapters.TARGETS),
       library=("lora_targets",)),
     S("kernel", "finetune.kernel", "enum", "polynomial",
       "MMD kernel: polynomial (γxᵀy + 1)³, γ = 1/dim (KID's), or rbf.", choices=mmd.KERNELS),
